@@ -1,0 +1,58 @@
+/* Small helpers shared by both programs: byte views, strict number parsing,
+ * hex, monotonic and wall clocks, and the CSPRNG. No state of its own. */
+#ifndef UTIL_H
+#define UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* A borrowed byte range; never owns its memory. */
+struct iov {
+    const char *base;
+    size_t len;
+};
+
+#define IOV_LIT(s) ((struct iov){(s), sizeof(s) - 1})
+
+/* Parses a whole decimal string into a uint64_t. Rejects empty input, signs,
+ * spaces, trailing garbage and overflow. Returns 0 or -1. */
+int util_parse_u64(const char *s, size_t len, uint64_t *out);
+
+/* Like util_parse_u64 for a NUL-terminated string, bounded by max. */
+int util_parse_uint(const char *s, uint64_t max, uint64_t *out);
+
+/* Lowercase hex of len bytes into out (2*len+1 bytes, NUL-terminated). */
+void util_hex_encode(const uint8_t *in, size_t len, char *out);
+
+/* Decodes exactly 2*outlen hex digits (either case) into out.
+ * Returns 0, or -1 on a wrong length or a non-hex digit. */
+int util_hex_decode(const char *in, size_t inlen, uint8_t *out, size_t outlen);
+
+/* True if c is [0-9a-fA-F]. */
+bool util_is_hex_digit(int c);
+
+/* Fills buf from the OS CSPRNG (OpenSSL RAND_bytes). Returns 0 or -1. */
+int util_rand_bytes(uint8_t *buf, size_t len);
+
+/* A random RFC 4122 version-4 UUID as 36 lowercase characters + NUL.
+ * Returns 0 or -1. */
+int util_uuid4(char out[37]);
+
+/* Milliseconds from CLOCK_MONOTONIC. */
+uint64_t util_mono_ms(void);
+
+/* Seconds since the Unix epoch (CLOCK_REALTIME). */
+int64_t util_unix_time(void);
+
+/* Case-insensitive compare of two byte ranges (ASCII). */
+bool util_iov_ieq(struct iov a, struct iov b);
+
+/* Case-insensitive compare of a byte range and a C string (ASCII). */
+bool util_iov_ieq_str(struct iov a, const char *s);
+
+/* snprintf that returns -1 on error or truncation, else the length. */
+int util_snprintf(char *buf, size_t size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif
