@@ -43,11 +43,12 @@ const char *id_strerror(int err);
 /* New key from the OS CSPRNG. Returns ID_OK, ID_E_RAND. */
 int id_key_generate(struct id_key *k);
 
-/* Key from 32 raw bytes. Returns ID_OK or ID_E_KEY. */
+/* Key from 32 raw bytes. Returns ID_OK, ID_E_KEY, or ID_E_RAND if the CSPRNG
+ * fails to seed libsecp256k1's side-channel blinding. */
 int id_key_from_priv(struct id_key *k, const uint8_t priv[32]);
 
 /* Key from 64 hex digits, optional 0x, surrounding whitespace ignored.
- * Returns ID_OK, ID_E_HEX, ID_E_LENGTH, ID_E_KEY. */
+ * Returns ID_OK, ID_E_HEX, ID_E_LENGTH, ID_E_KEY (or ID_E_RAND, as above). */
 int id_key_parse_hex(struct id_key *k, const char *s, size_t len);
 
 /* OPENSSL_cleanse() the whole struct. */
@@ -60,7 +61,9 @@ void id_addr_to_str(const uint8_t addr[ID_ADDR_LEN], char out[ID_ADDR_STR_LEN + 
 void id_addr_to_checksum(const uint8_t addr[ID_ADDR_LEN], char out[ID_ADDR_STR_LEN + 1]);
 
 /* Parses "0x" + 40 hex. All-lowercase and all-uppercase are accepted as
- * they are; mixed case must be a valid EIP-55 checksum.
+ * they are; mixed case must be a valid EIP-55 checksum. Checked in this
+ * order: a missing "0x" (lowercase x) is ID_E_HEX whatever the length, then
+ * a non-hex digit ID_E_HEX, then a wrong length ID_E_LENGTH.
  * Returns ID_OK, ID_E_LENGTH, ID_E_HEX, ID_E_CHECKSUM. */
 int id_addr_parse(const char *s, size_t len, uint8_t addr[ID_ADDR_LEN]);
 
@@ -68,17 +71,19 @@ int id_addr_parse(const char *s, size_t len, uint8_t addr[ID_ADDR_LEN]);
 void id_eip191_hash(const void *msg, size_t len, uint8_t out[32]);
 
 /* EIP-191 personal_sign: deterministic (RFC 6979), low-s, v = 27 or 28.
- * Returns ID_OK or ID_E_KEY. */
+ * Returns ID_OK, ID_E_KEY, ID_E_RAND (blinding seed, as above), or ID_E_RANGE
+ * if R.x >= n, which v cannot express (probability about 2^-127). */
 int id_sign(const struct id_key *k, const void *msg, size_t len, uint8_t sig[ID_SIG_LEN]);
 
 /* "0x" + 130 lowercase hex + NUL into out. */
 void id_sig_to_str(const uint8_t sig[ID_SIG_LEN], char out[ID_SIG_STR_LEN + 1]);
 
-/* Parses "0x" + 130 hex (either case). Returns ID_OK, ID_E_LENGTH, ID_E_HEX. */
+/* Parses "0x" + 130 hex (either case), same order of checks as
+ * id_addr_parse(). Returns ID_OK, ID_E_LENGTH, ID_E_HEX. */
 int id_sig_parse(const char *s, size_t len, uint8_t sig[ID_SIG_LEN]);
 
 /* Recovers the signer's address of an EIP-191 signature over msg.
- * Checks v, r and s ranges and rejects high s.
+ * Checks v, then r and s ranges, then rejects s > n/2, in that order.
  * Returns ID_OK, ID_E_V, ID_E_RANGE, ID_E_HIGH_S, ID_E_RECOVER. */
 int id_recover(const void *msg, size_t len, const uint8_t sig[ID_SIG_LEN],
                uint8_t addr[ID_ADDR_LEN]);
@@ -95,7 +100,8 @@ int id_key_write(const char *path, const struct id_key *k);
 
 /* Reads a key file written by id_key_write() (or any file holding 64 hex
  * digits, optional 0x). Refuses, with ID_E_PERM, a file that group or others
- * can read or write, and a file that is not a regular file. On failure err
+ * can read or write (like ssh, any group/other mode bit), and a file that is
+ * not a regular file (symbolic links are followed). On failure err
  * gets one line naming the file and the fix (e.g. "chmod 600 FILE").
  * Returns ID_OK, ID_E_IO, ID_E_PERM, or a parse error. */
 int id_key_read(const char *path, struct id_key *k, char *err, size_t errlen);
