@@ -1,15 +1,1038 @@
-/* tunnel-agent entry point (placeholder until the gateway lands). */
+/* tunnel-agent's command line: global options, one table of subcommands and
+ * their options (which also writes --help, so help and parser cannot drift),
+ * and each subcommand over ag_store. `status` and `run` hand over to ag_ctl
+ * and ag_daemon. Exit status: 0 success, 1 runtime failure, 2 usage error or
+ * refused confirmation. */
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <unistd.h>
 
+#include "ag_ctl.h"
+#include "ag_daemon.h"
+#include "ag_store.h"
+#include "id.h"
+#include "log.h"
 #include "tg_config.h"
+#include "util.h"
+
+#define EXIT_OK 0
+#define EXIT_FAIL 1
+#define EXIT_USAGE 2
+
+#define MAX_POS 2
+#define MAX_OPTS 8
+
+/* Said wherever https targets come up; one string so help and warning agree. */
+#define HTTPS_TARGET_NOTE                                                                   \
+    "https:// targets are accepted and recorded, but not forwarded yet: this version's "    \
+    "forwarder speaks cleartext HTTP/1.1 to the local API, so use http://."
+
+struct cli;
+
+/* One option of a subcommand. arg NULL: a flag. */
+struct cmd_opt {
+    const char *name; /* without the leading "--" */
+    const char *arg;  /* metavariable shown in help, or NULL for a flag */
+    const char *help;
+};
+
+struct cmd {
+    const char *name;
+    const char *synopsis; /* after "tunnel-agent [--home DIR] " */
+    const char *summary;  /* one line for the global help */
+    const char *details;  /* paragraph for the command's help */
+    size_t min_pos;       /* positional arguments */
+    size_t max_pos;
+    const struct cmd_opt *opts; /* terminated by a NULL name */
+    int (*run)(struct cli *c);
+};
+
+/* The parsed command line of one invocation. */
+struct cli {
+    const char *home_opt;       /* --home, or NULL */
+    char home[PATH_MAX];        /* resolved home directory */
+    const struct cmd *cmd;
+    const char *pos[MAX_POS];   /* positional arguments */
+    size_t npos;
+    const char *val[MAX_OPTS];  /* option values by index in cmd->opts; flags: "" */
+};
+
+static int cmd_new(struct cli *c);
+static int cmd_set(struct cli *c);
+static int cmd_list(struct cli *c);
+static int cmd_enable(struct cli *c);
+static int cmd_disable(struct cli *c);
+static int cmd_remove(struct cli *c);
+static int cmd_status(struct cli *c);
+static int cmd_sign(struct cli *c);
+static int cmd_run(struct cli *c);
+
+static const struct cmd_opt new_opts[] = {
+    {"target", "URL", "the agent's local API, http://HOST:PORT[/BASE] (required)"},
+    {"key-file", "FILE",
+     "import this secp256k1 private key (64 hex digits, optional 0x) instead of "
+     "generating one; FILE must not be readable by group or others (chmod 600 FILE)"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cmd_opt set_opts[] = {
+    {"target", "URL", "new local API URL, http://HOST:PORT[/BASE]"},
+    {"preserve-host", NULL, "forward the public Host header to the local API"},
+    {"rewrite-host", NULL, "send the target's HOST:PORT as Host (the default)"},
+    {"max-inflight", "N", "requests in flight at once, 1-100000 (default 64); past it 503"},
+    {"id-header", "NAME",
+     "request header that carries the agent's address to the local API (default X-Agent-Id)"},
+    {"response-timeout", "S",
+     "seconds the gateway waits for the response head, 0-86400; 0 = the gateway's default"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cmd_opt no_opts[] = {
+    {NULL, NULL, NULL},
+};
+
+static const struct cmd_opt yes_opts[] = {
+    {"yes", NULL, "confirm without asking (for scripts)"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cmd_opt remove_opts[] = {
+    {"purge", NULL, "delete the key instead of keeping it under <home>/removed/"},
+    {"yes", NULL, "with --purge: delete without asking (for scripts)"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cmd_opt status_opts[] = {
+    {"json", NULL,
+     "print {\"agents\":[{\"name\",\"id\",\"address\",\"target\",\"enabled\",\"state\","
+     "\"url\",\"error\",...}],\"daemon\":BOOL}"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cmd_opt run_opts[] = {
+    {"gateway", "URL",
+     "wss://HOST[:PORT] (ws:// for a cleartext gateway); /tunnel/connect is implied. "
+     "Remembered: later runs without it use the last one"},
+    {"ca-file", "FILE",
+     "PEM file of CA certificates to verify the gateway with, instead of the system's "
+     "(remembered)"},
+    {"protocol", "native|osaurus",
+     "tunnel protocol: native (default), or the Osaurus relay protocol (remembered)"},
+    {"log-level", "debug|info|warn|error", "log verbosity (default info)"},
+    {"log-format", "text|json", "log line format on stderr (default text)"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cmd cmds[] = {
+    {"new", "new NAME --target URL [--key-file FILE]",
+     "create an agent: key, address, id; print its address and URL",
+     "Creates agent NAME (1-64 of A-Z a-z 0-9 . _ -) with a new secp256k1 key from the "
+     "system's CSPRNG, or the key imported with --key-file, stored owner-only (0600) under "
+     "<home>/keys/. Prints the agent's address (0x + 40 hex) and the public URL it gets, "
+     "https://<address>.<gateway domain>. New agents start disabled: see 'enable'. "
+     "Names and addresses are unique. " HTTPS_TARGET_NOTE,
+     1, 1, new_opts, cmd_new},
+    {"set",
+     "set NAME [--target URL] [--preserve-host|--rewrite-host] [--max-inflight N] "
+     "[--id-header NAME] [--response-timeout S]",
+     "change an agent's settings (the key and address stay)",
+     "Changes the given settings of agent NAME; the key and address never change. A "
+     "running daemon applies them. " HTTPS_TARGET_NOTE,
+     1, 1, set_opts, cmd_set},
+    {"list", "list", "show the agents: name, address, target, enabled",
+     "Prints a table of the agents: NAME, ADDRESS, TARGET, ENABLED (and STATE when a "
+     "daemon runs).",
+     0, 0, no_opts, cmd_list},
+    {"enable", "enable NAME [--yes]", "make an agent publicly reachable (asks first)",
+     "Enables agent NAME: while 'tunnel-agent run' is connected, its local API at TARGET is "
+     "reachable by anyone on the internet at its URL. Asks 'Continue? [y/N]' on the terminal "
+     "and proceeds only on y or yes. Without a terminal it refuses (exit 2) unless --yes is "
+     "given.",
+     1, 1, yes_opts, cmd_enable},
+    {"disable", "disable NAME", "stop publishing an agent",
+     "Disables agent NAME: a running daemon closes its tunnel at once.", 1, 1, no_opts,
+     cmd_disable},
+    {"remove", "remove [--purge [--yes]] NAME", "remove an agent (its key is kept)",
+     "Disables and removes agent NAME. Its key file is moved to "
+     "<home>/removed/<name>-<unix time>.key (0600), because an address cannot be recovered "
+     "once its key is gone: re-import it later with 'new NAME --target URL --key-file FILE'. "
+     "--purge deletes the key instead, after a confirmation on the terminal or --yes "
+     "(without either it refuses, exit 2).",
+     1, 1, remove_opts, cmd_remove},
+    {"status", "status [--json]", "live state of each agent from the running daemon",
+     "Shows each agent's enabled flag, state (connected, connecting, disconnected, error), "
+     "public URL and last error, as the running daemon reports them; with no daemon "
+     "running, the saved settings with state disconnected.",
+     0, 0, status_opts, cmd_status},
+    {"sign", "sign NAME MESSAGE", "print the agent's EIP-191 signature of MESSAGE",
+     "Prints the EIP-191 personal_sign signature of MESSAGE (its bytes as given) with agent "
+     "NAME's key: 0x + 130 hex digits (r, s, v). Anyone can check it against the agent's "
+     "address. Put -- before a MESSAGE that starts with '-'.",
+     2, 2, no_opts, cmd_sign},
+    {"run",
+     "run [--gateway URL] [--ca-file FILE] [--protocol native|osaurus] "
+     "[--log-level LEVEL] [--log-format text|json]",
+     "the daemon, in the foreground: tunnels for the enabled agents",
+     "Runs the daemon in the foreground: keeps a tunnel to the gateway for every enabled "
+     "agent and forwards its requests to the agent's target. --gateway, --ca-file and "
+     "--protocol are remembered in <home>/agents.json; a run without --gateway uses the "
+     "last one.",
+     0, 0, run_opts, cmd_run},
+};
+
+#define NCMDS (sizeof(cmds) / sizeof(cmds[0]))
+
+static void errmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void errmsg(const char *fmt, ...)
+{
+    va_list ap;
+
+    fputs("tunnel-agent: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+/* ---- help -------------------------------------------------------------- */
+
+/* Prints text wrapped at 78 columns, each line indented by indent spaces. */
+static void print_wrapped(FILE *f, const char *text, int indent)
+{
+    const int width = 78;
+    const char *p = text;
+
+    while (*p != '\0') {
+        int col = indent;
+        fprintf(f, "%*s", indent, "");
+        bool first = true;
+        for (;;) {
+            while (*p == ' ')
+                p++;
+            size_t w = strcspn(p, " ");
+            if (w == 0)
+                break;
+            if (!first && col + 1 + (int)w > width)
+                break;
+            fprintf(f, "%s%.*s", first ? "" : " ", (int)w, p);
+            col += (first ? 0 : 1) + (int)w;
+            first = false;
+            p += w;
+        }
+        fputc('\n', f);
+    }
+}
+
+static void print_usage(FILE *f)
+{
+    fprintf(f, "Usage: tunnel-agent [--home DIR] COMMAND [OPTIONS] [ARGS]\n"
+               "       tunnel-agent help [COMMAND] | --help | --version\n\n"
+               "Publishes local APIs at https://<address>.<gateway domain> through "
+               "tunnel-gateway.\n\nCommands:\n");
+    for (size_t i = 0; i < NCMDS; i++)
+        fprintf(f, "  %-9s %s\n", cmds[i].name, cmds[i].summary);
+    fprintf(f, "  %-9s %s\n", "help", "help on a command: tunnel-agent help COMMAND");
+    fprintf(f, "\nSynopsis:\n");
+    for (size_t i = 0; i < NCMDS; i++)
+        fprintf(f, "  tunnel-agent [--home DIR] %s\n", cmds[i].synopsis);
+    fprintf(f, "\nGlobal options:\n"
+               "  --home DIR   settings directory (agents.json, keys/, removed/); default\n"
+               "               $TUNNEL_AGENT_HOME, else $XDG_CONFIG_HOME/tunnel-agent, else\n"
+               "               ~/.config/tunnel-agent (created 0700)\n"
+               "  --help       this help; 'COMMAND --help' for a command's\n"
+               "  --version    print the version\n\n"
+               "Targets: http://HOST:PORT[/BASE]. ");
+    fprintf(f, "%s\n\n", HTTPS_TARGET_NOTE);
+    fprintf(f, "Exit status: 0 success, 1 runtime failure, 2 usage error or refused "
+               "confirmation.\n");
+}
+
+static void print_cmd_help(FILE *f, const struct cmd *cmd)
+{
+    fprintf(f, "Usage: tunnel-agent [--home DIR] %s\n\n", cmd->synopsis);
+    print_wrapped(f, cmd->details, 0);
+    if (cmd->opts[0].name != NULL)
+        fprintf(f, "\nOptions:\n");
+    for (const struct cmd_opt *o = cmd->opts; o->name != NULL; o++) {
+        char head[64];
+        snprintf(head, sizeof(head), "--%s%s%s", o->name, o->arg != NULL ? " " : "",
+                 o->arg != NULL ? o->arg : "");
+        fprintf(f, "  %s\n", head);
+        print_wrapped(f, o->help, 6);
+    }
+    fprintf(f, "\nGlobal options: --home DIR (see tunnel-agent --help), --help.\n"
+               "Exit status: 0 success, 1 runtime failure, 2 usage error or refused "
+               "confirmation.\n");
+}
+
+static const struct cmd *find_cmd(const char *name)
+{
+    for (size_t i = 0; i < NCMDS; i++)
+        if (strcmp(cmds[i].name, name) == 0)
+            return &cmds[i];
+    return NULL;
+}
+
+/* ---- parsing ----------------------------------------------------------- */
+
+static int opt_index(const struct cmd *cmd, const char *name, size_t len)
+{
+    for (int i = 0; cmd->opts[i].name != NULL; i++)
+        if (strlen(cmd->opts[i].name) == len && strncmp(cmd->opts[i].name, name, len) == 0)
+            return i;
+    return -1;
+}
+
+static const char *opt_val(const struct cli *c, const char *name)
+{
+    int i = opt_index(c->cmd, name, strlen(name));
+
+    assert(i >= 0 && i < MAX_OPTS); /* a typo in this file, not user input */
+    return c->val[i];
+}
+
+static bool opt_set(const struct cli *c, const char *name)
+{
+    return opt_val(c, name) != NULL;
+}
+
+/* Parses the arguments after the command name. Returns EXIT_OK to go on, -1
+ * after printing help (exit 0), or EXIT_USAGE after an error message. */
+static int parse_cmd_args(struct cli *c, int argc, char **argv)
+{
+    const struct cmd *cmd = c->cmd;
+    bool only_pos = false;
+
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (only_pos || a[0] != '-' || strcmp(a, "-") == 0) {
+            if (c->npos == cmd->max_pos) {
+                errmsg("%s: unexpected argument \"%s\" (see tunnel-agent %s --help)",
+                       cmd->name, a, cmd->name);
+                return EXIT_USAGE;
+            }
+            c->pos[c->npos++] = a;
+            continue;
+        }
+        if (strcmp(a, "--") == 0) {
+            only_pos = true;
+            continue;
+        }
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            print_cmd_help(stdout, cmd);
+            return -1;
+        }
+        if (strncmp(a, "--", 2) != 0) {
+            errmsg("%s: unknown option %s (see tunnel-agent %s --help)", cmd->name, a,
+                   cmd->name);
+            return EXIT_USAGE;
+        }
+        const char *name = a + 2;
+        const char *eq = strchr(name, '=');
+        size_t nlen = eq != NULL ? (size_t)(eq - name) : strlen(name);
+        const char *val = eq != NULL ? eq + 1 : NULL;
+        if (nlen == 4 && strncmp(name, "home", 4) == 0) {
+            if (val == NULL && i + 1 < argc)
+                val = argv[++i];
+            if (val == NULL || val[0] == '\0') {
+                errmsg("%s: --home needs a directory", cmd->name);
+                return EXIT_USAGE;
+            }
+            c->home_opt = val;
+            continue;
+        }
+        int oi = opt_index(cmd, name, nlen);
+        if (oi < 0) {
+            errmsg("%s: unknown option --%.*s (see tunnel-agent %s --help)", cmd->name,
+                   (int)nlen, name, cmd->name);
+            return EXIT_USAGE;
+        }
+        assert(oi < MAX_OPTS);
+        const struct cmd_opt *o = &cmd->opts[oi];
+        if (o->arg == NULL) {
+            if (val != NULL) {
+                errmsg("%s: option --%s takes no value", cmd->name, o->name);
+                return EXIT_USAGE;
+            }
+            c->val[oi] = "";
+            continue;
+        }
+        if (val == NULL) {
+            if (i + 1 >= argc) {
+                errmsg("%s: option --%s needs a value (%s)", cmd->name, o->name, o->arg);
+                return EXIT_USAGE;
+            }
+            val = argv[++i];
+        }
+        c->val[oi] = val;
+    }
+    if (c->npos < cmd->min_pos) {
+        errmsg("%s: missing argument; usage: tunnel-agent %s", cmd->name, cmd->synopsis);
+        return EXIT_USAGE;
+    }
+    return EXIT_OK;
+}
+
+/* ---- shared helpers ---------------------------------------------------- */
+
+/* Reads one answer line from fd (at most a few bytes matter). */
+static bool read_yes(int fd)
+{
+    char buf[32];
+    size_t n = 0;
+    char ch;
+
+    for (;;) {
+        ssize_t r = read(fd, &ch, 1);
+        if (r == -1 && errno == EINTR)
+            continue;
+        if (r <= 0 || ch == '\n' || ch == '\r')
+            break;
+        if (n < sizeof(buf) - 1)
+            buf[n++] = ch;
+    }
+    buf[n] = '\0';
+    char *s = buf;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    size_t len = strlen(s);
+    while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\t'))
+        s[--len] = '\0';
+    return strcasecmp(s, "y") == 0 || strcasecmp(s, "yes") == 0;
+}
+
+/* Shows notice and asks "Continue? [y/N]" on the terminal: /dev/tty, else
+ * stdin/stderr when stdin is one. Piped input never counts as an answer.
+ * Returns 1 (yes), 0 (anything else), -1 (no terminal). */
+static int confirm(const char *notice)
+{
+    static const char q[] = "Continue? [y/N] ";
+    int fd = open("/dev/tty", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    bool yes;
+
+    if (fd != -1) {
+        dprintf(fd, "%s\n%s", notice, q);
+        yes = read_yes(fd);
+        close(fd);
+        return yes ? 1 : 0;
+    }
+    if (!isatty(STDIN_FILENO))
+        return -1;
+    fprintf(stderr, "%s\n%s", notice, q);
+    fflush(stderr);
+    return read_yes(STDIN_FILENO) ? 1 : 0;
+}
+
+static struct ag_store *open_store(const struct cli *c, enum ag_store_mode mode)
+{
+    char err[AG_STORE_ERR_LEN];
+    struct ag_store *st = ag_store_open(c->home, mode, err, sizeof(err));
+
+    if (st == NULL)
+        errmsg("%s", err);
+    return st;
+}
+
+/* Finds NAME, or says there is none. */
+static struct ag_agent *find_agent(struct ag_store *st, const char *name)
+{
+    struct ag_agent *a = ag_store_find(st, name);
+
+    if (a == NULL)
+        errmsg("no agent named \"%s\" in %s/agents.json (see tunnel-agent list)", name,
+               ag_store_home(st));
+    return a;
+}
+
+static void public_url(struct ag_store *st, const char *address, char *out, size_t outlen)
+{
+    struct ag_gateway gw;
+    char err[AG_STORE_ERR_LEN];
+    const char *g = ag_store_gateway(st);
+    bool have = g != NULL && ag_store_gateway_parse(g, &gw, err, sizeof(err)) == 0;
+
+    if (ag_store_public_url(have ? &gw : NULL, address, out, outlen) != 0)
+        snprintf(out, outlen, "https://%s.<your gateway domain>", address);
+}
+
+static int save_store(struct ag_store *st)
+{
+    char err[AG_STORE_ERR_LEN];
+
+    if (ag_store_save(st, err, sizeof(err)) != 0) {
+        errmsg("%s", err);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_target(const char *cmd, const char *url)
+{
+    struct ag_target t;
+    char err[AG_STORE_ERR_LEN];
+
+    if (ag_store_target_parse(url, &t, err, sizeof(err)) != 0) {
+        errmsg("%s: --target: %s", cmd, err);
+        return -1;
+    }
+    if (t.tls)
+        errmsg("warning: target %s: %s", url, HTTPS_TARGET_NOTE);
+    return 0;
+}
+
+static int check_name(const char *cmd, const char *name)
+{
+    if (!ag_store_name_is_valid(name)) {
+        errmsg("%s: invalid agent name \"%s\": use 1-%d of A-Z a-z 0-9 . _ -", cmd, name,
+               AG_NAME_MAX);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- commands ---------------------------------------------------------- */
+
+static int cmd_new(struct cli *c)
+{
+    const char *name = c->pos[0];
+    const char *target = opt_val(c, "target");
+    char err[AG_STORE_ERR_LEN];
+    char url[512];
+    char key_path[PATH_MAX];
+    struct ag_agent *a;
+    struct ag_store *st;
+
+    if (check_name("new", name) != 0)
+        return EXIT_USAGE;
+    if (target == NULL) {
+        errmsg("new: --target URL is required (the agent's local API, e.g. "
+               "http://127.0.0.1:8080)");
+        return EXIT_USAGE;
+    }
+    if (check_target("new", target) != 0)
+        return EXIT_USAGE;
+    st = open_store(c, AG_STORE_WRITE);
+    if (st == NULL)
+        return EXIT_FAIL;
+    if (ag_store_new_agent(st, name, target, opt_val(c, "key-file"), &a, err, sizeof(err)) !=
+        0) {
+        errmsg("new: %s", err);
+        ag_store_free(st);
+        return EXIT_FAIL;
+    }
+    public_url(st, a->address, url, sizeof(url));
+    if (ag_store_key_path(st, a, key_path, sizeof(key_path)) != 0)
+        key_path[0] = '\0';
+    printf("Created agent %s (disabled).\n"
+           "  address: %s\n"
+           "  url:     %s\n"
+           "  target:  %s\n"
+           "  key:     %s\n"
+           "Back up the key file: the address cannot be recovered without it.\n"
+           "Publish it with: tunnel-agent enable %s\n",
+           a->name, a->address, url, a->target, key_path, a->name);
+    ag_store_free(st);
+    ag_ctl_notify(c->home);
+    return EXIT_OK;
+}
+
+static int cmd_set(struct cli *c)
+{
+    const char *name = c->pos[0];
+    const char *target = opt_val(c, "target");
+    const char *hdr = opt_val(c, "id-header");
+    const char *mi = opt_val(c, "max-inflight");
+    const char *rt = opt_val(c, "response-timeout");
+    bool preserve = opt_set(c, "preserve-host");
+    bool rewrite = opt_set(c, "rewrite-host");
+    uint64_t max_inflight = 0;
+    uint64_t timeout_s = 0;
+    struct ag_agent *a;
+    struct ag_store *st;
+
+    if (check_name("set", name) != 0)
+        return EXIT_USAGE;
+    if (target == NULL && hdr == NULL && mi == NULL && rt == NULL && !preserve && !rewrite) {
+        errmsg("set: nothing to change; usage: tunnel-agent %s", c->cmd->synopsis);
+        return EXIT_USAGE;
+    }
+    if (preserve && rewrite) {
+        errmsg("set: --preserve-host and --rewrite-host exclude each other");
+        return EXIT_USAGE;
+    }
+    if (target != NULL && check_target("set", target) != 0)
+        return EXIT_USAGE;
+    if (mi != NULL && (util_parse_uint(mi, AG_MAX_INFLIGHT_MAX, &max_inflight) != 0 ||
+                       max_inflight == 0)) {
+        errmsg("set: --max-inflight \"%s\": want a whole number 1-%d", mi, AG_MAX_INFLIGHT_MAX);
+        return EXIT_USAGE;
+    }
+    if (rt != NULL && util_parse_uint(rt, AG_RESPONSE_TIMEOUT_MAX, &timeout_s) != 0) {
+        errmsg("set: --response-timeout \"%s\": want whole seconds 0-%d (0 = the gateway's "
+               "default)", rt, AG_RESPONSE_TIMEOUT_MAX);
+        return EXIT_USAGE;
+    }
+    if (hdr != NULL && !ag_store_header_is_valid(hdr)) {
+        errmsg("set: --id-header \"%s\": not an HTTP header name (1-%d of A-Z a-z 0-9 "
+               "!#$%%&'*+-.^_`|~)", hdr, AG_ID_HEADER_MAX);
+        return EXIT_USAGE;
+    }
+
+    st = open_store(c, AG_STORE_WRITE);
+    if (st == NULL)
+        return EXIT_FAIL;
+    a = find_agent(st, name);
+    if (a == NULL)
+        goto fail_store;
+    if (target != NULL)
+        memcpy(a->target, target, strlen(target) + 1); /* length checked by check_target */
+    if (preserve || rewrite)
+        a->preserve_host = preserve;
+    if (mi != NULL)
+        a->max_inflight = (uint32_t)max_inflight;
+    if (hdr != NULL)
+        memcpy(a->id_header, hdr, strlen(hdr) + 1);
+    if (rt != NULL)
+        a->response_timeout_s = (uint32_t)timeout_s;
+    if (save_store(st) != 0)
+        goto fail_store;
+    printf("Updated agent %s: target %s, host %s, max-inflight %u, id-header %s, "
+           "response-timeout %s%s\n",
+           a->name, a->target, a->preserve_host ? "preserved" : "rewritten",
+           (unsigned)a->max_inflight, a->id_header,
+           a->response_timeout_s == 0 ? "gateway default" : rt != NULL ? rt : "",
+           a->response_timeout_s == 0 ? "" : rt != NULL ? " s" : "(unchanged)");
+    ag_store_free(st);
+    ag_ctl_notify(c->home);
+    return EXIT_OK;
+
+fail_store:
+    ag_store_free(st);
+    return EXIT_FAIL;
+}
+
+static int cmd_list(struct cli *c)
+{
+    struct ag_ctl_state *states = NULL;
+    size_t nstates = 0;
+    struct ag_store *st = open_store(c, AG_STORE_READ);
+    int wname = 4;
+    int wtarget = 6;
+    bool live;
+
+    if (st == NULL)
+        return EXIT_FAIL;
+    /* Hook for a running daemon: its live state becomes a STATE column. */
+    live = ag_ctl_states(c->home, &states, &nstates) == 1;
+    for (size_t i = 0; i < ag_store_count(st); i++) {
+        const struct ag_agent *a = ag_store_agent(st, i);
+        if ((int)strlen(a->name) > wname)
+            wname = (int)strlen(a->name);
+        if ((int)strlen(a->target) > wtarget)
+            wtarget = (int)strlen(a->target);
+    }
+    printf("%-*s  %-42s  %-*s  %s%s\n", wname, "NAME", "ADDRESS", wtarget, "TARGET", "ENABLED",
+           live ? "  STATE" : "");
+    for (size_t i = 0; i < ag_store_count(st); i++) {
+        const struct ag_agent *a = ag_store_agent(st, i);
+        const char *state = "-";
+        for (size_t j = 0; live && j < nstates; j++)
+            if (strcmp(states[j].name, a->name) == 0)
+                state = states[j].state;
+        printf("%-*s  %-42s  %-*s  %-7s%s%s\n", wname, a->name, a->address, wtarget, a->target,
+               a->enabled ? "yes" : "no", live ? "  " : "", live ? state : "");
+    }
+    if (ag_store_count(st) == 0)
+        fprintf(stderr, "tunnel-agent: no agents yet; create one with: tunnel-agent new NAME "
+                        "--target http://127.0.0.1:PORT\n");
+    free(states);
+    ag_store_free(st);
+    return EXIT_OK;
+}
+
+static int cmd_enable(struct cli *c)
+{
+    const char *name = c->pos[0];
+    char notice[2048];
+    char url[512];
+    struct ag_agent *a;
+    struct ag_store *st;
+
+    if (check_name("enable", name) != 0)
+        return EXIT_USAGE;
+    /* Ask without holding the lock: a person may take a while to answer. */
+    st = open_store(c, AG_STORE_READ);
+    if (st == NULL)
+        return EXIT_FAIL;
+    a = find_agent(st, name);
+    if (a == NULL)
+        goto fail_store;
+    if (a->enabled && !a->superseded) {
+        printf("Agent %s is already enabled.\n", name);
+        ag_store_free(st);
+        return EXIT_OK;
+    }
+    public_url(st, a->address, url, sizeof(url));
+    snprintf(notice, sizeof(notice),
+             "Enabling agent %s makes its API at %s reachable from the public internet at\n"
+             "  %s\nby anyone who knows or guesses the URL, while tunnel-agent run is connected.",
+             name, a->target, url);
+    ag_store_free(st);
+    if (!opt_set(c, "yes")) {
+        int r = confirm(notice);
+        if (r < 0) {
+            errmsg("enable %s: no terminal to confirm on; pass --yes to confirm that %s "
+                   "becomes reachable from the public internet at %s",
+                   name, name, url);
+            return EXIT_USAGE;
+        }
+        if (r == 0) {
+            errmsg("enable %s: not confirmed; the agent stays disabled", name);
+            return EXIT_USAGE;
+        }
+    }
+
+    st = open_store(c, AG_STORE_WRITE);
+    if (st == NULL)
+        return EXIT_FAIL;
+    a = find_agent(st, name);
+    if (a == NULL)
+        goto fail_store;
+    a->enabled = true;
+    a->superseded = false; /* the owner asked for it again */
+    if (save_store(st) != 0)
+        goto fail_store;
+    printf("Enabled agent %s: %s is reachable from the public internet at %s while "
+           "tunnel-agent run is connected.\n",
+           name, a->target, url);
+    ag_store_free(st);
+    ag_ctl_notify(c->home);
+    return EXIT_OK;
+
+fail_store:
+    ag_store_free(st);
+    return EXIT_FAIL;
+}
+
+static int cmd_disable(struct cli *c)
+{
+    const char *name = c->pos[0];
+    struct ag_agent *a;
+    struct ag_store *st;
+    bool was;
+
+    if (check_name("disable", name) != 0)
+        return EXIT_USAGE;
+    st = open_store(c, AG_STORE_WRITE);
+    if (st == NULL)
+        return EXIT_FAIL;
+    a = find_agent(st, name);
+    if (a == NULL)
+        goto fail_store;
+    was = a->enabled;
+    a->enabled = false;
+    if (was && save_store(st) != 0)
+        goto fail_store;
+    printf(was ? "Disabled agent %s.\n" : "Agent %s is already disabled.\n", name);
+    ag_store_free(st);
+    ag_ctl_notify(c->home);
+    return EXIT_OK;
+
+fail_store:
+    ag_store_free(st);
+    return EXIT_FAIL;
+}
+
+static int cmd_remove(struct cli *c)
+{
+    const char *name = c->pos[0];
+    bool purge = opt_set(c, "purge");
+    char err[AG_STORE_ERR_LEN];
+    char moved[PATH_MAX];
+    char key_path[PATH_MAX];
+    char notice[1024];
+    struct ag_agent *a;
+    struct ag_store *st;
+
+    if (check_name("remove", name) != 0)
+        return EXIT_USAGE;
+    if (purge && !opt_set(c, "yes")) {
+        st = open_store(c, AG_STORE_READ);
+        if (st == NULL)
+            return EXIT_FAIL;
+        a = find_agent(st, name);
+        if (a == NULL)
+            goto fail_store;
+        snprintf(notice, sizeof(notice),
+                 "Removing agent %s and deleting its key for good: address %s can never be "
+                 "used again.",
+                 name, a->address);
+        ag_store_free(st);
+        int r = confirm(notice);
+        if (r < 0) {
+            errmsg("remove --purge %s: no terminal to confirm on; pass --yes to delete the "
+                   "key for good, or leave out --purge to keep it under removed/",
+                   name);
+            return EXIT_USAGE;
+        }
+        if (r == 0) {
+            errmsg("remove --purge %s: not confirmed; nothing removed", name);
+            return EXIT_USAGE;
+        }
+    }
+
+    st = open_store(c, AG_STORE_WRITE);
+    if (st == NULL)
+        return EXIT_FAIL;
+    a = find_agent(st, name);
+    if (a == NULL)
+        goto fail_store;
+    if (ag_store_key_path(st, a, key_path, sizeof(key_path)) != 0)
+        key_path[0] = '\0';
+    if (ag_store_remove_agent(st, name, purge, moved, sizeof(moved), err, sizeof(err)) != 0) {
+        errmsg("remove: %s", err);
+        goto fail_store;
+    }
+    if (purge)
+        printf("Removed agent %s and deleted its key.\n", name);
+    else if (moved[0] != '\0')
+        printf("Removed agent %s. Its key was moved to %s\n"
+               "(re-import with: tunnel-agent new %s --target URL --key-file %s)\n",
+               name, moved, name, moved);
+    else
+        printf("Removed agent %s (its key file %s was already missing).\n", name, key_path);
+    ag_store_free(st);
+    ag_ctl_notify(c->home);
+    return EXIT_OK;
+
+fail_store:
+    ag_store_free(st);
+    return EXIT_FAIL;
+}
+
+static int cmd_status(struct cli *c)
+{
+    return ag_ctl_status(c->home, opt_set(c, "json")) == 0 ? EXIT_OK : EXIT_FAIL;
+}
+
+static int cmd_sign(struct cli *c)
+{
+    const char *name = c->pos[0];
+    const char *msg = c->pos[1];
+    char err[AG_STORE_ERR_LEN];
+    char out[ID_SIG_STR_LEN + 1];
+    uint8_t sig[ID_SIG_LEN];
+    struct id_key k;
+    struct ag_agent *a;
+    struct ag_store *st;
+    int rc = EXIT_FAIL;
+
+    if (check_name("sign", name) != 0)
+        return EXIT_USAGE;
+    st = open_store(c, AG_STORE_READ);
+    if (st == NULL)
+        return EXIT_FAIL;
+    a = find_agent(st, name);
+    if (a == NULL)
+        goto out_store;
+    if (ag_store_load_key(st, a, &k, err, sizeof(err)) != 0) {
+        errmsg("sign: %s", err);
+        goto out_store;
+    }
+    if (id_sign(&k, msg, strlen(msg), sig) != ID_OK) {
+        errmsg("sign: agent \"%s\": its key cannot sign", name);
+        goto out_key;
+    }
+    id_sig_to_str(sig, out);
+    printf("%s\n", out);
+    rc = EXIT_OK;
+
+out_key:
+    id_key_clear(&k);
+out_store:
+    ag_store_free(st);
+    return rc;
+}
+
+static int cmd_run(struct cli *c)
+{
+    struct ag_run_opts ro;
+    char err[AG_STORE_ERR_LEN];
+    const char *gw = opt_val(c, "gateway");
+    const char *ca = opt_val(c, "ca-file");
+    const char *proto = opt_val(c, "protocol");
+    const char *lvl = opt_val(c, "log-level");
+    const char *fmt = opt_val(c, "log-format");
+    struct ag_store *st;
+    bool changed = false;
+
+    memset(&ro, 0, sizeof(ro));
+    ro.log_level = LOG_LVL_INFO;
+    ro.log_format = LOG_FMT_TEXT;
+    if (gw != NULL && ag_store_gateway_parse(gw, &ro.gateway, err, sizeof(err)) != 0) {
+        errmsg("run: --gateway: %s", err);
+        return EXIT_USAGE;
+    }
+    if (proto != NULL && ag_store_protocol_parse(proto, &ro.protocol) != 0) {
+        errmsg("run: --protocol \"%s\": want native or osaurus", proto);
+        return EXIT_USAGE;
+    }
+    if (lvl != NULL && log_parse_level(lvl, &ro.log_level) != 0) {
+        errmsg("run: --log-level \"%s\": want debug, info, warn or error", lvl);
+        return EXIT_USAGE;
+    }
+    if (fmt != NULL && log_parse_format(fmt, &ro.log_format) != 0) {
+        errmsg("run: --log-format \"%s\": want text or json", fmt);
+        return EXIT_USAGE;
+    }
+    if (ca != NULL) {
+        /* Remembered for later runs, maybe from another directory. */
+        if (ca[0] == '\0' || realpath(ca, ro.ca_file) == NULL) {
+            errmsg("run: --ca-file %s: %s", ca, ca[0] == '\0' ? "empty" : strerror(errno));
+            return EXIT_USAGE;
+        }
+        if (access(ro.ca_file, R_OK) != 0) {
+            errmsg("run: --ca-file %s: cannot read: %s", ca, strerror(errno));
+            return EXIT_USAGE;
+        }
+    }
+
+    st = open_store(c, AG_STORE_WRITE);
+    if (st == NULL)
+        return EXIT_FAIL;
+    if (gw != NULL) {
+        const char *old = ag_store_gateway(st);
+        if (old == NULL || strcmp(old, gw) != 0) {
+            if (ag_store_set_gateway(st, gw, err, sizeof(err)) != 0)
+                goto fail_err;
+            changed = true;
+        }
+    } else if (ag_store_gateway(st) == NULL) {
+        errmsg("run: no gateway: pass --gateway wss://HOST[:PORT] (it is remembered for later "
+               "runs)");
+        ag_store_free(st);
+        return EXIT_USAGE;
+    } else {
+        gw = ag_store_gateway(st);
+        if (ag_store_gateway_parse(gw, &ro.gateway, err, sizeof(err)) != 0)
+            goto fail_err;
+    }
+    if (util_snprintf(ro.gateway_url, sizeof(ro.gateway_url), "%s", gw) < 0) {
+        snprintf(err, sizeof(err), "gateway URL too long");
+        goto fail_err;
+    }
+    if (ca != NULL) {
+        const char *old = ag_store_ca_file(st);
+        if (old == NULL || strcmp(old, ro.ca_file) != 0) {
+            if (ag_store_set_ca_file(st, ro.ca_file, err, sizeof(err)) != 0)
+                goto fail_err;
+            changed = true;
+        }
+    } else if (ag_store_ca_file(st) != NULL &&
+               util_snprintf(ro.ca_file, sizeof(ro.ca_file), "%s", ag_store_ca_file(st)) < 0) {
+        snprintf(err, sizeof(err), "remembered CA file path too long");
+        goto fail_err;
+    }
+    if (proto != NULL) {
+        if (ag_store_protocol(st) != ro.protocol) {
+            ag_store_set_protocol(st, ro.protocol);
+            changed = true;
+        }
+    } else {
+        ro.protocol = ag_store_protocol(st);
+    }
+    if (changed && save_store(st) != 0) {
+        ag_store_free(st);
+        return EXIT_FAIL;
+    }
+    ag_store_free(st); /* the daemon takes the lock only when it writes */
+    return ag_daemon_run(c->home, &ro);
+
+fail_err:
+    errmsg("run: %s", err);
+    ag_store_free(st);
+    return EXIT_FAIL;
+}
+
+/* ---- main -------------------------------------------------------------- */
 
 int main(int argc, char **argv)
 {
-    if (argc > 1 && strcmp(argv[1], "--version") == 0) {
-        printf("tunnel-agent %s\n", TG_VERSION);
-        return 0;
+    struct cli c;
+    char err[AG_STORE_ERR_LEN];
+    int i = 1;
+    int rc;
+
+    memset(&c, 0, sizeof(c));
+    for (; i < argc && argv[i][0] == '-'; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            print_usage(stdout);
+            return EXIT_OK;
+        }
+        if (strcmp(a, "--version") == 0 || strcmp(a, "-V") == 0) {
+            printf("tunnel-agent %s\n", TG_VERSION);
+            return EXIT_OK;
+        }
+        if (strcmp(a, "--home") == 0 && i + 1 < argc && argv[i + 1][0] != '\0') {
+            c.home_opt = argv[++i];
+        } else if (strncmp(a, "--home=", 7) == 0 && a[7] != '\0') {
+            c.home_opt = a + 7;
+        } else if (strncmp(a, "--home", 6) == 0) {
+            errmsg("--home needs a directory");
+            return EXIT_USAGE;
+        } else {
+            errmsg("unknown option %s (see tunnel-agent --help)", a);
+            return EXIT_USAGE;
+        }
     }
-    fprintf(stderr, "tunnel-agent: not implemented yet\n");
-    return 1;
+    if (i == argc) {
+        print_usage(stderr);
+        return EXIT_USAGE;
+    }
+    if (strcmp(argv[i], "help") == 0) {
+        if (i + 1 == argc) {
+            print_usage(stdout);
+            return EXIT_OK;
+        }
+        const struct cmd *h = find_cmd(argv[i + 1]);
+        if (h == NULL || i + 2 < argc) {
+            errmsg("help: no command \"%s\" (see tunnel-agent --help)", argv[i + 1]);
+            return EXIT_USAGE;
+        }
+        print_cmd_help(stdout, h);
+        return EXIT_OK;
+    }
+    c.cmd = find_cmd(argv[i]);
+    if (c.cmd == NULL) {
+        errmsg("unknown command \"%s\" (see tunnel-agent --help)", argv[i]);
+        return EXIT_USAGE;
+    }
+    rc = parse_cmd_args(&c, argc - i - 1, argv + i + 1);
+    if (rc < 0)
+        return EXIT_OK; /* printed help */
+    if (rc != EXIT_OK)
+        return rc;
+    if (ag_store_home_resolve(c.home_opt, getenv("TUNNEL_AGENT_HOME"),
+                              getenv("XDG_CONFIG_HOME"), getenv("HOME"), c.home, sizeof(c.home),
+                              err, sizeof(err)) != 0) {
+        errmsg("%s", err);
+        return EXIT_USAGE;
+    }
+    rc = c.cmd->run(&c);
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        errmsg("cannot write to standard output: %s", strerror(errno));
+        return EXIT_FAIL;
+    }
+    return rc;
 }
