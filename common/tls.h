@@ -1,0 +1,101 @@
+/* TLS contexts for both programs. The gateway's struct tls_server owns the
+ * public SSL_CTX (configured certificate, or a local CA that issues a leaf per
+ * SNI name at the handshake) and swaps it on SIGHUP; the agent builds a
+ * verifying client SSL_CTX. No global state: everything hangs off the objects
+ * here, owned by the program's context. One event loop (thread) per object. */
+#ifndef TLS_H
+#define TLS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+
+struct log_sink;
+
+#define TLS_CACHE_MAX_DEFAULT 4096 /* leaf certificates kept in memory (local CA mode) */
+#define TLS_LOCAL_CA_CERT "local-ca.pem"
+#define TLS_LOCAL_CA_KEY "local-ca.key"
+
+/* Options of tls_server_new(); copied, so they need not outlive the call. */
+struct tls_server_opts {
+    const char *cert_file;  /* PEM chain, leaf first; NULL with key_file NULL = local CA */
+    const char *key_file;   /* PEM private key for cert_file */
+    const char *state_dir;  /* local CA mode: holds local-ca.pem / local-ca.key */
+    const char *domain;     /* apex, e.g. "localhost" or "example.com" (case-insensitive) */
+    const char *alpn;       /* comma-separated, server preference first: "h2,http/1.1";
+                             * NULL = no ALPN (clients speak HTTP/1.1) */
+    size_t cache_max_names; /* leaf cache bound; 0 = TLS_CACHE_MAX_DEFAULT */
+    struct log_sink *log;   /* borrowed; must outlive the tls_server; may be NULL */
+};
+
+struct tls_server;
+
+/* Builds the public TLS state: TLS 1.2 minimum, ECDHE AEAD ciphers,
+ * SSL_OP_IGNORE_UNEXPECTED_EOF, no compression, no renegotiation, session
+ * tickets, ALPN by server preference.
+ * - cert_file + key_file: loads the chain and key, refuses a key that does not
+ *   match; logs a warning (tls_cert_name_mismatch) if the certificate does not
+ *   cover both <domain> and *.<domain>, and one if it has expired.
+ * - neither: local CA mode. Creates <state_dir> (0700, with parents) and, once,
+ *   local-ca.pem + local-ca.key (0600, written atomically); later runs reuse
+ *   them and refuse a key readable by group or others. Certificates for
+ *   <domain> and <label>.<domain> are issued at the handshake from SNI.
+ * Returns NULL with a message in err (naming the file and the fix) on error. */
+struct tls_server *tls_server_new(const struct tls_server_opts *o, char *err, size_t errlen);
+
+/* The current SSL_CTX (borrowed). Create each connection's SSL with
+ * SSL_new(tls_server_ctx(s)); the SSL holds its own reference, so it stays
+ * valid across tls_server_reload(). */
+SSL_CTX *tls_server_ctx(struct tls_server *s);
+
+/* SIGHUP: re-reads cert_file/key_file (local CA mode: reuses the CA already
+ * loaded) into a NEW SSL_CTX and swaps it in only if everything loaded.
+ * Session-ticket keys carry over, so tickets survive the reload. Live
+ * connections keep the old SSL_CTX. Returns 0, or -1 with a message in err,
+ * keeping the old SSL_CTX. */
+int tls_server_reload(struct tls_server *s, char *err, size_t errlen);
+
+/* True in local CA mode (no certificate configured). */
+bool tls_server_is_local_ca(const struct tls_server *s);
+
+/* Path of local-ca.pem in local CA mode, else NULL. Borrowed. */
+const char *tls_server_ca_path(const struct tls_server *s);
+
+/* Local CA mode: the certificate a handshake with SNI `name` gets, issuing
+ * and caching it if needed. Names other than <domain> and <label>.<domain>
+ * (and NULL: no SNI) get the apex certificate. Borrowed: valid until the
+ * entry is evicted or the server freed (X509_up_ref() to keep it). Configured
+ * mode: the configured leaf. NULL only if out of memory. */
+X509 *tls_server_cert_for(struct tls_server *s, const char *name);
+
+/* Leaf certificates currently cached (local CA mode; the apex is not counted). */
+size_t tls_server_cache_count(const struct tls_server *s);
+
+/* Frees the object and its reference to the current SSL_CTX. Takes NULL.
+ * Every SSL made from any of its SSL_CTXs must be freed first: their
+ * handshake callbacks point here. */
+void tls_server_free(struct tls_server *s);
+
+/* Client SSL_CTX for the agent: TLS 1.2 minimum, SSL_VERIFY_PEER, trust
+ * anchors from ca_file (PEM) or, if NULL, the system store; alpn as for the
+ * server ("h2" or "h2,http/1.1"), NULL for none. Returns NULL with a message
+ * in err. The caller owns the result (SSL_CTX_free). */
+SSL_CTX *tls_client_ctx_new(const char *ca_file, const char *alpn, char *err, size_t errlen);
+
+/* Sets what a client SSL verifies: SNI and the expected DNS name, or, for an
+ * IPv4/IPv6 literal (no brackets), the expected IP address and no SNI. Also
+ * (re)asserts SSL_VERIFY_PEER. Refuses NULL or empty host: verification is
+ * never skipped. Returns 0 or -1. */
+int tls_client_prepare(SSL *ssl, const char *host);
+
+/* Drains this thread's OpenSSL error queue, one warn line per error (event,
+ * err=<OpenSSL string>), at most 8 lines plus dropped=N. Call at every TLS
+ * failure, or the next SSL_get_error() on this thread lies. log may be NULL. */
+void tls_log_errors(struct log_sink *log, const char *event);
+
+/* Drains the OpenSSL error queue without logging. */
+void tls_drain_errors(void);
+
+#endif
