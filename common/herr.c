@@ -1,0 +1,70 @@
+/* Public HTTP error table; see herr.h. */
+#include "herr.h"
+
+#include "util.h"
+
+struct herr_info {
+    int status;
+    const char *code;
+    const char *message;
+};
+
+static const struct herr_info herr_table[HERR_COUNT_] = {
+    [HERR_BAD_REQUEST] = {400, "bad_request", "The request is not valid HTTP."},
+    [HERR_INVALID_SUBDOMAIN] = {400, "invalid_subdomain",
+                                "The host name is not an agent address under this domain."},
+    [HERR_WEBSOCKET_REQUIRED] = {400, "websocket_required",
+                                 "This endpoint only accepts WebSocket upgrades."},
+    [HERR_UNSUPPORTED_PROTOCOL] = {400, "unsupported_protocol",
+                                   "None of the offered tunnel subprotocols is supported."},
+    [HERR_NOT_FOUND] = {404, "not_found", "No such gateway endpoint."},
+    [HERR_UNKNOWN_HOST] = {404, "unknown_host", "This gateway does not serve that host name."},
+    [HERR_METHOD_NOT_ALLOWED] = {405, "method_not_allowed",
+                                 "The method is not allowed on this endpoint."},
+    [HERR_BODY_TOO_LARGE] = {413, "body_too_large", "The request body exceeds the gateway's limit."},
+    [HERR_RATE_LIMITED] = {429, "rate_limited", "Too many requests; slow down."},
+    [HERR_TOO_MANY_CONNECTIONS] = {429, "too_many_connections",
+                                   "Too many connections from this address."},
+    [HERR_HEADER_TOO_LARGE] = {431, "header_too_large",
+                               "The request header exceeds the gateway's limit."},
+    [HERR_AGENT_OFFLINE] = {502, "agent_offline", "No tunnel is connected for this agent."},
+    [HERR_LOCAL_UNREACHABLE] = {502, "local_unreachable",
+                                "The agent could not reach its local API."},
+    [HERR_BAD_HOST_RESPONSE] = {502, "bad_host_response",
+                                "The agent sent an invalid response."},
+    [HERR_TUNNEL_CLOSED] = {502, "tunnel_closed",
+                            "The tunnel closed before the response was complete."},
+    [HERR_HOST_BUSY] = {503, "host_busy", "The agent has too many requests in flight."},
+    [HERR_SHUTTING_DOWN] = {503, "relay_restarting", "The gateway is shutting down."},
+    [HERR_GATEWAY_TIMEOUT] = {504, "gateway_timeout",
+                              "The agent did not answer in time."},
+    [HERR_REQUEST_TIMEOUT] = {408, "request_timeout",
+                              "The request body stopped arriving."},
+    [HERR_INTERNAL] = {500, "internal_error", "The gateway failed to handle the request."},
+};
+
+static const struct herr_info *info(enum herr e)
+{
+    return (unsigned)e < HERR_COUNT_ ? &herr_table[e] : &herr_table[HERR_INTERNAL];
+}
+
+int herr_status(enum herr e)
+{
+    return info(e)->status;
+}
+
+const char *herr_code(enum herr e)
+{
+    return info(e)->code;
+}
+
+const char *herr_message(enum herr e)
+{
+    return info(e)->message;
+}
+
+int herr_json(enum herr e, char *buf, size_t size)
+{
+    return util_snprintf(buf, size, "{\"error\":\"%s\",\"message\":\"%s\"}\n", info(e)->code,
+                         info(e)->message);
+}

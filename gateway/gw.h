@@ -1,0 +1,63 @@
+/* The gateway's one context per event loop: every long-lived object reaches
+ * the loop, configuration, TLS, registry, log and counters through it. No
+ * other mutable state exists outside objects owned from here. */
+#ifndef GW_H
+#define GW_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct event_base;
+struct event;
+struct log_sink;
+struct gw_cfg;
+struct tls_server;
+struct gw_reg;
+struct gw_lsn;
+struct gw_conn;
+struct gw_tun;
+struct gw_allow;
+
+/* Monotonic counters exported by /stats and /metrics. */
+struct gw_counters {
+    uint64_t conns_accepted;       /* public TCP connections accepted */
+    uint64_t conns_refused;        /* refused by max-conns-per-ip */
+    uint64_t requests_total;       /* public requests routed to an agent */
+    uint64_t requests_failed;      /* of those, answered with a gateway error */
+    uint64_t tunnel_connections;   /* tunnel WebSocket upgrades accepted */
+    uint64_t auth_failures;        /* tunnels closed for failed auth */
+    uint64_t bytes_to_agents;      /* request body bytes forwarded */
+    uint64_t bytes_from_agents;    /* response body bytes forwarded */
+};
+
+struct gw_ctx {
+    struct event_base *base;
+    const struct gw_cfg *cfg;       /* immutable; replaced on SIGHUP */
+    struct log_sink *log;
+    struct tls_server *tls;         /* NULL with --no-tls and no TLS listener */
+    struct gw_reg *reg;             /* address -> tunnel routes */
+    struct gw_allow *allow;         /* --allow list, NULL when open */
+    struct gw_lsn *lsn_main;        /* main listener (TLS unless --no-tls) */
+    struct gw_lsn *lsn_plain;       /* --plain-listen, or NULL */
+    struct gw_conn *conns;          /* all public connections (list head) */
+    struct gw_tun *tuns;            /* all tunnels, authenticated or not */
+    struct event *sig_term;
+    struct event *sig_int;
+    struct event *sig_hup;
+    struct event *summary_ev;       /* periodic summary log line */
+    struct event *drain_ev;         /* fires at the end of the drain grace */
+    uint64_t next_id;               /* numbers connections, tunnels, streams */
+    uint64_t start_ms;              /* monotonic start time */
+    bool draining;                  /* SIGTERM seen: no new tunnels */
+    uint64_t drain_deadline_ms;     /* monotonic end of the drain grace */
+    size_t tunnels_live;            /* authenticated tunnels */
+    int exit_code;
+    struct gw_counters n;
+};
+
+static inline uint64_t gw_next_id(struct gw_ctx *ctx)
+{
+    return ++ctx->next_id;
+}
+
+#endif

@@ -1,0 +1,18 @@
+/* One public HTTP/2 connection (nghttp2 server). Each stream becomes a
+ * gw_req. Request bodies are flow-controlled by hand: window goes back to the
+ * client only as the tunnel takes bytes. Response bodies leave through
+ * NO_COPY DATA frames straight from the stream's buffer. Owned by itself. */
+#ifndef GW_H2_H
+#define GW_H2_H
+
+#include <stdint.h>
+#include <sys/socket.h>
+
+struct bufferevent;
+struct gw_ctx;
+
+/* Takes ownership of bev, also on failure. Returns 0 or -1. */
+int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
+                socklen_t peerlen, const char *scheme, uint64_t conn_id);
+
+#endif

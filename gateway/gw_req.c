@@ -1,0 +1,485 @@
+/* Protocol-neutral public request: header list, routing by host name,
+ * forwarding-header trust, dispatch to admin endpoints or a tunnel, and the
+ * request's timers. See gw_req.h for the lifecycle. */
+#include "gw_req.h"
+
+#include <arpa/inet.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+
+#include "gw.h"
+#include "gw_admin.h"
+#include "gw_cfg.h"
+#include "gw_reg.h"
+#include "gw_tun.h"
+#include "log.h"
+
+static void req_on_timer(evutil_socket_t fd, short what, void *arg);
+
+struct gw_req *gw_req_new(struct gw_ctx *ctx, const struct gw_fe_ops *fe, void *fe_data,
+                          uint64_t conn_id, const char *scheme)
+{
+    struct gw_req *r = calloc(1, sizeof(*r));
+
+    if (r == NULL)
+        return NULL;
+    r->body = evbuffer_new();
+    if (r->body == NULL)
+        goto fail_req;
+    r->timer = evtimer_new(ctx->base, req_on_timer, r);
+    if (r->timer == NULL)
+        goto fail_body;
+    r->ctx = ctx;
+    r->id = gw_next_id(ctx);
+    r->conn_id = conn_id;
+    r->fe = fe;
+    r->fe_data = fe_data;
+    r->scheme = scheme;
+    r->start_ms = util_mono_ms();
+    r->resp_timeout_ms = ctx->cfg->resp_header_timeout_s * 1000u;
+    r->err = HERR_COUNT_;
+    return r;
+
+fail_body:
+    evbuffer_free(r->body);
+fail_req:
+    free(r);
+    return NULL;
+}
+
+void gw_req_free(struct gw_req *r)
+{
+    if (r == NULL)
+        return;
+    gw_req_cancel(r);
+    event_free(r->timer);
+    evbuffer_free(r->body);
+    gw_hdrs_cleanup(&r->hdrs);
+    free(r->method);
+    free(r->path);
+    free(r->authority);
+    free(r->protocol);
+    free(r->fwd_host);
+    free(r);
+}
+
+/* ---- headers ---- */
+
+static const char *const hop_by_hop[] = {
+    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+    "te", "host", "http2-settings", "proxy-authenticate", "trailer",
+};
+
+/* Names the gateway sets; a client's values for them are dropped. */
+static const char *const gateway_set[] = {
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
+    "x-real-ip", "forwarded", "x-agent-address", "x-agent-id", "x-tunnel-origin",
+};
+
+static bool in_list(const char *const *list, size_t n, const char *name, size_t len)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (util_iov_ieq((struct iov){name, len}, (struct iov){list[i], strlen(list[i])}))
+            return true;
+    }
+    return false;
+}
+
+bool gw_hdr_is_hop_by_hop(const char *name, size_t len)
+{
+    return in_list(hop_by_hop, sizeof(hop_by_hop) / sizeof(hop_by_hop[0]), name, len);
+}
+
+bool gw_hdr_is_gateway_set(const char *name, size_t len)
+{
+    return in_list(gateway_set, sizeof(gateway_set) / sizeof(gateway_set[0]), name, len);
+}
+
+int gw_hdrs_add(struct gw_hdrs *h, const char *name, size_t nlen, const char *value,
+                size_t vlen, size_t max_bytes)
+{
+    char *n;
+    char *v;
+
+    if (max_bytes != 0 && (nlen + vlen > max_bytes || h->bytes > max_bytes - nlen - vlen))
+        return -2;
+    if (h->n == h->cap) {
+        size_t cap = h->cap ? h->cap * 2 : 16;
+        nghttp2_nv *nv = realloc(h->nv, cap * sizeof(*nv));
+        if (nv == NULL)
+            return -1;
+        h->nv = nv;
+        h->cap = cap;
+    }
+    n = malloc(nlen + 1);
+    v = malloc(vlen + 1);
+    if (n == NULL || v == NULL) {
+        free(n);
+        free(v);
+        return -1;
+    }
+    for (size_t i = 0; i < nlen; i++)
+        n[i] = (name[i] >= 'A' && name[i] <= 'Z') ? (char)(name[i] + 32) : name[i];
+    n[nlen] = '\0';
+    memcpy(v, value, vlen);
+    v[vlen] = '\0';
+    h->nv[h->n++] = (nghttp2_nv){(uint8_t *)n, (uint8_t *)v, nlen, vlen, NGHTTP2_NV_FLAG_NONE};
+    h->bytes += nlen + vlen;
+    return 0;
+}
+
+void gw_hdrs_cleanup(struct gw_hdrs *h)
+{
+    for (size_t i = 0; i < h->n; i++) {
+        free(h->nv[i].name);
+        free(h->nv[i].value);
+    }
+    free(h->nv);
+    memset(h, 0, sizeof(*h));
+}
+
+const nghttp2_nv *gw_hdrs_get(const struct gw_hdrs *h, const char *name)
+{
+    size_t len = strlen(name);
+
+    for (size_t i = 0; i < h->n; i++) {
+        if (h->nv[i].namelen == len && memcmp(h->nv[i].name, name, len) == 0)
+            return &h->nv[i];
+    }
+    return NULL;
+}
+
+/* ---- routing ---- */
+
+/* Host without port, lowercased into out. Returns 0 or -1 (malformed). */
+static int host_only(const char *authority, char *out, size_t size)
+{
+    size_t len = strlen(authority);
+    size_t end = len;
+
+    if (len == 0)
+        return -1;
+    if (authority[0] == '[') {
+        const char *rb = strchr(authority, ']');
+        if (rb == NULL)
+            return -1;
+        end = (size_t)(rb - authority) + 1;
+    } else {
+        const char *colon = strchr(authority, ':');
+        if (colon != NULL)
+            end = (size_t)(colon - authority);
+    }
+    if (end == 0 || end >= size)
+        return -1;
+    for (size_t i = 0; i < end; i++) {
+        char c = authority[i];
+        out[i] = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+    }
+    out[end] = '\0';
+    /* a trailing dot names the same host */
+    if (end > 1 && out[end - 1] == '.')
+        out[end - 1] = '\0';
+    return 0;
+}
+
+void gw_req_route(struct gw_req *r)
+{
+    const char *domain = r->ctx->cfg->domain;
+    size_t dlen = strlen(domain);
+    char host[256];
+    size_t hlen;
+
+    r->route = GW_ROUTE_ERROR;
+    r->route_err = HERR_UNKNOWN_HOST;
+    if (r->authority == NULL || host_only(r->authority, host, sizeof(host)) != 0) {
+        r->route_err = HERR_BAD_REQUEST;
+        return;
+    }
+    hlen = strlen(host);
+    if (strcmp(host, domain) == 0) {
+        r->route = GW_ROUTE_APEX;
+        return;
+    }
+    if (hlen > dlen + 1 && host[hlen - dlen - 1] == '.' && strcmp(host + hlen - dlen, domain) == 0) {
+        size_t llen = hlen - dlen - 1;
+        if (llen != ID_ADDR_STR_LEN || host[0] != '0' || host[1] != 'x' ||
+            util_hex_decode(host + 2, 40, r->addr, ID_ADDR_LEN) != 0) {
+            r->route_err = HERR_INVALID_SUBDOMAIN;
+            return;
+        }
+        r->route = GW_ROUTE_AGENT;
+        return;
+    }
+    /* IP literals and bare names outside the domain reach the gateway's own
+     * endpoints (health probes address pods by IP); nothing else is served. */
+    struct in6_addr a6;
+    if (inet_pton(AF_INET, host, &a6) == 1 ||
+        (host[0] == '[' && hlen > 2 && (host[hlen - 1] = '\0', inet_pton(AF_INET6, host + 1, &a6) == 1)))
+        r->route = GW_ROUTE_APEX;
+}
+
+/* ---- forwarding headers ---- */
+
+static void trim(const char **s, size_t *len)
+{
+    while (*len > 0 && (**s == ' ' || **s == '\t')) {
+        (*s)++;
+        (*len)--;
+    }
+    while (*len > 0 && ((*s)[*len - 1] == ' ' || (*s)[*len - 1] == '\t'))
+        (*len)--;
+}
+
+static bool parse_ip(const char *s, size_t len, struct sockaddr_storage *ss)
+{
+    char buf[INET6_ADDRSTRLEN + 2];
+
+    if (len == 0 || len >= sizeof(buf))
+        return false;
+    memcpy(buf, s, len);
+    buf[len] = '\0';
+    memset(ss, 0, sizeof(*ss));
+    struct sockaddr_in *in4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET, buf, &in4->sin_addr) == 1) {
+        in4->sin_family = AF_INET;
+        return true;
+    }
+    if (inet_pton(AF_INET6, buf, &in6->sin6_addr) == 1) {
+        in6->sin6_family = AF_INET6;
+        return true;
+    }
+    return false;
+}
+
+static void sa_to_ip(const struct sockaddr *sa, char *out, size_t size)
+{
+    const void *src = sa->sa_family == AF_INET6
+                          ? (const void *)&((const struct sockaddr_in6 *)sa)->sin6_addr
+                          : (const void *)&((const struct sockaddr_in *)sa)->sin_addr;
+    if (inet_ntop(sa->sa_family, src, out, (socklen_t)size) == NULL)
+        util_snprintf(out, size, "unknown");
+}
+
+void gw_req_set_peer(struct gw_req *r, const struct sockaddr *peer)
+{
+    const struct gw_cfg *cfg = r->ctx->cfg;
+    const nghttp2_nv *xff;
+
+    sa_to_ip(peer, r->client_ip, sizeof(r->client_ip));
+    util_snprintf(r->fwd_proto, sizeof(r->fwd_proto), "%s", r->scheme);
+    r->xff_chain[0] = '\0';
+    if (!gw_cfg_addr_trusted(cfg, peer))
+        return;
+    /* The peer is a trusted proxy: walk X-Forwarded-For from the right and
+     * take the first address that is not itself trusted, as nginx's
+     * real_ip_recursive does. Everything left of it is kept as the chain. */
+    xff = gw_hdrs_get(&r->hdrs, "x-forwarded-for");
+    if (xff != NULL) {
+        const char *v = (const char *)xff->value;
+        size_t end = xff->valuelen;
+        while (end > 0) {
+            size_t start = end;
+            while (start > 0 && v[start - 1] != ',')
+                start--;
+            const char *item = v + start;
+            size_t ilen = end - start;
+            trim(&item, &ilen);
+            struct sockaddr_storage ss;
+            if (!parse_ip(item, ilen, &ss))
+                break;
+            util_snprintf(r->client_ip, sizeof(r->client_ip), "%.*s", (int)ilen, item);
+            if (!gw_cfg_addr_trusted(cfg, (struct sockaddr *)&ss)) {
+                /* keep what stood to the left as the chain */
+                size_t clen = start > 0 ? start - 1 : 0;
+                const char *c = v;
+                trim(&c, &clen);
+                if (clen < sizeof(r->xff_chain))
+                    util_snprintf(r->xff_chain, sizeof(r->xff_chain), "%.*s", (int)clen, c);
+                break;
+            }
+            end = start > 0 ? start - 1 : 0;
+        }
+    }
+    const nghttp2_nv *proto = gw_hdrs_get(&r->hdrs, "x-forwarded-proto");
+    if (proto != NULL && (strcmp((const char *)proto->value, "https") == 0 ||
+                          strcmp((const char *)proto->value, "http") == 0))
+        util_snprintf(r->fwd_proto, sizeof(r->fwd_proto), "%s", (const char *)proto->value);
+    const nghttp2_nv *fh = gw_hdrs_get(&r->hdrs, "x-forwarded-host");
+    if (fh != NULL && fh->valuelen > 0 && fh->valuelen < 256) {
+        free(r->fwd_host);
+        r->fwd_host = strdup((const char *)fh->value);
+    }
+}
+
+/* ---- dispatch ---- */
+
+/* While the body is arriving, the body-idle clock runs and restarts with every
+ * byte; once it is complete, the response-header clock runs. Both stop when
+ * the response head arrives. */
+static void req_arm_wait(struct gw_req *r)
+{
+    uint64_t idle = r->ctx->cfg->stream_idle_timeout_s * 1000u;
+
+    if (r->status != 0 || r->route != GW_ROUTE_AGENT)
+        return;
+    if (!r->body_eof)
+        gw_req_arm_timer(r, idle);
+    else
+        gw_req_arm_timer(r, r->resp_timeout_ms);
+}
+
+void gw_req_start(struct gw_req *r)
+{
+    struct gw_ctx *ctx = r->ctx;
+    struct gw_tun *tun;
+    enum herr e;
+
+    switch (r->route) {
+    case GW_ROUTE_APEX:
+        gw_admin_handle(r);
+        return;
+    case GW_ROUTE_ERROR:
+        gw_req_fail(r, r->route_err);
+        return;
+    case GW_ROUTE_AGENT:
+        break;
+    }
+    ctx->n.requests_total++;
+    if (ctx->cfg->max_body_bytes != 0 && r->has_content_length &&
+        r->content_length > ctx->cfg->max_body_bytes) {
+        gw_req_fail(r, HERR_BODY_TOO_LARGE);
+        return;
+    }
+    tun = gw_reg_lookup(ctx->reg, r->addr);
+    if (tun == NULL) {
+        gw_req_fail(r, HERR_AGENT_OFFLINE);
+        return;
+    }
+    e = gw_tun_open_stream(tun, r);
+    if (e != HERR_COUNT_) {
+        gw_req_fail(r, e);
+        return;
+    }
+    req_arm_wait(r);
+}
+
+void gw_req_body_more(struct gw_req *r)
+{
+    const struct gw_cfg *cfg = r->ctx->cfg;
+
+    if (cfg->max_body_bytes != 0 && r->body_in > cfg->max_body_bytes) {
+        if (r->status == 0) {
+            gw_req_cancel(r);
+            gw_req_fail(r, HERR_BODY_TOO_LARGE);
+        } else {
+            gw_req_cancel(r);
+            gw_req_end(r, false);
+        }
+        return;
+    }
+    req_arm_wait(r);
+    if (r->up != NULL)
+        r->up->body_more(r->up_data);
+}
+
+void gw_req_consumed(struct gw_req *r, size_t n)
+{
+    if (r->up != NULL && n > 0)
+        r->up->consumed(r->up_data, n);
+}
+
+void gw_req_cancel(struct gw_req *r)
+{
+    if (r->up != NULL) {
+        const struct gw_up_ops *up = r->up;
+        void *data = r->up_data;
+        up->cancel(data); /* detaches */
+        r->up = NULL;
+        r->up_data = NULL;
+    }
+}
+
+void gw_req_attach(struct gw_req *r, const struct gw_up_ops *up, void *up_data)
+{
+    r->up = up;
+    r->up_data = up_data;
+}
+
+void gw_req_detach(struct gw_req *r)
+{
+    r->up = NULL;
+    r->up_data = NULL;
+}
+
+void gw_req_fail(struct gw_req *r, enum herr e)
+{
+    gw_req_detach(r);
+    evtimer_del(r->timer);
+    if (r->route == GW_ROUTE_AGENT)
+        r->ctx->n.requests_failed++;
+    r->err = e;
+    r->fe->error(r, e);
+}
+
+int gw_req_head(struct gw_req *r, int status, const nghttp2_nv *nv, size_t n)
+{
+    evtimer_del(r->timer);
+    r->status = status;
+    return r->fe->head(r, status, nv, n);
+}
+
+int gw_req_body(struct gw_req *r, const uint8_t *data, size_t len)
+{
+    r->resp_bytes += len;
+    return r->fe->body(r, data, len);
+}
+
+void gw_req_end(struct gw_req *r, bool complete)
+{
+    gw_req_detach(r);
+    evtimer_del(r->timer);
+    r->fe->end(r, complete);
+}
+
+void gw_req_arm_timer(struct gw_req *r, uint64_t ms)
+{
+    struct timeval tv = {.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
+
+    if (ms == 0)
+        evtimer_del(r->timer);
+    else
+        evtimer_add(r->timer, &tv);
+}
+
+static void req_on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_req *r = arg;
+
+    if (r->status != 0)
+        return;
+    gw_req_cancel(r);
+    gw_req_fail(r, r->body_eof ? HERR_GATEWAY_TIMEOUT : HERR_REQUEST_TIMEOUT);
+}
+
+void gw_req_log(struct gw_req *r, const char *outcome)
+{
+    char addr[ID_ADDR_STR_LEN + 1];
+
+    r->logged = true;
+    if (!log_enabled(r->ctx->log, LOG_LVL_INFO))
+        return;
+    if (r->route == GW_ROUTE_AGENT)
+        id_addr_to_str(r->addr, addr);
+    else
+        util_snprintf(addr, sizeof(addr), "-");
+    LOG_INFO(r->ctx->log, "request", LOG_U("conn", r->conn_id), LOG_U("req", r->id),
+             LOG_S("client", r->client_ip), LOG_S("method", r->method),
+             LOG_S("path", r->path), LOG_S("addr", addr), LOG_I("status", r->status),
+             LOG_U("bytes_in", r->body_in), LOG_U("bytes_out", r->resp_bytes),
+             LOG_U("dur_ms", util_mono_ms() - r->start_ms), LOG_S("outcome", outcome),
+             LOG_S("err", r->err != HERR_COUNT_ ? herr_code(r->err) : NULL));
+}
