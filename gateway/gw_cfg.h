@@ -68,7 +68,8 @@ struct gw_cfg {
     bool no_tls;                    /* main listener speaks cleartext HTTP */
     struct gw_cfg_url public_url;   /* base for handed-out URLs; text NULL = derive */
     struct gw_cfg_redis redis;      /* shared registry; text NULL = embedded */
-    char *state_dir;                /* expanded absolute path (local CA lives here) */
+    char *state_dir;                /* expanded path (local CA lives here); NULL only with
+                                     * --cert when neither XDG_STATE_HOME nor HOME is set */
     char *region;                   /* node region name, default "local" */
     uint64_t drain_timeout_s;       /* SIGTERM grace for in-flight streams (600) */
     uint64_t ping_interval_s;       /* tunnel keepalive PING interval (20; 0 = off) */
@@ -115,11 +116,16 @@ void gw_cfg_cleanup(struct gw_cfg *cfg);
 /* --help text, generated from the option table. */
 void gw_cfg_print_help(FILE *out);
 
+struct cfg_spec;
+
+/* The option table (for tests that walk it). */
+const struct cfg_spec *gw_cfg_spec(void);
+
 /* True if sa (AF_INET or AF_INET6; IPv4-mapped IPv6 counts as IPv4) lies in
  * one of the --trust-proxy ranges. */
 bool gw_cfg_addr_trusted(const struct gw_cfg *cfg, const struct sockaddr *sa);
 
-/* True if ss is a loopback address (127.0.0.0/8, ::1, IPv4-mapped 127/8). */
+/* True if sa is a loopback address (127.0.0.0/8, ::1, IPv4-mapped 127/8). */
 bool gw_cfg_addr_is_loopback(const struct sockaddr *sa);
 
 #endif

@@ -1,0 +1,913 @@
+/* tunnel-gateway configuration: the option table (names, defaults and help
+ * are the command-line contract of PRODUCT.md), parsers for the gateway's own
+ * value types (listen addresses, CIDR lists, URLs), checks that span options,
+ * and the address predicates the listener uses. common/cfg does the loading. */
+#include "gw_cfg.h"
+
+#include <arpa/inet.h>
+#include <assert.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cfg.h"
+#include "util.h"
+
+/* The engine stores enum options as int. */
+static_assert(sizeof(enum log_level) == sizeof(int), "enum log_level is not int-sized");
+static_assert(sizeof(enum log_format) == sizeof(int), "enum log_format is not int-sized");
+
+/* "0x" + 40 hex + "." is prepended to the domain; names stay within 253. */
+#define GW_CFG_ADDR_LABEL_LEN 43
+#define GW_CFG_DOMAIN_MAX (253 - GW_CFG_ADDR_LABEL_LEN)
+#define GW_CFG_REDIS_PORT 6379
+#define GW_CFG_LISTEN_HOST "127.0.0.1"
+#define GW_CFG_LISTEN_PORT 8443
+
+static void set_why(char *why, size_t whylen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void set_why(char *why, size_t whylen, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(why, whylen, fmt, ap);
+    va_end(ap);
+}
+
+static char *dup_n(const char *s, size_t len)
+{
+    char *d = malloc(len + 1);
+
+    if (d == NULL)
+        return NULL;
+    memcpy(d, s, len);
+    d[len] = '\0';
+    return d;
+}
+
+static char lower(char c)
+{
+    return (c >= 'A' && c <= 'Z') ? (char)(c - 'A' + 'a') : c;
+}
+
+static int parse_port(const char *s, size_t len, uint16_t *out)
+{
+    uint64_t v;
+
+    if (util_parse_u64(s, len, &v) != 0 || v > 65535)
+        return -1;
+    *out = (uint16_t)v;
+    return 0;
+}
+
+/* A DNS name that can carry "<address>." in front: LDH labels of 1..63
+ * characters, no leading or trailing '-', a last label that is not all digits
+ * (so not an IPv4 address), at most GW_CFG_DOMAIN_MAX in all. Lowercases out
+ * (len + 1 bytes). */
+static int hostname_check(const char *s, size_t len, char *out, char *why, size_t whylen)
+{
+    size_t label = 0;
+    bool all_digits = true;
+
+    if (len == 0) {
+        set_why(why, whylen, "is empty");
+        return -1;
+    }
+    if (len > GW_CFG_DOMAIN_MAX) {
+        set_why(why, whylen, "is longer than %d characters (agent names must stay within 253)",
+                GW_CFG_DOMAIN_MAX);
+        return -1;
+    }
+    for (size_t i = 0; i <= len; i++) {
+        char c = i < len ? lower(s[i]) : '.';
+        if (c == '.') {
+            if (label == 0 || label > 63 || out[i - 1] == '-' || out[i - label] == '-') {
+                set_why(why, whylen, "is not a valid host name (labels of 1-63 letters, "
+                        "digits or '-', not starting or ending with '-')");
+                return -1;
+            }
+            if (i == len && all_digits) {
+                set_why(why, whylen, "is not a host name (it ends in a number)");
+                return -1;
+            }
+            label = 0;
+            all_digits = true;
+            if (i < len)
+                out[i] = '.';
+            continue;
+        }
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-')) {
+            set_why(why, whylen, "is not a valid host name (only letters, digits, '-' and '.')");
+            return -1;
+        }
+        if (c < '0' || c > '9')
+            all_digits = false;
+        out[i] = c;
+        label++;
+    }
+    out[len] = '\0';
+    return 0;
+}
+
+/* --- strings ----------------------------------------------------------- */
+
+static void release_str(void *field)
+{
+    char **p = field;
+
+    free(*p);
+    *p = NULL;
+}
+
+static int parse_domain(const struct cfg_opt *opt, const char *value, void *field, char *why,
+                        size_t whylen)
+{
+    char **p = field;
+    size_t len = strlen(value);
+    char *d = malloc(len + 1);
+
+    if (d == NULL) {
+        set_why(why, whylen, "could not be stored: out of memory");
+        return -1;
+    }
+    if (hostname_check(value, len, d, why, whylen) != 0) {
+        free(d);
+        return -1;
+    }
+    free(*p);
+    *p = d;
+    return 0;
+}
+
+/* --- listen addresses -------------------------------------------------- */
+
+static void release_addr(void *field)
+{
+    struct gw_cfg_addr *a = field;
+
+    free(a->text);
+    free(a->host);
+    memset(a, 0, sizeof(*a));
+}
+
+/* Resolves host (no brackets) numerically and replaces *a on success. */
+static int addr_set(struct gw_cfg_addr *a, const char *host, size_t hostlen, uint16_t port,
+                    char *why, size_t whylen)
+{
+    struct addrinfo hints = {0};
+    struct addrinfo *res = NULL;
+    char *h;
+    char *text;
+    bool v6 = memchr(host, ':', hostlen) != NULL;
+    int rc;
+
+    if (hostlen == 0) {
+        set_why(why, whylen, "has no address (ADDR:PORT, e.g. 127.0.0.1:8443 or [::1]:8443)");
+        return -1;
+    }
+    h = dup_n(host, hostlen);
+    if (h == NULL) {
+        set_why(why, whylen, "could not be stored: out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < hostlen && h[i] != '%'; i++)
+        h[i] = lower(h[i]);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICHOST | AI_PASSIVE;
+    rc = getaddrinfo(strcmp(h, "localhost") == 0 ? GW_CFG_LISTEN_HOST : h, NULL, &hints, &res);
+    if (rc != 0 || res == NULL || res->ai_addrlen > sizeof(a->ss) ||
+        (res->ai_family != AF_INET && res->ai_family != AF_INET6)) {
+        if (res != NULL)
+            freeaddrinfo(res);
+        free(h);
+        set_why(why, whylen, "has an address that is not numeric (use an IPv4 address, "
+                "[IPv6] or localhost)");
+        return -1;
+    }
+    text = malloc(hostlen + 10);
+    if (text == NULL) {
+        freeaddrinfo(res);
+        free(h);
+        set_why(why, whylen, "could not be stored: out of memory");
+        return -1;
+    }
+    snprintf(text, hostlen + 10, v6 ? "[%s]:%u" : "%s:%u", h, (unsigned)port);
+    free(a->text);
+    free(a->host);
+    a->text = text;
+    a->host = h;
+    a->port = port;
+    memset(&a->ss, 0, sizeof(a->ss));
+    memcpy(&a->ss, res->ai_addr, res->ai_addrlen);
+    a->sslen = (socklen_t)res->ai_addrlen;
+    if (res->ai_family == AF_INET)
+        ((struct sockaddr_in *)&a->ss)->sin_port = htons(port);
+    else
+        ((struct sockaddr_in6 *)&a->ss)->sin6_port = htons(port);
+    freeaddrinfo(res);
+    return 0;
+}
+
+/* "ADDR:PORT" or "[V6]:PORT"; "" unsets (for the optional --plain-listen). */
+static int parse_listen(const struct cfg_opt *opt, const char *value, void *field, char *why,
+                        size_t whylen)
+{
+    struct gw_cfg_addr *a = field;
+    const char *host = value;
+    size_t hostlen;
+    const char *colon;
+    uint16_t port;
+
+    if (value[0] == '\0') {
+        release_addr(a);
+        return 0;
+    }
+    if (value[0] == '[') {
+        const char *rb = strchr(value, ']');
+        if (rb == NULL || rb[1] != ':') {
+            set_why(why, whylen, "is not [IPv6]:PORT (e.g. [::1]:8443)");
+            return -1;
+        }
+        host = value + 1;
+        hostlen = (size_t)(rb - host);
+        colon = rb + 1;
+    } else {
+        colon = strrchr(value, ':');
+        if (colon == NULL) {
+            set_why(why, whylen, "is not ADDR:PORT (e.g. 127.0.0.1:8443 or [::1]:8443)");
+            return -1;
+        }
+        if (memchr(value, ':', (size_t)(colon - value)) != NULL) {
+            set_why(why, whylen, "has an IPv6 address without brackets (write [::1]:8443)");
+            return -1;
+        }
+        hostlen = (size_t)(colon - value);
+    }
+    if (parse_port(colon + 1, strlen(colon + 1), &port) != 0) {
+        set_why(why, whylen, "has a port that is not a number from 0 to 65535");
+        return -1;
+    }
+    return addr_set(a, host, hostlen, port, why, whylen);
+}
+
+/* PORT / port: replaces the port of --listen. */
+static int parse_listen_port(const struct cfg_opt *opt, const char *value, void *field, char *why,
+                             size_t whylen)
+{
+    struct gw_cfg_addr *a = field;
+    const char *host = a->host != NULL ? a->host : GW_CFG_LISTEN_HOST;
+    uint16_t port;
+
+    if (parse_port(value, strlen(value), &port) != 0) {
+        set_why(why, whylen, "is not a port number from 0 to 65535");
+        return -1;
+    }
+    return addr_set(a, host, strlen(host), port, why, whylen);
+}
+
+/* HOST / host: replaces the address of --listen ("[::]" or "::" alike). */
+static int parse_listen_host(const struct cfg_opt *opt, const char *value, void *field, char *why,
+                             size_t whylen)
+{
+    struct gw_cfg_addr *a = field;
+    size_t len = strlen(value);
+    uint16_t port = a->text != NULL ? a->port : GW_CFG_LISTEN_PORT;
+
+    if (len >= 2 && value[0] == '[' && value[len - 1] == ']') {
+        value++;
+        len -= 2;
+    }
+    return addr_set(a, value, len, port, why, whylen);
+}
+
+/* --- trusted proxies --------------------------------------------------- */
+
+static void release_cidrs(void *field)
+{
+    struct gw_cidr_list *l = field;
+
+    free(l->v);
+    l->v = NULL;
+    l->n = 0;
+}
+
+/* One "ADDR[/PREFIX]" entry (no spaces). A bare address is a single host. */
+static int parse_cidr(const char *s, size_t len, struct gw_cidr *c, char *why, size_t whylen)
+{
+    char buf[INET6_ADDRSTRLEN + 8];
+    const char *slash = memchr(s, '/', len);
+    size_t alen = slash != NULL ? (size_t)(slash - s) : len;
+    unsigned max;
+    uint64_t prefix;
+
+    if (alen >= sizeof(buf)) {
+        set_why(why, whylen, "is not an IPv4 or IPv6 address");
+        return -1;
+    }
+    memcpy(buf, s, alen);
+    buf[alen] = '\0';
+    memset(c, 0, sizeof(*c));
+    if (inet_pton(AF_INET, buf, c->addr) == 1) {
+        c->family = AF_INET;
+        max = 32;
+    } else if (inet_pton(AF_INET6, buf, c->addr) == 1) {
+        c->family = AF_INET6;
+        max = 128;
+    } else {
+        set_why(why, whylen, "is not an IPv4 or IPv6 address");
+        return -1;
+    }
+    prefix = max;
+    if (slash != NULL && util_parse_u64(slash + 1, len - alen - 1, &prefix) != 0) {
+        set_why(why, whylen, "has a prefix length that is not a whole number");
+        return -1;
+    }
+    if (prefix > max) {
+        set_why(why, whylen, "has a prefix length above %u", max);
+        return -1;
+    }
+    c->prefix = (unsigned)prefix;
+    for (unsigned bit = c->prefix; bit < max; bit++) {
+        if (c->addr[bit / 8] & (0x80u >> (bit % 8))) {
+            set_why(why, whylen, "has bits set after the /%u prefix", c->prefix);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* "CIDR[,CIDR...]", spaces around entries allowed; "" means none. */
+static int parse_trust_proxy(const struct cfg_opt *opt, const char *value, void *field, char *why,
+                             size_t whylen)
+{
+    struct gw_cidr_list *l = field;
+    struct gw_cidr *v = NULL;
+    size_t count = 1;
+    size_t n = 0;
+    const char *p = value;
+
+    for (const char *q = value; *q != '\0'; q++)
+        count += *q == ',';
+    if (strspn(value, " \t") == strlen(value)) {
+        release_cidrs(l);
+        return 0;
+    }
+    v = calloc(count, sizeof(*v));
+    if (v == NULL) {
+        set_why(why, whylen, "could not be stored: out of memory");
+        return -1;
+    }
+    for (;;) {
+        const char *comma = strchr(p, ',');
+        const char *e = comma != NULL ? comma : p + strlen(p);
+        char inner[256];
+        while (p < e && (*p == ' ' || *p == '\t'))
+            p++;
+        while (e > p && (e[-1] == ' ' || e[-1] == '\t'))
+            e--;
+        if (p == e) {
+            set_why(why, whylen, "has an empty entry (CIDR[,CIDR...])");
+            goto fail;
+        }
+        if (parse_cidr(p, (size_t)(e - p), &v[n], inner, sizeof(inner)) != 0) {
+            set_why(why, whylen, "has a bad entry \"%.*s\": it %s",
+                    (int)((size_t)(e - p) > 64 ? 64 : (size_t)(e - p)), p, inner);
+            goto fail;
+        }
+        n++;
+        if (comma == NULL)
+            break;
+        p = comma + 1;
+    }
+    release_cidrs(l);
+    l->v = v;
+    l->n = n;
+    return 0;
+
+fail:
+    free(v);
+    return -1;
+}
+
+static bool cidr_match(const struct gw_cidr *c, const uint8_t *addr)
+{
+    unsigned full = c->prefix / 8;
+    unsigned rest = c->prefix % 8;
+
+    if (memcmp(c->addr, addr, full) != 0)
+        return false;
+    if (rest == 0)
+        return true;
+    uint8_t mask = (uint8_t)(0xffu << (8 - rest));
+    return (c->addr[full] & mask) == (addr[full] & mask);
+}
+
+static bool is_v4_mapped(const struct in6_addr *a)
+{
+    static const uint8_t pfx[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+    return memcmp(a->s6_addr, pfx, sizeof(pfx)) == 0;
+}
+
+bool gw_cfg_addr_trusted(const struct gw_cfg *cfg, const struct sockaddr *sa)
+{
+    const uint8_t *v4 = NULL;
+    const uint8_t *v6 = NULL;
+
+    if (sa == NULL)
+        return false;
+    if (sa->sa_family == AF_INET) {
+        v4 = (const uint8_t *)&((const struct sockaddr_in *)sa)->sin_addr;
+    } else if (sa->sa_family == AF_INET6) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        v6 = a6->s6_addr;
+        if (is_v4_mapped(a6))
+            v4 = a6->s6_addr + 12;
+    } else {
+        return false;
+    }
+    for (size_t i = 0; i < cfg->trust_proxy.n; i++) {
+        const struct gw_cidr *c = &cfg->trust_proxy.v[i];
+        if (c->family == AF_INET && v4 != NULL && cidr_match(c, v4))
+            return true;
+        if (c->family == AF_INET6 && v6 != NULL && cidr_match(c, v6))
+            return true;
+    }
+    return false;
+}
+
+bool gw_cfg_addr_is_loopback(const struct sockaddr *sa)
+{
+    if (sa == NULL)
+        return false;
+    if (sa->sa_family == AF_INET)
+        return ((const uint8_t *)&((const struct sockaddr_in *)sa)->sin_addr)[0] == 127;
+    if (sa->sa_family == AF_INET6) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        if (IN6_IS_ADDR_LOOPBACK(a6))
+            return true;
+        return is_v4_mapped(a6) && a6->s6_addr[12] == 127;
+    }
+    return false;
+}
+
+/* --- URLs -------------------------------------------------------------- */
+
+static void release_url(void *field)
+{
+    struct gw_cfg_url *u = field;
+
+    free(u->text);
+    free(u->host);
+    memset(u, 0, sizeof(*u));
+}
+
+static bool has_prefix_ci(const char *s, const char *prefix)
+{
+    size_t n = strlen(prefix);
+
+    return strlen(s) >= n && util_iov_ieq_str((struct iov){s, n}, prefix);
+}
+
+/* https://DOMAIN[:PORT] or http://DOMAIN[:PORT], an optional final '/'. */
+static int parse_url(const struct cfg_opt *opt, const char *value, void *field, char *why,
+                     size_t whylen)
+{
+    struct gw_cfg_url *u = field;
+    struct gw_cfg_url nu = {0};
+    const char *h;
+    size_t hlen;
+    const char *end;
+
+    if (value[0] == '\0') {
+        release_url(u);
+        return 0;
+    }
+    if (has_prefix_ci(value, "https://")) {
+        nu.https = true;
+        h = value + 8;
+    } else if (has_prefix_ci(value, "http://")) {
+        h = value + 7;
+    } else {
+        set_why(why, whylen, "must start with https:// or http://");
+        return -1;
+    }
+    hlen = strcspn(h, ":/?#@");
+    end = h + hlen;
+    if (*end == ':') {
+        size_t plen = strcspn(end + 1, "/?#");
+        if (parse_port(end + 1, plen, &nu.port) != 0 || nu.port == 0) {
+            set_why(why, whylen, "has a port that is not a number from 1 to 65535");
+            return -1;
+        }
+        end += 1 + plen;
+    }
+    if (*end == '/')
+        end++;
+    if (*end != '\0') {
+        set_why(why, whylen, "must be only a scheme, host and port "
+                "(https://DOMAIN[:PORT]; no user, path, query or fragment)");
+        return -1;
+    }
+    nu.host = malloc(hlen + 1);
+    if (nu.host == NULL) {
+        set_why(why, whylen, "could not be stored: out of memory");
+        return -1;
+    }
+    if (hostname_check(h, hlen, nu.host, why, whylen) != 0) {
+        char inner[200];
+        snprintf(inner, sizeof(inner), "%s", why);
+        set_why(why, whylen, "has a host that %s", inner);
+        free(nu.host);
+        return -1;
+    }
+    size_t tlen = strlen(value);
+    if (value[tlen - 1] == '/')
+        tlen--;
+    nu.text = dup_n(value, tlen);
+    if (nu.text == NULL) {
+        free(nu.host);
+        set_why(why, whylen, "could not be stored: out of memory");
+        return -1;
+    }
+    release_url(u);
+    *u = nu;
+    return 0;
+}
+
+static void release_redis(void *field)
+{
+    struct gw_cfg_redis *r = field;
+
+    free(r->text);
+    free(r->host);
+    memset(r, 0, sizeof(*r));
+}
+
+/* redis://HOST[:PORT][/DB], HOST a name, IPv4 or [IPv6]. */
+static int parse_redis(const struct cfg_opt *opt, const char *value, void *field, char *why,
+                       size_t whylen)
+{
+    static const char host_chars[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                     "0123456789.-_";
+    struct gw_cfg_redis *r = field;
+    struct gw_cfg_redis nr = {0};
+    const char *h;
+    size_t hlen;
+    const char *p;
+
+    if (value[0] == '\0') {
+        release_redis(r);
+        return 0;
+    }
+    if (has_prefix_ci(value, "rediss://")) {
+        set_why(why, whylen, "uses TLS (rediss://), which is not supported");
+        return -1;
+    }
+    if (!has_prefix_ci(value, "redis://")) {
+        set_why(why, whylen, "must start with redis:// (redis://HOST[:PORT][/DB])");
+        return -1;
+    }
+    if (strchr(value, '@') != NULL) {
+        set_why(why, whylen, "has credentials, which are not supported in the URL");
+        return -1;
+    }
+    h = value + 8;
+    if (*h == '[') {
+        const char *rb = strchr(h, ']');
+        if (rb == NULL) {
+            set_why(why, whylen, "has an unclosed [ in the host");
+            return -1;
+        }
+        h++;
+        hlen = (size_t)(rb - h);
+        p = rb + 1;
+        char tmp[INET6_ADDRSTRLEN];
+        struct in6_addr a6;
+        bool ok = hlen < sizeof(tmp);
+        if (ok) {
+            memcpy(tmp, h, hlen);
+            tmp[hlen] = '\0';
+            ok = inet_pton(AF_INET6, tmp, &a6) == 1;
+        }
+        if (!ok) {
+            set_why(why, whylen, "has a bracketed host that is not an IPv6 address");
+            return -1;
+        }
+    } else {
+        hlen = strspn(h, host_chars);
+        p = h + hlen;
+    }
+    if (hlen == 0) {
+        set_why(why, whylen, "has no host (redis://HOST[:PORT][/DB])");
+        return -1;
+    }
+    nr.port = GW_CFG_REDIS_PORT;
+    if (*p == ':') {
+        size_t plen = strcspn(p + 1, "/");
+        if (parse_port(p + 1, plen, &nr.port) != 0 || nr.port == 0) {
+            set_why(why, whylen, "has a port that is not a number from 1 to 65535");
+            return -1;
+        }
+        p += 1 + plen;
+    }
+    if (*p == '/') {
+        uint64_t db = 0;
+        size_t dlen = strlen(p + 1);
+        if (dlen > 0 && (util_parse_u64(p + 1, dlen, &db) != 0 || db > INT32_MAX)) {
+            set_why(why, whylen, "has a database that is not a whole number");
+            return -1;
+        }
+        nr.db = (uint32_t)db;
+        p += 1 + dlen;
+    }
+    if (*p != '\0') {
+        set_why(why, whylen, "is not redis://HOST[:PORT][/DB]");
+        return -1;
+    }
+    nr.host = dup_n(h, hlen);
+    nr.text = strdup(value);
+    if (nr.host == NULL || nr.text == NULL) {
+        release_redis(&nr);
+        set_why(why, whylen, "could not be stored: out of memory");
+        return -1;
+    }
+    release_redis(r);
+    *r = nr;
+    return 0;
+}
+
+/* --- the table --------------------------------------------------------- */
+
+#define OFF(f) offsetof(struct gw_cfg, f)
+
+static const struct cfg_choice level_choices[] = {
+    {"debug", LOG_LVL_DEBUG, false},
+    {"info", LOG_LVL_INFO, false},
+    {"warn", LOG_LVL_WARN, false},
+    {"error", LOG_LVL_ERROR, false},
+    {"warning", LOG_LVL_WARN, true}, /* ProxyStore / Python spelling */
+    {NULL, 0, false},
+};
+
+static const struct cfg_choice format_choices[] = {
+    {"text", LOG_FMT_TEXT, false},
+    {"json", LOG_FMT_JSON, false},
+    {NULL, 0, false},
+};
+
+static const char *const cert_aliases[] = {"certfile", NULL};
+static const char *const key_aliases[] = {"keyfile", NULL};
+static const char *const level_aliases[] = {"default_log_level", NULL};
+
+/* ProxyStore relay keys with no meaning here: warned about, not refused. */
+static const char *const ignored_keys[] = {
+    "websockets_log_level",
+    "current_client_limit",
+    "current_client_interval",
+    NULL,
+};
+
+#define G_GEN "General"
+#define G_LSN "Listeners and TLS"
+#define G_ACC "Who may register, who is believed"
+#define G_LIM "Limits (0 = no limit)"
+#define G_LOG "Logging"
+#define U32 UINT32_MAX
+
+static const struct cfg_opt gw_opts[] = {
+    {.name = "config", .type = CFG_T_PATH, .flags = CFG_F_CONFIG, .offset = OFF(config_path),
+     .metavar = "FILE", .group = G_GEN, .help = "Read options from FILE (format above)."},
+    {.name = "domain", .type = CFG_T_CUSTOM, .offset = OFF(domain), .def = "localhost",
+     .metavar = "DOMAIN", .group = G_GEN, .parse = parse_domain, .release = release_str,
+     .help = "Apex domain; each agent is served at <address>.DOMAIN."},
+    {.name = "public-url-base", .type = CFG_T_CUSTOM, .offset = OFF(public_url), .metavar = "URL",
+     .group = G_GEN, .parse = parse_url, .release = release_url,
+     .help = "https://DOMAIN[:PORT] (or http://) that clients use, for the URLs handed out "
+             "when the gateway listens on an internal port; unset: from --domain and --listen."},
+    {.name = "state-dir", .type = CFG_T_PATH, .offset = OFF(state_dir),
+     .def = "${XDG_STATE_HOME:-~/.local/state}/tunnel-gateway", .metavar = "DIR", .group = G_GEN,
+     .help = "State directory; without --cert the local CA (local-ca.pem) lives here."},
+    {.name = "region", .type = CFG_T_STRING, .offset = OFF(region), .def = "local",
+     .metavar = "NAME", .group = G_GEN, .help = "Name of this node's region."},
+    {.name = "redis", .type = CFG_T_CUSTOM, .offset = OFF(redis), .metavar = "URL",
+     .group = G_GEN, .parse = parse_redis, .release = release_redis,
+     .help = "Share the route registry with other nodes at redis://HOST[:PORT][/DB] "
+             "(default port 6379, db 0); unset: the registry is in memory."},
+    {.name = "drain-timeout", .type = CFG_T_SECONDS, .offset = OFF(drain_timeout_s), .def = "600",
+     .metavar = "S", .group = G_GEN, .max = U32,
+     .help = "On SIGTERM, time in-flight streams get to finish (s)."},
+    {.name = "ping-interval", .type = CFG_T_SECONDS, .offset = OFF(ping_interval_s), .def = "20",
+     .metavar = "S", .group = G_GEN, .max = U32,
+     .help = "Tunnel keepalive PING interval; a peer silent for 3 intervals is dropped "
+             "(s; 0 = off)."},
+    {.name = "summary-interval", .type = CFG_T_SECONDS, .offset = OFF(summary_interval_s),
+     .def = "60", .metavar = "S", .group = G_GEN, .max = U32,
+     .help = "Log a summary of connected tunnels this often (s; 0 = off)."},
+    {.name = "help", .type = CFG_T_BOOL, .flags = CFG_F_CLI_ONLY | CFG_F_EXIT,
+     .offset = OFF(show_help), .group = G_GEN, .help = "Print this help and exit."},
+    {.name = "version", .type = CFG_T_BOOL, .flags = CFG_F_CLI_ONLY | CFG_F_EXIT,
+     .offset = OFF(show_version), .group = G_GEN, .help = "Print the version and exit."},
+
+    {.name = "listen", .type = CFG_T_CUSTOM, .offset = OFF(listen), .def = "127.0.0.1:8443",
+     .metavar = "ADDR:PORT", .group = G_LSN, .parse = parse_listen, .release = release_addr,
+     .help = "Main listener (TLS unless --no-tls): IPv4, [IPv6] or localhost, and a port "
+             "(0 = any free port)."},
+    {.name = "port", .env = "PORT", .type = CFG_T_CUSTOM, .offset = OFF(listen),
+     .metavar = "PORT", .group = G_LSN, .parse = parse_listen_port,
+     .help = "Replace only the port of --listen (applied after --listen in the same layer)."},
+    {.name = "host", .env = "HOST", .type = CFG_T_CUSTOM, .offset = OFF(listen),
+     .metavar = "ADDR", .group = G_LSN, .parse = parse_listen_host,
+     .help = "Replace only the address of --listen (applied after --listen in the same layer)."},
+    {.name = "plain-listen", .type = CFG_T_CUSTOM, .offset = OFF(plain_listen),
+     .metavar = "ADDR:PORT", .group = G_LSN, .parse = parse_listen, .release = release_addr,
+     .help = "Also serve cleartext HTTP here, for a TLS-terminating load balancer in front."},
+    {.name = "no-tls", .type = CFG_T_BOOL, .offset = OFF(no_tls), .group = G_LSN,
+     .help = "Serve cleartext HTTP on --listen (platforms that terminate TLS: Cloud Run, Fly)."},
+    {.name = "cert", .type = CFG_T_PATH, .offset = OFF(cert_path), .metavar = "FILE",
+     .group = G_LSN, .file_aliases = cert_aliases,
+     .help = "Certificate chain (PEM) for DOMAIN and *.DOMAIN, with --key; unset: "
+             "certificates from a local CA in --state-dir."},
+    {.name = "key", .type = CFG_T_PATH, .offset = OFF(key_path), .metavar = "FILE",
+     .group = G_LSN, .file_aliases = key_aliases, .help = "Private key (PEM) for --cert."},
+
+    {.name = "allow", .type = CFG_T_PATH, .offset = OFF(allow_path), .metavar = "FILE",
+     .group = G_ACC,
+     .help = "Only the addresses in FILE (one per line; reloaded on SIGHUP) may register."},
+    {.name = "open", .type = CFG_T_BOOL, .offset = OFF(open), .group = G_ACC,
+     .help = "Any valid signature may register. A listener beyond loopback needs --allow or "
+             "--open; on loopback, open is the default."},
+    {.name = "trust-proxy", .type = CFG_T_CUSTOM, .offset = OFF(trust_proxy),
+     .metavar = "CIDR[,CIDR...]", .group = G_ACC, .parse = parse_trust_proxy,
+     .release = release_cidrs,
+     .help = "Believe X-Forwarded-For/-Proto/-Host from peers in these ranges "
+             "(e.g. 10.0.0.0/8,fd00::/8; a bare address is one host)."},
+
+    {.name = "max-header-bytes", .type = CFG_T_UINT, .offset = OFF(max_header_bytes),
+     .def = "65536", .metavar = "N", .group = G_LIM, .max = U32,
+     .help = "Largest request head (request line and headers) in bytes; beyond it 431."},
+    {.name = "max-body-bytes", .type = CFG_T_UINT, .offset = OFF(max_body_bytes), .def = "0",
+     .metavar = "N", .group = G_LIM, .max = UINT64_MAX,
+     .help = "Largest request body in bytes; beyond it 413."},
+    {.name = "response-header-timeout", .type = CFG_T_SECONDS,
+     .offset = OFF(resp_header_timeout_s), .def = "300", .metavar = "S", .group = G_LIM,
+     .max = U32, .help = "Time the agent has to start its response (s); beyond it 504."},
+    {.name = "max-response-header-timeout", .type = CFG_T_SECONDS,
+     .offset = OFF(max_resp_header_timeout_s), .def = "3600", .metavar = "S", .group = G_LIM,
+     .max = U32, .help = "Longest response-header timeout an agent may ask for (s)."},
+    {.name = "stream-idle-timeout", .type = CFG_T_SECONDS, .offset = OFF(stream_idle_timeout_s),
+     .def = "300", .metavar = "S", .group = G_LIM, .max = U32,
+     .help = "A request body that sends no byte for this long is ended (s)."},
+    {.name = "max-conns-per-ip", .type = CFG_T_UINT, .offset = OFF(max_conns_per_ip),
+     .def = "512", .metavar = "N", .group = G_LIM, .max = U32,
+     .help = "Public connections open at once per client IP."},
+    {.name = "tunnel-connects-per-ip-per-min", .type = CFG_T_UINT,
+     .offset = OFF(tunnel_connects_per_ip_per_min), .def = "60", .metavar = "N", .group = G_LIM,
+     .max = U32, .help = "Tunnel connection attempts per IP per minute."},
+    {.name = "max-tunnels-per-ip", .type = CFG_T_UINT, .offset = OFF(max_tunnels_per_ip),
+     .def = "64", .metavar = "N", .group = G_LIM, .max = U32,
+     .help = "Tunnels open at once per IP."},
+    {.name = "max-agents-per-tunnel", .type = CFG_T_UINT, .offset = OFF(max_agents_per_tunnel),
+     .def = "50", .metavar = "N", .group = G_LIM, .max = U32,
+     .help = "Agents registered on one tunnel."},
+    {.name = "max-streams-per-tunnel", .type = CFG_T_UINT, .offset = OFF(max_streams_per_tunnel),
+     .def = "1024", .metavar = "N", .group = G_LIM, .max = U32,
+     .help = "Requests in flight on one tunnel; beyond it 503 host_busy at once."},
+    {.name = "agent-requests-per-min", .type = CFG_T_UINT, .offset = OFF(agent_requests_per_min),
+     .def = "0", .metavar = "N", .group = G_LIM, .max = U32,
+     .help = "Public requests per agent per minute; beyond it 429."},
+
+    {.name = "log-level", .type = CFG_T_ENUM, .offset = OFF(log_level), .def = "info",
+     .metavar = "LEVEL", .group = G_LOG, .choices = level_choices, .file_aliases = level_aliases,
+     .help = "Least severe level logged (any case)."},
+    {.name = "log-dir", .type = CFG_T_PATH, .offset = OFF(log_dir), .metavar = "DIR",
+     .group = G_LOG, .help = "Append logs to DIR/tunnel-gateway.log; unset: stderr."},
+    {.name = "log-format", .type = CFG_T_ENUM, .offset = OFF(log_format), .def = "text",
+     .metavar = "FORMAT", .group = G_LOG, .choices = format_choices,
+     .help = "Log line format."},
+};
+
+static const struct cfg_spec gw_spec = {
+    .prog = "tunnel-gateway",
+    .summary = "Public HTTPS for local agents at <address>.DOMAIN, through WebSocket tunnels.",
+    .env_prefix = "TUNNEL_GATEWAY",
+    .opts = gw_opts,
+    .nopts = sizeof(gw_opts) / sizeof(gw_opts[0]),
+    .ignored_keys = ignored_keys,
+};
+
+const struct cfg_spec *gw_cfg_spec(void)
+{
+    return &gw_spec;
+}
+
+void gw_cfg_print_help(FILE *out)
+{
+    cfg_print_help(&gw_spec, out);
+}
+
+/* --- load -------------------------------------------------------------- */
+
+static bool listener_is_loopback(const struct gw_cfg_addr *a)
+{
+    return a->text == NULL || gw_cfg_addr_is_loopback((const struct sockaddr *)&a->ss);
+}
+
+static int add_warning(struct gw_cfg *cfg, const char *msg)
+{
+    char **v = realloc(cfg->warnings, (cfg->n_warnings + 1) * sizeof(*v));
+    char *s = strdup(msg);
+
+    if (v == NULL || s == NULL) {
+        if (v != NULL)
+            cfg->warnings = v;
+        free(s);
+        return -1;
+    }
+    cfg->warnings = v;
+    cfg->warnings[cfg->n_warnings++] = s;
+    return 0;
+}
+
+/* Rules that span options (every value is already well-formed). */
+static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
+{
+    const struct gw_cfg_addr *outside = NULL;
+
+    if ((cfg->cert_path != NULL) != (cfg->key_path != NULL)) {
+        snprintf(err, errlen, "--cert and --key go together: %s is set but %s is not",
+                 cfg->cert_path != NULL ? "--cert" : "--key",
+                 cfg->cert_path != NULL ? "--key" : "--cert");
+        return -1;
+    }
+    if (cfg->allow_path != NULL && cfg->open) {
+        snprintf(err, errlen, "--allow and --open exclude each other: pass one of them");
+        return -1;
+    }
+    if (!listener_is_loopback(&cfg->listen))
+        outside = &cfg->listen;
+    else if (!listener_is_loopback(&cfg->plain_listen))
+        outside = &cfg->plain_listen;
+    if (outside != NULL && cfg->allow_path == NULL && !cfg->open) {
+        snprintf(err, errlen, "--%s %s is not a loopback address, and neither --allow nor "
+                 "--open is given: an open gateway lets anyone publish pages under your "
+                 "domain; pass --allow FILE or --open",
+                 outside == &cfg->listen ? "listen" : "plain-listen", outside->text);
+        return -1;
+    }
+    cfg->open_effective = cfg->open || cfg->allow_path == NULL;
+    if (cfg->resp_header_timeout_s != 0 && cfg->max_resp_header_timeout_s != 0 &&
+        cfg->resp_header_timeout_s > cfg->max_resp_header_timeout_s) {
+        snprintf(err, errlen, "--response-header-timeout %llu exceeds "
+                 "--max-response-header-timeout %llu",
+                 (unsigned long long)cfg->resp_header_timeout_s,
+                 (unsigned long long)cfg->max_resp_header_timeout_s);
+        return -1;
+    }
+    if (cfg->state_dir == NULL && cfg->cert_path == NULL) {
+        snprintf(err, errlen, "--state-dir: no default, as neither XDG_STATE_HOME nor HOME is "
+                 "set; pass --state-dir DIR (or --cert and --key)");
+        return -1;
+    }
+    if (cfg->no_tls && cfg->cert_path != NULL &&
+        add_warning(cfg, "--cert and --key are unused: --no-tls makes --listen cleartext") != 0) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+int gw_cfg_load(struct gw_cfg *cfg, int argc, char **argv, char *err, size_t errlen)
+{
+    struct cfg_warnings w = {NULL, 0};
+
+    memset(cfg, 0, sizeof(*cfg));
+    if (cfg_load(&gw_spec, cfg, argc, argv, &w, err, errlen) != 0) {
+        cfg_warnings_free(&w);
+        return -1;
+    }
+    cfg->warnings = w.v;
+    cfg->n_warnings = w.n;
+    if (cfg->show_help || cfg->show_version)
+        return 0;
+    if (validate(cfg, err, errlen) != 0) {
+        gw_cfg_cleanup(cfg);
+        return -1;
+    }
+    return 0;
+}
+
+void gw_cfg_cleanup(struct gw_cfg *cfg)
+{
+    cfg_free_strings(&gw_spec, cfg);
+    for (size_t i = 0; i < cfg->n_warnings; i++)
+        free(cfg->warnings[i]);
+    free(cfg->warnings);
+    memset(cfg, 0, sizeof(*cfg));
+}
