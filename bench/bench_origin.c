@@ -33,6 +33,7 @@
 #define ORIGIN_OUT_HIGH_BYTES (1024u * 1024u) /* stop generating above this */
 #define ORIGIN_OUT_LOW_BYTES (256u * 1024u)   /* write callback refills below this */
 #define ORIGIN_IN_HIGH_BYTES (256u * 1024u)   /* stop reading a pipelining client */
+#define ORIGIN_IO_CHUNK_BYTES (256u * 1024u)  /* per read()/write(); libevent's default is 16 KiB */
 #define ORIGIN_URL_MAX 2048u
 #define ORIGIN_HDR_NAME_MAX 32u
 #define ORIGIN_HDR_VALUE_MAX 64u
@@ -516,6 +517,8 @@ static void on_accept(struct evconnlistener *lsn, evutil_socket_t fd, struct soc
     bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
     bufferevent_setwatermark(c->bev, EV_READ, 0, ORIGIN_IN_HIGH_BYTES);
     bufferevent_setwatermark(c->bev, EV_WRITE, ORIGIN_OUT_LOW_BYTES, 0);
+    bufferevent_set_max_single_read(c->bev, ORIGIN_IO_CHUNK_BYTES);
+    bufferevent_set_max_single_write(c->bev, ORIGIN_IO_CHUNK_BYTES);
     if (bufferevent_enable(c->bev, EV_READ | EV_WRITE) != 0)
         conn_free(c);
 }
