@@ -997,7 +997,10 @@ int main(int argc, char **argv)
         }
     }
     if (i == argc) {
-        print_usage(stderr);
+        fputs("tunnel-agent: no command given; one of:", stderr);
+        for (size_t k = 0; k < NCMDS; k++)
+            fprintf(stderr, " %s", cmds[k].name);
+        fputs(" (see tunnel-agent --help)\n", stderr);
         return EXIT_USAGE;
     }
     if (strcmp(argv[i], "help") == 0) {
