@@ -132,7 +132,7 @@ int id_key_generate(struct id_key *k)
             break;
         rv = id_key_from_priv(k, priv);
         if (rv != ID_E_KEY)
-            break; /* ID_OK, or ID_E_RAND from blinding */
+            break;      /* ID_OK, or ID_E_RAND from blinding */
         rv = ID_E_RAND; /* zero or >= n: draw again */
     }
     OPENSSL_cleanse(priv, sizeof(priv));
@@ -463,8 +463,8 @@ fail_tmp:
 }
 
 /* Formats a one-line error into err if the caller gave room for one. */
-__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen,
-                                                          const char *fmt, ...)
+__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen, const char *fmt,
+                                                          ...)
 {
     va_list ap;
 
@@ -534,8 +534,8 @@ int id_key_read(const char *path, struct id_key *k, char *err, size_t errlen)
     }
     rv = id_key_parse_hex(k, buf, len);
     if (rv != ID_OK)
-        set_err(err, errlen, "key file '%s' does not hold a private key (64 hex digits): %s",
-                path, id_strerror(rv));
+        set_err(err, errlen, "key file '%s' does not hold a private key (64 hex digits): %s", path,
+                id_strerror(rv));
 
 out_buf:
     OPENSSL_cleanse(buf, sizeof(buf));

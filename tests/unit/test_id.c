@@ -171,8 +171,7 @@ static void check_vector(const cJSON *v)
     assert_string_equal(s, their_sig);
     /* Their signature verifies in ours, against either address form. */
     assert_int_equal(id_verify(msg, len, their_sig, strlen(their_sig), k.addr), ID_OK);
-    assert_int_equal(id_addr_parse(str_field(v, "address_checksum"), ID_ADDR_STR_LEN, addr),
-                     ID_OK);
+    assert_int_equal(id_addr_parse(str_field(v, "address_checksum"), ID_ADDR_STR_LEN, addr), ID_OK);
     assert_memory_equal(addr, k.addr, ID_ADDR_LEN);
     assert_int_equal(id_addr_parse(str_field(v, "address"), ID_ADDR_STR_LEN, addr), ID_OK);
     assert_memory_equal(addr, k.addr, ID_ADDR_LEN);
@@ -332,10 +331,8 @@ static void test_addr_parse(void **state)
     assert_int_equal(id_addr_parse(s, ID_ADDR_STR_LEN, b), ID_E_CHECKSUM);
     /* A missing 0x is ID_E_HEX whatever the length; so is 0X. */
     assert_int_equal(id_addr_parse(lower + 2, ID_ADDR_STR_LEN - 2, b), ID_E_HEX);
-    assert_int_equal(id_addr_parse("005aaeb6053f3e94c9b9a09f33669435e7ef1beaed", 42, b),
-                     ID_E_HEX);
-    assert_int_equal(id_addr_parse("0X5aaeb6053f3e94c9b9a09f33669435e7ef1beaed", 42, b),
-                     ID_E_HEX);
+    assert_int_equal(id_addr_parse("005aaeb6053f3e94c9b9a09f33669435e7ef1beaed", 42, b), ID_E_HEX);
+    assert_int_equal(id_addr_parse("0X5aaeb6053f3e94c9b9a09f33669435e7ef1beaed", 42, b), ID_E_HEX);
     assert_int_equal(id_addr_parse("", 0, b), ID_E_HEX);
     assert_int_equal(id_addr_parse("0", 1, b), ID_E_HEX);
     /* Wrong length after a good prefix. */
@@ -344,10 +341,10 @@ static void test_addr_parse(void **state)
     assert_int_equal(id_addr_parse("0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaed0", 43, b),
                      ID_E_LENGTH);
     /* Non-hex digit. */
-    assert_int_equal(id_addr_parse("0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaeg", 42, b),
-                     ID_E_HEX);
-    assert_int_equal(id_addr_parse("0x5aaeb6053f3e94c9b9a09f33669435e7ef1bea d", 42, b),
-                     ID_E_HEX);
+    assert_int_equal(id_addr_parse("0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaeg", 42, b), ID_E_HEX);
+    assert_int_equal(id_addr_parse("0x5aaeb6053f3e94c9b9a09f33669435e7ef1bea d", 42, b), ID_E_HEX);
+    /* Documented order: a non-hex digit is ID_E_HEX even at a wrong length. */
+    assert_int_equal(id_addr_parse("0xg", 3, b), ID_E_HEX);
     /* A failed parse leaves the output alone. */
     memset(b, 0xee, sizeof(b));
     assert_int_equal(id_addr_parse(s, ID_ADDR_STR_LEN, b), ID_E_CHECKSUM);
@@ -505,6 +502,8 @@ static void test_sig_parse(void **state)
     s[1] = 'X';
     assert_int_equal(id_sig_parse(s, ID_SIG_STR_LEN, sig), ID_E_HEX);
     assert_int_equal(id_sig_parse("", 0, sig), ID_E_HEX);
+    /* Documented order: a non-hex digit is ID_E_HEX even at a wrong length. */
+    assert_int_equal(id_sig_parse("0xzz", 4, sig), ID_E_HEX);
     /* Uppercase hex digits are fine. */
     memcpy(s, SOME_DATA_SIG, ID_SIG_STR_LEN + 1);
     for (size_t i = 2; i < ID_SIG_STR_LEN; i++) {
@@ -616,10 +615,9 @@ static void test_key_generate(void **state)
 
 static void test_strerror(void **state)
 {
-    static const int codes[] = {ID_OK,         ID_E_LENGTH, ID_E_HEX,      ID_E_HIGH_S,
-                                ID_E_RANGE,    ID_E_V,      ID_E_RECOVER,  ID_E_MISMATCH,
-                                ID_E_CHECKSUM, ID_E_KEY,    ID_E_RAND,     ID_E_IO,
-                                ID_E_PERM};
+    static const int codes[] = {ID_OK,     ID_E_LENGTH,  ID_E_HEX,      ID_E_HIGH_S,   ID_E_RANGE,
+                                ID_E_V,    ID_E_RECOVER, ID_E_MISMATCH, ID_E_CHECKSUM, ID_E_KEY,
+                                ID_E_RAND, ID_E_IO,      ID_E_PERM};
     size_t n = sizeof(codes) / sizeof(codes[0]);
 
     for (size_t i = 0; i < n; i++) {
@@ -773,8 +771,8 @@ static void test_keyfile_perms(void **state)
     assert_int_equal(chmod(t->file, 0644), 0);
     assert_int_equal(id_key_read(t->file, &r, err, sizeof(err)), ID_E_PERM);
     assert_true(util_snprintf(want, sizeof(want),
-                              "permissions 0644 for '%s' are too open; run: chmod 600 %s",
-                              t->file, t->file) > 0);
+                              "permissions 0644 for '%s' are too open; run: chmod 600 %s", t->file,
+                              t->file) > 0);
     assert_string_equal(err, want);
     /* A short error buffer is truncated, still terminated. */
     assert_int_equal(id_key_read(t->file, &r, err, 8), ID_E_PERM);
@@ -824,7 +822,8 @@ static void test_keyfile_refused(void **state)
         char big[1024];
         memset(big, ' ', sizeof(big) - 1);
         big[sizeof(big) - 1] = '\0';
-        memcpy(big + 500, WELL_KNOWN_PRIV, strlen(WELL_KNOWN_PRIV));
+        /* A valid key followed by more whitespace than a key file may hold. */
+        memcpy(big, WELL_KNOWN_PRIV, strlen(WELL_KNOWN_PRIV));
         write_file(t->file, big, 0600);
         assert_int_equal(id_key_read(t->file, &r, err, sizeof(err)), ID_E_LENGTH);
     }
@@ -868,8 +867,7 @@ int main(void)
     };
     int failed = 0;
 
-    failed += cmocka_run_group_tests_name("vectors", vector_tests, setup_vectors,
-                                          teardown_vectors);
+    failed += cmocka_run_group_tests_name("vectors", vector_tests, setup_vectors, teardown_vectors);
     failed += cmocka_run_group_tests_name("id", tests, NULL, NULL);
     return failed;
 }

@@ -181,9 +181,9 @@ static void test_reuse(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_published),     cmocka_unit_test(test_pattern_lengths),
-        cmocka_unit_test(test_one_mib_a),     cmocka_unit_test(test_split_two),
-        cmocka_unit_test(test_split_three),   cmocka_unit_test(test_byte_at_a_time),
+        cmocka_unit_test(test_published),   cmocka_unit_test(test_pattern_lengths),
+        cmocka_unit_test(test_one_mib_a),   cmocka_unit_test(test_split_two),
+        cmocka_unit_test(test_split_three), cmocka_unit_test(test_byte_at_a_time),
         cmocka_unit_test(test_reuse),
     };
 
