@@ -14,7 +14,9 @@ CLI (exit 0 on success; `verify` exits 1 and says why on stderr if invalid):
     eip191_ref.py sign PRIVHEX MESSAGE [--hex]                -> prints 0x + 130 hex
     eip191_ref.py address PRIVHEX [--checksum]                -> prints 0x + 40 hex
     eip191_ref.py recover MESSAGE SIGNATURE [--hex]           -> prints 0x + 40 hex
-MESSAGE is taken as the raw bytes of the argument, or decoded from hex with --hex.
+MESSAGE is taken as the raw bytes of the argument, or decoded from hex with --hex
+(put "--" before the positional arguments if MESSAGE starts with "-").
+Importable: sign(), verify(), recover_address(), address_from_priv(), to_checksum().
 """
 
 import argparse
