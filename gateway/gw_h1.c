@@ -27,6 +27,7 @@
 #include "log.h"
 #include "tls.h"
 #include "tun_msg.h"
+#include "ws.h"
 
 #define H1_BODY_HIGH (256 * 1024)     /* stop reading the client's body */
 #define H1_BODY_LOW (64 * 1024)       /* resume once the tunnel took this much */
@@ -61,7 +62,7 @@ struct gw_h1 {
     bool missing_host;
     bool ws_tunnel;                   /* a valid /tunnel/connect upgrade */
     enum tun_mode ws_mode;
-    char ws_key[64];
+    char ws_accept[29];               /* Sec-WebSocket-Accept for the 101 */
 
     /* request state */
     bool msg_done;                    /* parser finished the request message */
@@ -493,7 +494,7 @@ static int on_headers_complete(http_parser *p)
     if (p->upgrade && r->route == GW_ROUTE_APEX && strcmp(r->path, "/tunnel/connect") == 0) {
         const nghttp2_nv *key = gw_hdrs_get(&r->hdrs, "sec-websocket-key");
         const nghttp2_nv *ver = gw_hdrs_get(&r->hdrs, "sec-websocket-version");
-        if (p->method != HTTP_GET || key == NULL || key->valuelen >= sizeof(h->ws_key) ||
+        if (p->method != HTTP_GET || key == NULL ||
             ver == NULL || strcmp((const char *)ver->value, "13") != 0) {
             gw_req_fail(r, HERR_WEBSOCKET_REQUIRED);
             h->keepalive = false;
@@ -504,7 +505,16 @@ static int on_headers_complete(http_parser *p)
             h->keepalive = false;
             return 0;
         }
-        memcpy(h->ws_key, key->value, key->valuelen + 1);
+        if (ws_accept_key((const char *)key->value, key->valuelen, h->ws_accept) != 0) {
+            gw_req_fail(r, HERR_WEBSOCKET_REQUIRED);
+            h->keepalive = false;
+            return 0;
+        }
+        if (h->ctx->draining) {
+            gw_req_fail(r, HERR_SHUTTING_DOWN);
+            h->keepalive = false;
+            return 0;
+        }
         h->ws_tunnel = true;
         return 0;
     }
@@ -573,8 +583,7 @@ static void h1_upgrade_to_tunnel(struct gw_h1 *h)
     bufferevent_setcb(bev, NULL, NULL, NULL, NULL);
     bufferevent_set_timeouts(bev, NULL, NULL);
     h->bev = NULL;
-    gw_tun_accept(h->ctx, bev, (struct sockaddr *)&h->peer, h->peerlen, h->ws_key, h->ws_mode,
-                  h->id, r->client_ip);
+    gw_tun_accept(h->ctx, bev, h->ws_accept, h->ws_mode, h->id, r->client_ip);
     gw_req_free(r);
     h->req = NULL;
     h->dead = true;

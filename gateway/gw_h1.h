@@ -6,6 +6,7 @@
 #ifndef GW_H1_H
 #define GW_H1_H
 
+#include <stdint.h>
 #include <sys/socket.h>
 
 struct bufferevent;

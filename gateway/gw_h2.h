@@ -6,6 +6,7 @@
 #define GW_H2_H
 
 #include <stdint.h>
+#include <stdint.h>
 #include <sys/socket.h>
 
 struct bufferevent;

@@ -5,6 +5,7 @@
 #define GW_LSN_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct gw_ctx;

@@ -7,6 +7,7 @@
 #ifndef GW_TUN_H
 #define GW_TUN_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -20,12 +21,11 @@ struct gw_req;
 struct gw_tun;
 struct gw_tun_agent;
 
-/* Completes the upgrade (writes the 101 answer) and starts authentication.
- * ws_key is the client's Sec-WebSocket-Key. Takes ownership of bev, also on
- * failure. Returns 0 or -1. */
-int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
-                  socklen_t peerlen, const char *ws_key, enum tun_mode mode, uint64_t conn_id,
-                  const char *client_ip);
+/* Completes the upgrade (writes the 101 answer with ws_accept, the
+ * Sec-WebSocket-Accept value) and starts authentication. Takes ownership of
+ * bev, also on failure. Returns 0 or -1. */
+int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const char *ws_accept,
+                  enum tun_mode mode, uint64_t conn_id, const char *client_ip);
 
 /* Opens a stream for r on t and attaches it. Returns HERR_COUNT_ on success,
  * else the error to answer (host_busy past max-streams-per-tunnel,
@@ -47,5 +47,19 @@ void gw_tun_apply_allow(struct gw_ctx *ctx);
 
 /* Shutdown: frees every tunnel at once (their requests are aborted). */
 void gw_tun_free_all(struct gw_ctx *ctx);
+
+/* For gw_osr, the Osaurus half of a tunnel. */
+struct gw_osr;
+struct gw_ctx *gw_tun_ctx(const struct gw_tun *t);
+uint64_t gw_tun_id(const struct gw_tun *t);
+int gw_tun_send_text(struct gw_tun *t, const char *data, size_t len);
+bool gw_tun_wants_base64(const struct gw_tun *t);
+struct gw_osr *gw_tun_osr(const struct gw_tun *t);
+void gw_tun_set_osr(struct gw_tun *t, struct gw_osr *osr);
+/* Starts closing the tunnel (frees it later, from its own callbacks). */
+void gw_tun_close(struct gw_tun *t, int code, const char *reason);
+size_t gw_tun_agent_count(const struct gw_tun *t);
+/* The agent's response-header timeout request, 0 = the gateway default. */
+uint64_t gw_tun_agent_resp_timeout_ms(const struct gw_tun *t, const uint8_t *addr);
 
 #endif
