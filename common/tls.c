@@ -95,12 +95,14 @@ enum tls_name_kind {
     TLS_NAME_LABEL,     /* exactly one LDH label under the domain */
 };
 
-/* Writes a message to err, followed by the last OpenSSL error if any, and
- * drains the queue (STYLE.md section 4). */
+/* Writes a message to err, followed by the reason of the earliest OpenSSL
+ * error (the root cause: "No such file or directory", "bad base64 decode";
+ * later entries only say which layer gave up), and drains the queue
+ * (STYLE.md section 4). */
 __attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen,
                                                           const char *fmt, ...)
 {
-    unsigned long e = ERR_peek_last_error();
+    unsigned long e = ERR_peek_error();
     va_list ap;
 
     if (err != NULL && errlen > 0) {
@@ -108,9 +110,14 @@ __attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errl
         int n = vsnprintf(err, errlen, fmt, ap);
         va_end(ap);
         if (e != 0 && n >= 0 && (size_t)n + 3 < errlen) {
+            const char *reason = ERR_SYSTEM_ERROR(e) ? strerror(ERR_GET_REASON(e))
+                                                     : ERR_reason_error_string(e);
             char ebuf[256];
-            ERR_error_string_n(e, ebuf, sizeof(ebuf));
-            snprintf(err + n, errlen - (size_t)n, ": %s", ebuf);
+            if (reason == NULL) {
+                ERR_error_string_n(e, ebuf, sizeof(ebuf));
+                reason = ebuf;
+            }
+            snprintf(err + n, errlen - (size_t)n, ": %s", reason);
         }
     }
     ERR_clear_error();
@@ -426,9 +433,10 @@ static int set_random_serial(X509 *x)
 }
 
 /* Builds and signs a certificate. issuer NULL = self-signed by key.
- * ca: CA:TRUE keyCertSign; else a serverAuth leaf for DNS name cn. */
+ * ca: CA:TRUE keyCertSign; else a serverAuth leaf for DNS name cn, plus
+ * san_extra (",IP:..." or "") in its subjectAltName. */
 static X509 *make_cert(X509 *issuer, EVP_PKEY *issuer_key, EVP_PKEY *key, const char *cn,
-                       bool ca, int64_t not_before, int64_t not_after)
+                       const char *san_extra, bool ca, int64_t not_before, int64_t not_after)
 {
     X509 *x = X509_new();
     X509_NAME *name;
@@ -459,7 +467,8 @@ static X509 *make_cert(X509 *issuer, EVP_PKEY *issuer_key, EVP_PKEY *key, const 
             goto fail;
     } else {
         /* An empty subject needs a critical SAN (RFC 5280 4.2.1.6). */
-        if (util_snprintf(san, sizeof(san), "%sDNS:%s", cn_fits ? "" : "critical,", cn) < 0)
+        if (util_snprintf(san, sizeof(san), "%sDNS:%s%s", cn_fits ? "" : "critical,", cn,
+                          san_extra) < 0)
             goto fail;
         if (add_ext(issuer, x, NID_basic_constraints, "critical,CA:FALSE") != 0 ||
             add_ext(issuer, x, NID_key_usage, "critical,digitalSignature") != 0 ||
@@ -482,13 +491,17 @@ fail:
 /* A leaf for a validated lowercase name, signed by the local CA. */
 static X509 *issue_leaf(struct tls_server *s, const char *name, int64_t *not_after)
 {
+    /* Clients that dial 127.0.0.1 / ::1 send no SNI and get the apex: with
+     * the domain "localhost", let them verify too. */
+    const char *extra = strcmp(name, "localhost") == 0 ? ",IP:127.0.0.1,IP:::1" : "";
     int64_t now = util_unix_time();
     int64_t end = now + (int64_t)TLS_LEAF_DAYS * TLS_DAY_SECS;
     X509 *x;
 
     if (end > s->ca_not_after)
         end = s->ca_not_after;
-    x = make_cert(s->ca_cert, s->ca_key, s->leaf_key, name, false, now - TLS_BACKDATE_SECS, end);
+    x = make_cert(s->ca_cert, s->ca_key, s->leaf_key, name, extra, false,
+                  now - TLS_BACKDATE_SECS, end);
     if (x == NULL) {
         tls_log_errors(s->log, "tls_leaf_failed");
         return NULL;
@@ -776,9 +789,11 @@ static int local_ca_create(struct tls_server *s, const char *dir, const char *ke
         return -1;
     }
     util_hex_encode(rnd, sizeof(rnd), suffix);
-    if (util_snprintf(cn, sizeof(cn), "tunnel-gateway local CA %s", suffix) < 0)
+    if (util_snprintf(cn, sizeof(cn), "tunnel-gateway local CA %s", suffix) < 0) {
+        set_err(err, errlen, "local CA name too long");
         return -1;
-    s->ca_cert = make_cert(NULL, s->ca_key, s->ca_key, cn, true, now - TLS_BACKDATE_SECS,
+    }
+    s->ca_cert = make_cert(NULL, s->ca_key, s->ca_key, cn, "", true, now - TLS_BACKDATE_SECS,
                            now + (int64_t)TLS_CA_DAYS * TLS_DAY_SECS);
     if (s->ca_cert == NULL) {
         set_err(err, errlen, "cannot create the local CA certificate");
@@ -850,8 +865,10 @@ static int local_ca_init(struct tls_server *s, const char *dir, char *err, size_
     }
     if (mkdir_p(dir, err, errlen) != 0)
         return -1;
-    have_cert = stat(path, &st) == 0;
-    have_key = stat(key_path, &st) == 0;
+    /* Anything but "does not exist" counts as present, so that an
+     * unreadable file is reported rather than replaced. */
+    have_cert = stat(path, &st) == 0 || errno != ENOENT;
+    have_key = stat(key_path, &st) == 0 || errno != ENOENT;
     if (have_cert && !have_key) {
         set_err(err, errlen,
                 "%s exists but %s is missing; remove %s to create a new local CA "

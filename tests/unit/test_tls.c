@@ -414,7 +414,9 @@ static void test_leaf_issue_and_cache(void **state)
     assert_memory_equal(ASN1_STRING_get0_data(gn->d.dNSName), HOST_A, strlen(HOST_A));
     GENERAL_NAMES_free(sans);
 
-    assert_true((X509_get_extended_key_usage(x) & XKU_SSL_SERVER) != 0);
+    /* serverAuth only (without the extension the call reports every usage). */
+    assert_true(X509_get_ext_by_NID(x, NID_ext_key_usage, -1) >= 0);
+    assert_int_equal(X509_get_extended_key_usage(x), XKU_SSL_SERVER);
     assert_int_equal(X509_check_ca(x), 0);
     assert_true(is_p256(x));
     assert_true(validity_days(x) <= 825);
@@ -432,6 +434,8 @@ static void test_leaf_issue_and_cache(void **state)
     assert_non_null(apex);
     assert_ptr_not_equal(apex, x);
     assert_int_equal(X509_check_host(apex, "localhost", 0, 0, NULL), 1);
+    assert_int_equal(X509_check_ip_asc(apex, "127.0.0.1", 0), 1);
+    assert_int_not_equal(X509_check_ip_asc(x, "127.0.0.1", 0), 1);
     assert_int_equal(verify_against(apex, f->ca_pem), 1);
     static const char *const outside[] = {
         "foo.example.com", "a.b.localhost", "-bad.localhost", "bad-.localhost",
@@ -462,7 +466,10 @@ static void test_leaf_cache_eviction(void **state)
     X509 *b = tls_server_cert_for(s, "b.localhost");
     assert_non_null(a);
     assert_non_null(b);
-    assert_int_equal(X509_up_ref(b), 1); /* as a live connection would hold it */
+    /* Held as live connections would: an evicted entry cannot reappear at
+     * the same address, so pointer equality means "still cached". */
+    assert_int_equal(X509_up_ref(a), 1);
+    assert_int_equal(X509_up_ref(b), 1);
     assert_ptr_equal(tls_server_cert_for(s, "a.localhost"), a); /* a is now most recent */
     X509 *c = tls_server_cert_for(s, "c.localhost");
     assert_non_null(c);
@@ -473,6 +480,7 @@ static void test_leaf_cache_eviction(void **state)
     assert_int_not_equal(X509_cmp(b, b2), 0);
     assert_int_equal(X509_check_host(b, "b.localhost", 0, 0, NULL), 1); /* still usable */
     assert_int_equal(tls_server_cache_count(s), 2);
+    X509_free(a);
     X509_free(b);
     tls_server_free(s);
 }
@@ -498,6 +506,14 @@ static void test_handshake_local_ca(void **state)
     assert_int_equal(X509_check_host(peer, HOST_A, 0, 0, NULL), 1);
     assert_int_equal(X509_cmp(peer, tls_server_cert_for(s, HOST_A)), 0);
     X509_free(peer);
+    /* The client vanishes without close_notify: a clean EOF for the server
+     * (SSL_OP_IGNORE_UNEXPECTED_EOF), not a protocol error. */
+    char buf[8];
+    assert_int_equal(BIO_shutdown_wr(SSL_get_wbio(c)), 1);
+    int n = SSL_read(sv, buf, sizeof(buf));
+    assert_int_equal(n, 0);
+    assert_int_equal(SSL_get_error(sv, n), SSL_ERROR_ZERO_RETURN);
+    ERR_clear_error();
     SSL_free(c);
     SSL_free(sv);
 
@@ -545,14 +561,23 @@ static void test_handshake_local_ca(void **state)
     SSL_free(c);
     SSL_free(sv);
 
-    /* An IP literal expects an iPAddress SAN, which no leaf has. */
-    c = client_ssl(f->ca_pem, "h2", "127.0.0.1");
-    assert_null(SSL_get_servername(c, TLSEXT_NAMETYPE_host_name));
-    sv = SSL_new(tls_server_ctx(s));
-    assert_int_equal(handshake(c, sv), -1);
-    assert_int_equal(SSL_get_verify_result(c), X509_V_ERR_IP_ADDRESS_MISMATCH);
-    SSL_free(c);
-    SSL_free(sv);
+    /* An IP literal: no SNI, the iPAddress SAN is checked. The localhost
+     * apex carries 127.0.0.1 and ::1, nothing else. */
+    static const char *const ips[] = {"127.0.0.1", "::1", "10.0.0.1"};
+    for (size_t i = 0; i < sizeof(ips) / sizeof(ips[0]); i++) {
+        c = client_ssl(f->ca_pem, "h2", ips[i]);
+        assert_null(SSL_get_servername(c, TLSEXT_NAMETYPE_host_name));
+        sv = SSL_new(tls_server_ctx(s));
+        if (i < 2) {
+            assert_int_equal(handshake(c, sv), 0);
+            assert_int_equal(SSL_get_verify_result(c), X509_V_OK);
+        } else {
+            assert_int_equal(handshake(c, sv), -1);
+            assert_int_equal(SSL_get_verify_result(c), X509_V_ERR_IP_ADDRESS_MISMATCH);
+        }
+        SSL_free(c);
+        SSL_free(sv);
+    }
 
     /* TLS 1.1 is refused by the server even if the client allows it. */
     c = client_ssl(f->ca_pem, NULL, HOST_A);
@@ -564,6 +589,49 @@ static void test_handshake_local_ca(void **state)
     SSL_free(c);
     SSL_free(sv);
 
+    tls_server_free(s);
+}
+
+static void assert_server_options(SSL_CTX *ctx)
+{
+    uint64_t want = SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION |
+                    SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE;
+    assert_true((SSL_CTX_get_options(ctx) & want) == want);
+    assert_int_equal(SSL_CTX_get_min_proto_version(ctx), TLS1_2_VERSION);
+}
+
+static void test_server_ctx_settings(void **state)
+{
+    struct fx *f = *state;
+    char err[512];
+
+    struct tls_server *s = new_local(f, "h2,http/1.1", 0, err, sizeof(err));
+    assert_non_null(s);
+    assert_server_options(tls_server_ctx(s));
+    assert_int_equal(tls_server_reload(s, err, sizeof(err)), 0);
+    assert_server_options(tls_server_ctx(s));
+
+    /* Tickets issued before a reload still resume after it. */
+    SSL *c = client_ssl(f->ca_pem, "h2", HOST_A);
+    SSL *sv = SSL_new(tls_server_ctx(s));
+    assert_int_equal(handshake(c, sv), 0);
+    assert_false(SSL_session_reused(c));
+    SSL_SESSION *sess = SSL_get1_session(c);
+    assert_non_null(sess);
+    assert_true(SSL_SESSION_is_resumable(sess));
+    SSL_shutdown(c); /* else SSL_free() marks the session not resumable */
+    SSL_free(c);
+    SSL_free(sv);
+    assert_int_equal(tls_server_reload(s, err, sizeof(err)), 0);
+    c = client_ssl(f->ca_pem, "h2", HOST_A);
+    assert_int_equal(SSL_set_session(c, sess), 1);
+    sv = SSL_new(tls_server_ctx(s));
+    assert_int_equal(handshake(c, sv), 0);
+    assert_true(SSL_session_reused(c));
+    assert_alpn(c, "h2");
+    SSL_free(c);
+    SSL_free(sv);
+    SSL_SESSION_free(sess);
     tls_server_free(s);
 }
 
@@ -885,6 +953,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_leaf_cache_eviction, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_handshake_local_ca, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_alpn_variants, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_server_ctx_settings, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_reload_local_ca, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_reload_files, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_server_opts_refused, fx_setup, fx_teardown),
