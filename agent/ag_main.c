@@ -88,11 +88,15 @@ static const struct cmd_opt set_opts[] = {
     {"target", "URL", "new local API URL, http://HOST:PORT[/BASE]"},
     {"preserve-host", NULL, "forward the public Host header to the local API"},
     {"rewrite-host", NULL, "send the target's HOST:PORT as Host (the default)"},
-    {"max-inflight", "N", "requests in flight at once, 1-100000 (default 64); past it 503"},
+    {"max-inflight", "N",
+     "requests in flight to the local API at once, 1-100000 (default 64); more get 503 "
+     "host_busy"},
     {"id-header", "NAME",
-     "request header that carries the agent's address to the local API (default X-Agent-Id)"},
+     "name of the request header that carries the agent's id (UUID) to the local API "
+     "(default X-Agent-Id; an Osaurus server reads X-Osaurus-Agent-Id)"},
     {"response-timeout", "S",
-     "seconds the gateway waits for the response head, 0-86400; 0 = the gateway's default"},
+     "response timeout for this agent's requests, 0-86400 seconds; 0 = the gateway's "
+     "default"},
     {NULL, NULL, NULL},
 };
 
@@ -233,6 +237,33 @@ static void print_wrapped(FILE *f, const char *text, int indent)
     }
 }
 
+/* Prints "lead synopsis", breaking before a '[' past 78 columns, continuation
+ * lines aligned under the first word of the synopsis after the command. */
+static void print_synopsis(FILE *f, const char *lead, const char *synopsis)
+{
+    const int width = 78;
+    int indent = (int)strlen(lead) + (int)strcspn(synopsis, " ") + 1;
+    int col = fprintf(f, "%s", lead);
+    const char *p = synopsis;
+
+    while (*p != '\0') {
+        /* One chunk: up to the next " [" (an optional group starts there). */
+        const char *next = strstr(p + 1, " [");
+        size_t len = next != NULL ? (size_t)(next - p) : strlen(p);
+        if (p != synopsis && col + (int)len > width) {
+            fprintf(f, "\n%*s", indent, "");
+            col = indent;
+            if (*p == ' ') {
+                p++;
+                len--;
+            }
+        }
+        col += fprintf(f, "%.*s", (int)len, p);
+        p += len;
+    }
+    fputc('\n', f);
+}
+
 static void print_usage(FILE *f)
 {
     fprintf(f, "Usage: tunnel-agent [--home DIR] COMMAND [OPTIONS] [ARGS]\n"
@@ -244,22 +275,23 @@ static void print_usage(FILE *f)
     fprintf(f, "  %-9s %s\n", "help", "help on a command: tunnel-agent help COMMAND");
     fprintf(f, "\nSynopsis:\n");
     for (size_t i = 0; i < NCMDS; i++)
-        fprintf(f, "  tunnel-agent [--home DIR] %s\n", cmds[i].synopsis);
+        print_synopsis(f, "  tunnel-agent [--home DIR] ", cmds[i].synopsis);
     fprintf(f, "\nGlobal options:\n"
                "  --home DIR   settings directory (agents.json, keys/, removed/); default\n"
                "               $TUNNEL_AGENT_HOME, else $XDG_CONFIG_HOME/tunnel-agent, else\n"
                "               ~/.config/tunnel-agent (created 0700)\n"
                "  --help       this help; 'COMMAND --help' for a command's\n"
-               "  --version    print the version\n\n"
-               "Targets: http://HOST:PORT[/BASE]. ");
-    fprintf(f, "%s\n\n", HTTPS_TARGET_NOTE);
+               "  --version    print the version\n\n");
+    print_wrapped(f, "Targets: http://HOST:PORT[/BASE]. " HTTPS_TARGET_NOTE, 0);
+    fputc('\n', f);
     fprintf(f, "Exit status: 0 success, 1 runtime failure, 2 usage error or refused "
                "confirmation.\n");
 }
 
 static void print_cmd_help(FILE *f, const struct cmd *cmd)
 {
-    fprintf(f, "Usage: tunnel-agent [--home DIR] %s\n\n", cmd->synopsis);
+    print_synopsis(f, "Usage: tunnel-agent [--home DIR] ", cmd->synopsis);
+    fputc('\n', f);
     print_wrapped(f, cmd->details, 0);
     if (cmd->opts[0].name != NULL)
         fprintf(f, "\nOptions:\n");
@@ -606,12 +638,17 @@ static int cmd_set(struct cli *c)
         a->response_timeout_s = (uint32_t)timeout_s;
     if (save_store(st) != 0)
         goto fail_store;
-    printf("Updated agent %s: target %s, host %s, max-inflight %u, id-header %s, "
-           "response-timeout %s%s\n",
-           a->name, a->target, a->preserve_host ? "preserved" : "rewritten",
-           (unsigned)a->max_inflight, a->id_header,
-           a->response_timeout_s == 0 ? "gateway default" : rt != NULL ? rt : "",
-           a->response_timeout_s == 0 ? "" : rt != NULL ? " s" : "(unchanged)");
+    printf("Updated agent %s:\n"
+           "  target:           %s\n"
+           "  host header:      %s\n"
+           "  max-inflight:     %u\n"
+           "  id-header:        %s\n",
+           a->name, a->target, a->preserve_host ? "preserved (public Host)" : "rewritten to target",
+           (unsigned)a->max_inflight, a->id_header);
+    if (a->response_timeout_s == 0)
+        printf("  response-timeout: gateway default\n");
+    else
+        printf("  response-timeout: %u s\n", (unsigned)a->response_timeout_s);
     ag_store_free(st);
     ag_ctl_notify(c->home);
     return EXIT_OK;

@@ -488,6 +488,26 @@ def test_remove_unknown(ta):
     assert p.returncode == 1 and '"y"' in p.stderr
 
 
+def test_concurrent_writers_lose_nothing(ta, home, agent_bin):
+    """16 `new` at once: the lock on <home>/.lock serialises read-modify-write."""
+    new_agent(ta, "first")  # home and agents.json exist before the race
+    procs = [
+        subprocess.Popen([str(agent_bin), "--home", str(home), "new", f"a{i}", "--target",
+                          f"http://127.0.0.1:{1000 + i}"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+        for i in range(16)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    names = sorted(a["name"] for a in agents_json(home)["agents"])
+    assert names == sorted(["first"] + [f"a{i}" for i in range(16)])
+    assert len(os.listdir(home / "keys")) == 17
+    leftovers = [n for n in os.listdir(home) if n.startswith(".agents.json")]
+    assert leftovers == []
+
+
 # ---- corrupt settings ----------------------------------------------------
 
 

@@ -302,9 +302,28 @@ static void test_atomic_no_temp_files(void **state)
         assert_int_equal(
             ag_store_new_agent(s, name, "http://127.0.0.1:80", NULL, NULL, err, sizeof(err)), 0);
     }
+    /* Each save replaces the file by rename (a new inode), never rewrites it
+     * in place: a reader holding the old one keeps a whole document. */
+    path_in(path, sizeof(path), dir, "agents.json");
     for (int i = 0; i < 5; i++) {
+        struct stat before, after;
+        size_t len_before, len_old;
+        char *text_before = read_all(path, &len_before);
+        int old_fd = open(path, O_RDONLY);
+        assert_true(old_fd >= 0);
+        assert_int_equal(fstat(old_fd, &before), 0);
         ag_store_agent(s, 0)->enabled = (i % 2) == 0;
         assert_int_equal(ag_store_save(s, err, sizeof(err)), 0);
+        assert_int_equal(stat(path, &after), 0);
+        assert_true(before.st_ino != after.st_ino);
+        char *old_text = malloc(len_before + 1);
+        assert_non_null(old_text);
+        len_old = (size_t)read(old_fd, old_text, len_before + 1);
+        assert_int_equal(len_old, len_before);
+        assert_memory_equal(old_text, text_before, len_before);
+        free(old_text);
+        free(text_before);
+        close(old_fd);
     }
     ag_store_free(s);
     assert_int_equal(count_unexpected(dir, top, 3), 0);
