@@ -74,8 +74,8 @@ static void status_text(struct ag_store *st, const struct ag_gateway *gw)
         const struct ag_agent *a = ag_store_agent(st, i);
         if (ag_store_public_url(gw, a->address, url, sizeof(url)) != 0)
             url[0] = '\0';
-        printf("%-20s %-8s %-13s %s%s\n", a->name, a->enabled ? "yes" : "no", "disconnected",
-               url, a->superseded ? "  (superseded by another machine with the same key)" : "");
+        printf("%-20s %-8s %-13s %s%s\n", a->name, a->enabled ? "yes" : "no", "disconnected", url,
+               a->superseded ? "  (superseded by another machine with the same key)" : "");
     }
 }
 

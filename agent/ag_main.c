@@ -32,8 +32,8 @@
 #define MAX_OPTS 8
 
 /* Said wherever https targets come up; one string so help and warning agree. */
-#define HTTPS_TARGET_NOTE                                                                   \
-    "https:// targets are accepted and recorded, but not forwarded yet: this version's "    \
+#define HTTPS_TARGET_NOTE                                                                          \
+    "https:// targets are accepted and recorded, but not forwarded yet: this version's "           \
     "forwarder speaks cleartext HTTP/1.1 to the local API, so use http://."
 
 struct cli;
@@ -58,12 +58,12 @@ struct cmd {
 
 /* The parsed command line of one invocation. */
 struct cli {
-    const char *home_opt;       /* --home, or NULL */
-    char home[PATH_MAX];        /* resolved home directory */
+    const char *home_opt; /* --home, or NULL */
+    char home[PATH_MAX];  /* resolved home directory */
     const struct cmd *cmd;
-    const char *pos[MAX_POS];   /* positional arguments */
+    const char *pos[MAX_POS]; /* positional arguments */
     size_t npos;
-    const char *val[MAX_OPTS];  /* option values by index in cmd->opts; flags: "" */
+    const char *val[MAX_OPTS]; /* option values by index in cmd->opts; flags: "" */
 };
 
 static int cmd_new(struct cli *c);
@@ -349,8 +349,8 @@ static int parse_cmd_args(struct cli *c, int argc, char **argv)
         const char *a = argv[i];
         if (only_pos || a[0] != '-' || strcmp(a, "-") == 0) {
             if (c->npos == cmd->max_pos) {
-                errmsg("%s: unexpected argument \"%s\" (see tunnel-agent %s --help)",
-                       cmd->name, a, cmd->name);
+                errmsg("%s: unexpected argument \"%s\" (see tunnel-agent %s --help)", cmd->name, a,
+                       cmd->name);
                 return EXIT_USAGE;
             }
             c->pos[c->npos++] = a;
@@ -365,8 +365,7 @@ static int parse_cmd_args(struct cli *c, int argc, char **argv)
             return -1;
         }
         if (strncmp(a, "--", 2) != 0) {
-            errmsg("%s: unknown option %s (see tunnel-agent %s --help)", cmd->name, a,
-                   cmd->name);
+            errmsg("%s: unknown option %s (see tunnel-agent %s --help)", cmd->name, a, cmd->name);
             return EXIT_USAGE;
         }
         const char *name = a + 2;
@@ -385,8 +384,8 @@ static int parse_cmd_args(struct cli *c, int argc, char **argv)
         }
         int oi = opt_index(cmd, name, nlen);
         if (oi < 0) {
-            errmsg("%s: unknown option --%.*s (see tunnel-agent %s --help)", cmd->name,
-                   (int)nlen, name, cmd->name);
+            errmsg("%s: unknown option --%.*s (see tunnel-agent %s --help)", cmd->name, (int)nlen,
+                   name, cmd->name);
             return EXIT_USAGE;
         }
         assert(oi < MAX_OPTS);
@@ -556,8 +555,7 @@ static int cmd_new(struct cli *c)
     st = open_store(c, AG_STORE_WRITE);
     if (st == NULL)
         return EXIT_FAIL;
-    if (ag_store_new_agent(st, name, target, opt_val(c, "key-file"), &a, err, sizeof(err)) !=
-        0) {
+    if (ag_store_new_agent(st, name, target, opt_val(c, "key-file"), &a, err, sizeof(err)) != 0) {
         errmsg("new: %s", err);
         ag_store_free(st);
         return EXIT_FAIL;
@@ -604,19 +602,21 @@ static int cmd_set(struct cli *c)
     }
     if (target != NULL && check_target("set", target) != 0)
         return EXIT_USAGE;
-    if (mi != NULL && (util_parse_uint(mi, AG_MAX_INFLIGHT_MAX, &max_inflight) != 0 ||
-                       max_inflight == 0)) {
+    if (mi != NULL &&
+        (util_parse_uint(mi, AG_MAX_INFLIGHT_MAX, &max_inflight) != 0 || max_inflight == 0)) {
         errmsg("set: --max-inflight \"%s\": want a whole number 1-%d", mi, AG_MAX_INFLIGHT_MAX);
         return EXIT_USAGE;
     }
     if (rt != NULL && util_parse_uint(rt, AG_RESPONSE_TIMEOUT_MAX, &timeout_s) != 0) {
         errmsg("set: --response-timeout \"%s\": want whole seconds 0-%d (0 = the gateway's "
-               "default)", rt, AG_RESPONSE_TIMEOUT_MAX);
+               "default)",
+               rt, AG_RESPONSE_TIMEOUT_MAX);
         return EXIT_USAGE;
     }
     if (hdr != NULL && !ag_store_header_is_valid(hdr)) {
         errmsg("set: --id-header \"%s\": not an HTTP header name (1-%d of A-Z a-z 0-9 "
-               "!#$%%&'*+-.^_`|~)", hdr, AG_ID_HEADER_MAX);
+               "!#$%%&'*+-.^_`|~)",
+               hdr, AG_ID_HEADER_MAX);
         return EXIT_USAGE;
     }
 
@@ -1063,9 +1063,8 @@ int main(int argc, char **argv)
         return EXIT_OK; /* printed help */
     if (rc != EXIT_OK)
         return rc;
-    if (ag_store_home_resolve(c.home_opt, getenv("TUNNEL_AGENT_HOME"),
-                              getenv("XDG_CONFIG_HOME"), getenv("HOME"), c.home, sizeof(c.home),
-                              err, sizeof(err)) != 0) {
+    if (ag_store_home_resolve(c.home_opt, getenv("TUNNEL_AGENT_HOME"), getenv("XDG_CONFIG_HOME"),
+                              getenv("HOME"), c.home, sizeof(c.home), err, sizeof(err)) != 0) {
         errmsg("%s", err);
         return EXIT_USAGE;
     }

@@ -27,8 +27,8 @@
 #define STORE_LOCK ".lock"
 #define STORE_KEYS_DIR "keys"
 #define STORE_REMOVED_DIR "removed"
-#define STORE_MAX_BYTES (16u << 20)   /* refuse to read a bigger agents.json */
-#define STORE_LOCK_WAIT_MS 10000      /* how long to wait for another tunnel-agent */
+#define STORE_MAX_BYTES (16u << 20) /* refuse to read a bigger agents.json */
+#define STORE_LOCK_WAIT_MS 10000    /* how long to wait for another tunnel-agent */
 #define STORE_LOCK_POLL_MS 50
 
 /* One agent plus the keys of its JSON object this version does not know. */
@@ -38,24 +38,23 @@ struct store_entry {
 };
 
 struct ag_store {
-    char home[PATH_MAX];     /* the home directory, as resolved */
+    char home[PATH_MAX]; /* the home directory, as resolved */
     enum ag_store_mode mode;
-    int lock_fd;             /* <home>/.lock with LOCK_EX held, or -1 */
-    char *gateway;           /* owned; remembered --gateway, or NULL */
-    char *ca_file;           /* owned; remembered --ca-file, or NULL */
+    int lock_fd;   /* <home>/.lock with LOCK_EX held, or -1 */
+    char *gateway; /* owned; remembered --gateway, or NULL */
+    char *ca_file; /* owned; remembered --ca-file, or NULL */
     enum ag_protocol protocol;
-    struct store_entry *v;   /* owned array of n entries, cap allocated */
+    struct store_entry *v; /* owned array of n entries, cap allocated */
     size_t n;
     size_t cap;
-    cJSON *extra;            /* owned; unknown top-level keys, or NULL */
+    cJSON *extra; /* owned; unknown top-level keys, or NULL */
 };
 
 /* Keys written by this version; anything else is kept in `extra`. */
 static const char *const top_keys[] = {"version", "gateway", "ca_file", "protocol", "agents"};
 static const char *const agent_keys[] = {
-    "name",         "id",       "address",          "target",   "enabled",
-    "preserve_host", "max_inflight", "id_header", "response_timeout", "key_file",
-    "created",      "superseded",
+    "name",         "id",        "address",          "target",   "enabled", "preserve_host",
+    "max_inflight", "id_header", "response_timeout", "key_file", "created", "superseded",
 };
 
 static void seterr(char *err, size_t errlen, const char *fmt, ...)
@@ -85,8 +84,7 @@ static bool is_set(const char *s)
 }
 
 int ag_store_home_resolve(const char *opt, const char *env_home, const char *xdg,
-                          const char *user_home, char *out, size_t outlen, char *err,
-                          size_t errlen)
+                          const char *user_home, char *out, size_t outlen, char *err, size_t errlen)
 {
     int rc;
 
@@ -158,8 +156,8 @@ static int fsync_dir(const char *dir)
 
 /* Writes data to dir/name atomically: a temp file in dir, fsync, rename over
  * the target, fsync dir. The temp file is removed on failure. */
-static int atomic_write(const char *dir, const char *name, const char *data, size_t len,
-                        char *err, size_t errlen)
+static int atomic_write(const char *dir, const char *name, const char *data, size_t len, char *err,
+                        size_t errlen)
 {
     char tmp[PATH_MAX];
     char dst[PATH_MAX];
@@ -200,11 +198,10 @@ static int atomic_write(const char *dir, const char *name, const char *data, siz
         seterr(err, errlen, "%s: cannot replace: %s", dst, strerror(errno));
         goto fail_tmp;
     }
-    if (fsync_dir(dir) == -1) {
-        /* The new file is in place; only its durability is in doubt. */
-        seterr(err, errlen, "%s: fsync of the directory failed: %s", dir, strerror(errno));
-        return -1;
-    }
+    /* The new file is in place. A failed directory fsync leaves only its
+     * durability in doubt; reporting failure now would make callers undo
+     * work (delete a fresh key) that agents.json already records. */
+    fsync_dir(dir);
     return 0;
 
 fail_tmp:
@@ -327,8 +324,8 @@ static int parse_authority(const char *what, const char *url, const char *a, siz
         hlen = colon != NULL ? (size_t)(colon - a) : len;
         for (size_t i = 0; i < hlen; i++) {
             char c = a[i];
-            if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
-                  (c >= '0' && c <= '9') || c == '.' || c == '-' || c == '_')) {
+            if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                  c == '.' || c == '-' || c == '_')) {
                 seterr(err, errlen, "%s \"%s\": bad character '%c' in host name", what, url, c);
                 return -1;
             }
@@ -400,8 +397,8 @@ int ag_store_target_parse(const char *url, struct ag_target *out, char *err, siz
         return -1;
     slash = strchr(a, '/');
     alen = slash != NULL ? (size_t)(slash - a) : strlen(a);
-    if (parse_authority("target URL", url, a, alen, out->tls ? 443 : 80, out->host, &out->port,
-                        err, errlen) != 0)
+    if (parse_authority("target URL", url, a, alen, out->tls ? 443 : 80, out->host, &out->port, err,
+                        errlen) != 0)
         return -1;
     if (slash == NULL)
         return 0;
@@ -425,8 +422,10 @@ int ag_store_gateway_parse(const char *url, struct ag_gateway *out, char *err, s
         return -1;
     }
     if (parse_scheme(url, "ws", "wss", &out->tls, &a) != 0) {
-        seterr(err, errlen, "gateway URL \"%s\": want wss://HOST[:PORT] (or ws:// for a "
-               "cleartext gateway)", url);
+        seterr(err, errlen,
+               "gateway URL \"%s\": want wss://HOST[:PORT] (or ws:// for a "
+               "cleartext gateway)",
+               url);
         return -1;
     }
     if (check_url_bytes("gateway URL", url, err, errlen) != 0)
@@ -453,8 +452,7 @@ static bool host_is_ip(const char *host)
     return inet_pton(AF_INET, host, &in4) == 1 || inet_pton(AF_INET6, host, &in6) == 1;
 }
 
-int ag_store_public_url(const struct ag_gateway *gw, const char *address, char *out,
-                        size_t outlen)
+int ag_store_public_url(const struct ag_gateway *gw, const char *address, char *out, size_t outlen)
 {
     char port[8] = "";
     const char *host = "<your gateway domain>";
@@ -467,8 +465,8 @@ int ag_store_public_url(const struct ag_gateway *gw, const char *address, char *
         if (!host_is_ip(gw->host))
             host = gw->host;
     }
-    return util_snprintf(out, outlen, "%s://%s.%s%s", tls ? "https" : "http", address, host,
-                         port) < 0
+    return util_snprintf(out, outlen, "%s://%s.%s%s", tls ? "https" : "http", address, host, port) <
+                   0
                ? -1
                : 0;
 }
@@ -641,11 +639,11 @@ static int load_agent(cJSON *obj, struct store_entry *e, char *err, size_t errle
         return -1;
     }
     memset(a, 0, sizeof(*a));
-#define FIELD(name, expr)                                                                     \
-    do {                                                                                      \
-        field = (name);                                                                       \
-        if ((expr) != 0)                                                                      \
-            goto fail_field;                                                                  \
+#define FIELD(name, expr)                                                                          \
+    do {                                                                                           \
+        field = (name);                                                                            \
+        if ((expr) != 0)                                                                           \
+            goto fail_field;                                                                       \
     } while (0)
     FIELD("name", get_str(obj, "name", NULL, a->name, sizeof(a->name), &why));
     FIELD("id", get_str(obj, "id", NULL, a->id, sizeof(a->id), &why));
@@ -653,8 +651,8 @@ static int load_agent(cJSON *obj, struct store_entry *e, char *err, size_t errle
     FIELD("target", get_str(obj, "target", NULL, a->target, sizeof(a->target), &why));
     FIELD("enabled", get_bool(obj, "enabled", false, &a->enabled, &why));
     FIELD("preserve_host", get_bool(obj, "preserve_host", false, &a->preserve_host, &why));
-    FIELD("max_inflight", get_int(obj, "max_inflight", AG_DEFAULT_MAX_INFLIGHT, 1,
-                                  AG_MAX_INFLIGHT_MAX, &v, &why));
+    FIELD("max_inflight",
+          get_int(obj, "max_inflight", AG_DEFAULT_MAX_INFLIGHT, 1, AG_MAX_INFLIGHT_MAX, &v, &why));
     a->max_inflight = (uint32_t)v;
     FIELD("id_header", get_str(obj, "id_header", AG_DEFAULT_ID_HEADER, a->id_header,
                                sizeof(a->id_header), &why));
@@ -674,8 +672,7 @@ static int load_agent(cJSON *obj, struct store_entry *e, char *err, size_t errle
         seterr(err, errlen, "%s", cerr);
         return -1;
     }
-    if (take_extra(obj, agent_keys, sizeof(agent_keys) / sizeof(agent_keys[0]), &e->extra) !=
-        0) {
+    if (take_extra(obj, agent_keys, sizeof(agent_keys) / sizeof(agent_keys[0]), &e->extra) != 0) {
         seterr(err, errlen, "out of memory");
         return -1;
     }
@@ -786,8 +783,10 @@ static int load(struct ag_store *s, const char *path, char *err, size_t errlen)
     /* Trailing bytes after the document are corruption too. */
     for (const char *p = end; p != NULL && p < buf + len; p++) {
         if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
-            seterr(err, errlen, "%s: invalid JSON near byte %zu (data after the end); fix or "
-                   "move it away", path, (size_t)(p - buf));
+            seterr(err, errlen,
+                   "%s: invalid JSON near byte %zu (data after the end); fix or "
+                   "move it away",
+                   path, (size_t)(p - buf));
             goto fail_root;
         }
     }
@@ -801,16 +800,18 @@ static int load(struct ag_store *s, const char *path, char *err, size_t errlen)
         goto fail_root;
     }
     if (version != AG_STORE_VERSION) {
-        seterr(err, errlen, "%s: version %lld is not supported (this tunnel-agent reads "
-               "version %d)", path, (long long)version, AG_STORE_VERSION);
+        seterr(err, errlen,
+               "%s: version %lld is not supported (this tunnel-agent reads "
+               "version %d)",
+               path, (long long)version, AG_STORE_VERSION);
         goto fail_root;
     }
 
     it = cJSON_GetObjectItemCaseSensitive(root, "gateway");
     if (it != NULL && !cJSON_IsNull(it)) {
         struct ag_gateway gw;
-        if (!cJSON_IsString(it) || ag_store_gateway_parse(it->valuestring, &gw, aerr,
-                                                          sizeof(aerr)) != 0) {
+        if (!cJSON_IsString(it) ||
+            ag_store_gateway_parse(it->valuestring, &gw, aerr, sizeof(aerr)) != 0) {
             seterr(err, errlen, "%s: \"gateway\": %s; fix or move it away", path,
                    cJSON_IsString(it) ? aerr : "not a string");
             goto fail_root;
@@ -832,8 +833,10 @@ static int load(struct ag_store *s, const char *path, char *err, size_t errlen)
     it = cJSON_GetObjectItemCaseSensitive(root, "protocol");
     if (it != NULL && !cJSON_IsNull(it) &&
         (!cJSON_IsString(it) || ag_store_protocol_parse(it->valuestring, &s->protocol) != 0)) {
-        seterr(err, errlen, "%s: \"protocol\": want \"native\" or \"osaurus\"; fix or move it "
-               "away", path);
+        seterr(err, errlen,
+               "%s: \"protocol\": want \"native\" or \"osaurus\"; fix or move it "
+               "away",
+               path);
         goto fail_root;
     }
 
@@ -856,8 +859,10 @@ static int load(struct ag_store *s, const char *path, char *err, size_t errlen)
         s->n++;
         for (size_t j = 0; j + 1 < s->n; j++) {
             if (strcmp(s->v[j].a.name, e->a.name) == 0) {
-                seterr(err, errlen, "%s: agents[%zu]: name \"%s\" appears twice; fix or move "
-                       "it away", path, s->n - 1, e->a.name);
+                seterr(err, errlen,
+                       "%s: agents[%zu]: name \"%s\" appears twice; fix or move "
+                       "it away",
+                       path, s->n - 1, e->a.name);
                 goto fail_root;
             }
         }
@@ -911,8 +916,7 @@ static int lock_home(struct ag_store *s, char *err, size_t errlen)
     return 0;
 }
 
-struct ag_store *ag_store_open(const char *home, enum ag_store_mode mode, char *err,
-                               size_t errlen)
+struct ag_store *ag_store_open(const char *home, enum ag_store_mode mode, char *err, size_t errlen)
 {
     char path[PATH_MAX];
     struct ag_store *s = calloc(1, sizeof(*s));
@@ -1065,7 +1069,6 @@ int ag_store_save(struct ag_store *s, char *err, size_t errlen)
         return -1;
     }
     len = strlen(text);
-    text[len] = '\0';
     /* cJSON_Print has no trailing newline; files read better with one. */
     char *withnl = realloc(text, len + 2);
     if (withnl == NULL) {
@@ -1159,12 +1162,10 @@ void ag_store_set_protocol(struct ag_store *s, enum ag_protocol p)
     s->protocol = p;
 }
 
-int ag_store_key_path(const struct ag_store *s, const struct ag_agent *a, char *out,
-                      size_t outlen)
+int ag_store_key_path(const struct ag_store *s, const struct ag_agent *a, char *out, size_t outlen)
 {
-    return util_snprintf(out, outlen, "%s/" STORE_KEYS_DIR "/%s", s->home, a->key_file) < 0
-               ? -1
-               : 0;
+    return util_snprintf(out, outlen, "%s/" STORE_KEYS_DIR "/%s", s->home, a->key_file) < 0 ? -1
+                                                                                            : 0;
 }
 
 /* ---- agents and keys --------------------------------------------------- */
@@ -1177,8 +1178,7 @@ static bool path_exists(const char *path)
 }
 
 int ag_store_new_agent(struct ag_store *s, const char *name, const char *target,
-                       const char *import_key, struct ag_agent **out, char *err,
-                       size_t errlen)
+                       const char *import_key, struct ag_agent **out, char *err, size_t errlen)
 {
     struct ag_target t;
     struct id_key k = {0};
@@ -1285,8 +1285,8 @@ fail_key:
 }
 
 /* Moves src to a fresh name under <home>/removed/ without overwriting. */
-static int move_to_removed(const struct ag_store *s, const char *name, const char *src,
-                           char *dst, size_t dstlen, char *err, size_t errlen)
+static int move_to_removed(const struct ag_store *s, const char *name, const char *src, char *dst,
+                           size_t dstlen, char *err, size_t errlen)
 {
     char dir[PATH_MAX];
     int64_t now = util_unix_time();
@@ -1298,9 +1298,9 @@ static int move_to_removed(const struct ag_store *s, const char *name, const cha
     if (mkdir_p(dir, err, errlen) != 0)
         return -1;
     for (int n = 0; n < 100; n++) {
-        int rc = n == 0 ? util_snprintf(dst, dstlen, "%s/%s-%lld.key", dir, name, (long long)now)
-                        : util_snprintf(dst, dstlen, "%s/%s-%lld-%d.key", dir, name,
-                                        (long long)now, n);
+        int rc =
+            n == 0 ? util_snprintf(dst, dstlen, "%s/%s-%lld.key", dir, name, (long long)now)
+                   : util_snprintf(dst, dstlen, "%s/%s-%lld-%d.key", dir, name, (long long)now, n);
         if (rc < 0) {
             seterr(err, errlen, "%s: path too long", dir);
             return -1;
@@ -1424,8 +1424,8 @@ int ag_store_load_key(const struct ag_store *s, const struct ag_agent *a, struct
     }
     id_addr_to_str(k->addr, addr);
     if (strcmp(addr, a->address) != 0) {
-        seterr(err, errlen, "%s: holds the key of %s, but agent \"%s\" has address %s", path,
-               addr, a->name, a->address);
+        seterr(err, errlen, "%s: holds the key of %s, but agent \"%s\" has address %s", path, addr,
+               a->name, a->address);
         id_key_clear(k);
         return -1;
     }

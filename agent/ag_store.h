@@ -15,15 +15,15 @@
 #include "id.h"
 
 #define AG_STORE_VERSION 1
-#define AG_NAME_MAX 64          /* [A-Za-z0-9._-]{1,64} */
-#define AG_TARGET_MAX 1024      /* bytes of a target URL */
-#define AG_ID_HEADER_MAX 64     /* bytes of a header name */
-#define AG_KEY_FILE_MAX 128     /* bytes of a key file name under keys/ */
-#define AG_GATEWAY_MAX 1024     /* bytes of a gateway URL */
-#define AG_HOST_MAX 255         /* bytes of a host name or IP literal */
+#define AG_NAME_MAX 64      /* [A-Za-z0-9._-]{1,64} */
+#define AG_TARGET_MAX 1024  /* bytes of a target URL */
+#define AG_ID_HEADER_MAX 64 /* bytes of a header name */
+#define AG_KEY_FILE_MAX 128 /* bytes of a key file name under keys/ */
+#define AG_GATEWAY_MAX 1024 /* bytes of a gateway URL */
+#define AG_HOST_MAX 255     /* bytes of a host name or IP literal */
 #define AG_MAX_INFLIGHT_MAX 100000
 #define AG_RESPONSE_TIMEOUT_MAX 86400 /* seconds */
-#define AG_STORE_ERR_LEN 512    /* a comfortable size for err buffers */
+#define AG_STORE_ERR_LEN 512          /* a comfortable size for err buffers */
 
 #define AG_DEFAULT_MAX_INFLIGHT 64
 #define AG_DEFAULT_ID_HEADER "X-Agent-Id"
@@ -34,33 +34,33 @@
  * call ag_store_save(), which validates every field again. name, id, address,
  * key_file and created are set by ag_store_new_agent() and never change. */
 struct ag_agent {
-    char name[AG_NAME_MAX + 1];          /* unique in the store */
-    char id[37];                         /* RFC 4122 v4 UUID, lowercase */
-    char address[ID_ADDR_STR_LEN + 1];   /* "0x" + 40 lowercase hex */
-    char target[AG_TARGET_MAX + 1];      /* http://host[:port][/base] (https recorded) */
-    bool enabled;                        /* the daemon keeps a tunnel for it */
-    bool preserve_host;                  /* forward the public Host instead of the target's */
-    uint32_t max_inflight;               /* requests in flight, 1..AG_MAX_INFLIGHT_MAX */
-    char id_header[AG_ID_HEADER_MAX + 1];/* request header carrying the agent's address */
-    uint32_t response_timeout_s;         /* 0 = the gateway's default */
-    char key_file[AG_KEY_FILE_MAX + 1];  /* file name under <home>/keys/ */
-    int64_t created;                     /* unix seconds */
-    bool superseded;                     /* set by the daemon: another instance took the key */
+    char name[AG_NAME_MAX + 1];           /* unique in the store */
+    char id[37];                          /* RFC 4122 v4 UUID, lowercase */
+    char address[ID_ADDR_STR_LEN + 1];    /* "0x" + 40 lowercase hex */
+    char target[AG_TARGET_MAX + 1];       /* http://host[:port][/base] (https recorded) */
+    bool enabled;                         /* the daemon keeps a tunnel for it */
+    bool preserve_host;                   /* forward the public Host instead of the target's */
+    uint32_t max_inflight;                /* requests in flight, 1..AG_MAX_INFLIGHT_MAX */
+    char id_header[AG_ID_HEADER_MAX + 1]; /* request header carrying the agent's id */
+    uint32_t response_timeout_s;          /* 0 = the gateway's default */
+    char key_file[AG_KEY_FILE_MAX + 1];   /* file name under <home>/keys/ */
+    int64_t created;                      /* unix seconds */
+    bool superseded;                      /* set by the daemon: another instance took the key */
 };
 
 /* A parsed local target URL. */
 struct ag_target {
-    bool tls;                   /* https:// (recorded; see ag_store_target_parse) */
-    char host[AG_HOST_MAX + 1]; /* name or IP, IPv6 without brackets */
-    uint16_t port;              /* explicit, or 80 / 443 */
+    bool tls;                     /* https:// (recorded; see ag_store_target_parse) */
+    char host[AG_HOST_MAX + 1];   /* name or IP, IPv6 without brackets */
+    uint16_t port;                /* explicit, or 80 / 443 */
     char base[AG_TARGET_MAX + 1]; /* path prefix without a trailing '/', "" for none */
 };
 
 /* A parsed gateway URL (ws:// or wss://HOST[:PORT]); the tunnel path is fixed. */
 struct ag_gateway {
-    bool tls;                   /* wss:// */
-    char host[AG_HOST_MAX + 1]; /* name or IP, IPv6 without brackets; also the domain */
-    uint16_t port;              /* explicit, or 80 / 443 */
+    bool tls;                          /* wss:// */
+    char host[AG_HOST_MAX + 1];        /* name or IP, IPv6 without brackets; also the domain */
+    uint16_t port;                     /* explicit, or 80 / 443 */
     char path[sizeof(AG_TUNNEL_PATH)]; /* always AG_TUNNEL_PATH */
 };
 
@@ -90,8 +90,7 @@ int ag_store_home_resolve(const char *opt, const char *env_home, const char *xdg
  * it until ag_store_free(). A missing agents.json is an empty store. A file
  * that does not parse or holds invalid values gives NULL and err naming the
  * file and the fault; the file is left untouched. Returns NULL on any error. */
-struct ag_store *ag_store_open(const char *home, enum ag_store_mode mode, char *err,
-                               size_t errlen);
+struct ag_store *ag_store_open(const char *home, enum ag_store_mode mode, char *err, size_t errlen);
 
 /* Releases the lock (if held) and frees the store and its agents. Takes NULL. */
 void ag_store_free(struct ag_store *s);
@@ -128,8 +127,7 @@ void ag_store_set_protocol(struct ag_store *s, enum ag_protocol p);
  * nothing is left behind. Needs AG_STORE_WRITE. On success *out (if not NULL)
  * points at the new agent. Returns 0 or -1 with err set. */
 int ag_store_new_agent(struct ag_store *s, const char *name, const char *target,
-                       const char *import_key, struct ag_agent **out, char *err,
-                       size_t errlen);
+                       const char *import_key, struct ag_agent **out, char *err, size_t errlen);
 
 /* Removes the named agent from agents.json (saved), then moves its key file to
  * <home>/removed/<name>-<unix time>.key (0600, never overwriting), or deletes
@@ -145,8 +143,7 @@ int ag_store_load_key(const struct ag_store *s, const struct ag_agent *a, struct
                       char *err, size_t errlen);
 
 /* Path of the agent's key file into out. Returns 0 or -1 (too long). */
-int ag_store_key_path(const struct ag_store *s, const struct ag_agent *a, char *out,
-                      size_t outlen);
+int ag_store_key_path(const struct ag_store *s, const struct ag_agent *a, char *out, size_t outlen);
 
 /* Agent names: [A-Za-z0-9._-]{1,64}. */
 bool ag_store_name_is_valid(const char *name);
@@ -166,8 +163,7 @@ int ag_store_gateway_parse(const char *url, struct ag_gateway *out, char *err, s
  * http:// for ws (port shown unless default). gw NULL, or a gateway dialled by
  * IP address, gives "<your gateway domain>" in place of the host.
  * Returns 0 or -1 (too long). */
-int ag_store_public_url(const struct ag_gateway *gw, const char *address, char *out,
-                        size_t outlen);
+int ag_store_public_url(const struct ag_gateway *gw, const char *address, char *out, size_t outlen);
 
 /* "native" / "osaurus", and back. Parse returns 0 or -1. */
 const char *ag_store_protocol_name(enum ag_protocol p);

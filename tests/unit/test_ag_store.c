@@ -123,15 +123,14 @@ static void test_home_resolve(void **state)
     char out[PATH_MAX];
     char err[256];
 
-    assert_int_equal(ag_store_home_resolve("/opt/h/", "/e", "/x", "/u", out, sizeof(out), err,
-                                           sizeof(err)),
-                     0);
+    assert_int_equal(
+        ag_store_home_resolve("/opt/h/", "/e", "/x", "/u", out, sizeof(out), err, sizeof(err)), 0);
     assert_string_equal(out, "/opt/h");
     assert_int_equal(
         ag_store_home_resolve(NULL, "/e", "/x", "/u", out, sizeof(out), err, sizeof(err)), 0);
     assert_string_equal(out, "/e");
-    assert_int_equal(
-        ag_store_home_resolve("", "", "/x", "/u", out, sizeof(out), err, sizeof(err)), 0);
+    assert_int_equal(ag_store_home_resolve("", "", "/x", "/u", out, sizeof(out), err, sizeof(err)),
+                     0);
     assert_string_equal(out, "/x/tunnel-agent");
     assert_int_equal(
         ag_store_home_resolve(NULL, NULL, NULL, "/u", out, sizeof(out), err, sizeof(err)), 0);
@@ -139,9 +138,8 @@ static void test_home_resolve(void **state)
     assert_int_equal(
         ag_store_home_resolve(NULL, NULL, NULL, NULL, out, sizeof(out), err, sizeof(err)), -1);
     assert_non_null(strstr(err, "--home"));
-    assert_int_equal(ag_store_home_resolve("/a/very/long/path", NULL, NULL, NULL, out, 8, err,
-                                           sizeof(err)),
-                     -1);
+    assert_int_equal(
+        ag_store_home_resolve("/a/very/long/path", NULL, NULL, NULL, out, 8, err, sizeof(err)), -1);
 }
 
 static void assert_agent_equal(const struct ag_agent *x, const struct ag_agent *y)
@@ -174,9 +172,8 @@ static void test_round_trip(void **state)
     assert_int_equal(mode_of(home), 0700);
     assert_int_equal(ag_store_count(s), 0);
     assert_null(ag_store_gateway(s));
-    assert_int_equal(ag_store_new_agent(s, "alpha", "http://127.0.0.1:8080", NULL, &a, err,
-                                        sizeof(err)),
-                     0);
+    assert_int_equal(
+        ag_store_new_agent(s, "alpha", "http://127.0.0.1:8080", NULL, &a, err, sizeof(err)), 0);
     assert_false(a->enabled);
     assert_int_equal(a->max_inflight, AG_DEFAULT_MAX_INFLIGHT);
     assert_string_equal(a->id_header, "X-Agent-Id");
@@ -185,9 +182,8 @@ static void test_round_trip(void **state)
     assert_string_equal(a->key_file, "alpha.key");
     assert_int_equal(strlen(a->address), ID_ADDR_STR_LEN);
     assert_int_equal(strlen(a->id), 36);
-    assert_int_equal(ag_store_new_agent(s, "beta", "http://[::1]:9000/api/", NULL, &a, err,
-                                        sizeof(err)),
-                     0);
+    assert_int_equal(
+        ag_store_new_agent(s, "beta", "http://[::1]:9000/api/", NULL, &a, err, sizeof(err)), 0);
     a->enabled = true;
     a->preserve_host = true;
     a->max_inflight = 7;
@@ -234,8 +230,8 @@ static void test_unknown_keys_kept(void **state)
     char *text;
 
     s = open_w(dir);
-    assert_int_equal(
-        ag_store_new_agent(s, "a", "http://localhost:1", NULL, &a, err, sizeof(err)), 0);
+    assert_int_equal(ag_store_new_agent(s, "a", "http://localhost:1", NULL, &a, err, sizeof(err)),
+                     0);
     ag_store_free(s);
     /* Add fields a newer version might write, at both levels. */
     path_in(path, sizeof(path), dir, "agents.json");
@@ -414,8 +410,7 @@ static void test_duplicates(void **state)
     assert_int_equal(
         ag_store_new_agent(s, "imp1", "http://127.0.0.1:80", keypath, &a, err, sizeof(err)), 0);
     assert_int_equal(
-        ag_store_new_agent(s, "imp2", "http://127.0.0.1:80", keypath, NULL, err, sizeof(err)),
-        -1);
+        ag_store_new_agent(s, "imp2", "http://127.0.0.1:80", keypath, NULL, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "already belongs to agent \"imp1\""));
     assert_int_equal(ag_store_count(s), 2);
     path_in(path, sizeof(path), dir, "keys/imp2.key");
@@ -466,8 +461,7 @@ static void test_new_agent_refusals(void **state)
     struct ag_store *r;
 
     assert_int_equal(
-        ag_store_new_agent(s, "bad name", "http://127.0.0.1:80", NULL, NULL, err, sizeof(err)),
-        -1);
+        ag_store_new_agent(s, "bad name", "http://127.0.0.1:80", NULL, NULL, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "invalid agent name"));
     assert_int_equal(ag_store_new_agent(s, "ok", "ftp://x:1", NULL, NULL, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "ftp://x:1"));
@@ -488,9 +482,22 @@ static void test_urls(void **state)
     char err[AG_STORE_ERR_LEN];
     char url[256];
     static const char *const bad_targets[] = {
-        "", "127.0.0.1:80", "ftp://h:1", "http://", "http://:80", "http://h:0", "http://h:65536",
-        "http://h:x", "http://h:", "http://u@h:80", "http://h:80/a?b", "http://h:80/#f",
-        "http://h a:80", "http://[::1:80", "http://[zz]:80", "http://h:80/a b",
+        "",
+        "127.0.0.1:80",
+        "ftp://h:1",
+        "http://",
+        "http://:80",
+        "http://h:0",
+        "http://h:65536",
+        "http://h:x",
+        "http://h:",
+        "http://u@h:80",
+        "http://h:80/a?b",
+        "http://h:80/#f",
+        "http://h a:80",
+        "http://[::1:80",
+        "http://[zz]:80",
+        "http://h:80/a b",
     };
 
     assert_int_equal(ag_store_target_parse("http://127.0.0.1:8080", &t, err, sizeof(err)), 0);
@@ -517,9 +524,8 @@ static void test_urls(void **state)
     assert_int_equal(g.port, 443);
     assert_string_equal(g.host, "gw.example.com");
     assert_string_equal(g.path, "/tunnel/connect");
-    assert_int_equal(ag_store_gateway_parse("ws://localhost:8080/tunnel/connect", &g, err,
-                                            sizeof(err)),
-                     0);
+    assert_int_equal(
+        ag_store_gateway_parse("ws://localhost:8080/tunnel/connect", &g, err, sizeof(err)), 0);
     assert_false(g.tls);
     assert_int_equal(g.port, 8080);
     assert_int_equal(ag_store_gateway_parse("https://gw", &g, err, sizeof(err)), -1);
@@ -555,8 +561,7 @@ static void test_key_files(void **state)
     path_in(keypath, sizeof(keypath), dir, "import.hex");
     write_all(keypath, TEST_PRIV_HEX "\n", 65, 0644);
     assert_int_equal(
-        ag_store_new_agent(s, "imp", "http://127.0.0.1:80", keypath, NULL, err, sizeof(err)),
-        -1);
+        ag_store_new_agent(s, "imp", "http://127.0.0.1:80", keypath, NULL, err, sizeof(err)), -1);
     assert_non_null(strstr(err, keypath));
     assert_non_null(strstr(err, "chmod"));
     assert_int_equal(ag_store_count(s), 0);
@@ -622,9 +627,8 @@ static void test_remove(void **state)
     assert_int_equal(
         ag_store_new_agent(s, "other", "http://127.0.0.1:80", NULL, NULL, err, sizeof(err)), 0);
 
-    assert_int_equal(ag_store_remove_agent(s, "nope", false, moved, sizeof(moved), err,
-                                           sizeof(err)),
-                     -1);
+    assert_int_equal(
+        ag_store_remove_agent(s, "nope", false, moved, sizeof(moved), err, sizeof(err)), -1);
     assert_non_null(strstr(err, "no agent named"));
 
     assert_int_equal(
@@ -642,8 +646,8 @@ static void test_remove(void **state)
     a = ag_store_find(s, "gone");
     assert_non_null(a);
     assert_int_equal(ag_store_key_path(s, a, path, sizeof(path)), 0);
-    assert_int_equal(
-        ag_store_remove_agent(s, "gone", true, moved, sizeof(moved), err, sizeof(err)), 0);
+    assert_int_equal(ag_store_remove_agent(s, "gone", true, moved, sizeof(moved), err, sizeof(err)),
+                     0);
     assert_string_equal(moved, "");
     assert_int_equal(access(path, F_OK), -1);
     ag_store_free(s);
