@@ -228,7 +228,7 @@ void log_emit(struct log_sink *log, enum log_level level, const char *event,
     struct line l = {.len = 0};
     struct timespec ts;
     struct tm tm;
-    char tsbuf[40];
+    char tsbuf[96]; /* room for any int, so the compiler can prove no truncation */
 
     if (!log_enabled(log, level))
         return;
