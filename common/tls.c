@@ -64,29 +64,29 @@ struct tls_leaf {
 
 /* Owned by the gateway context. */
 struct tls_server {
-    SSL_CTX *ctx;          /* current SSL_CTX; one owned reference */
-    struct log_sink *log;  /* borrowed */
-    char *cert_file;       /* configured mode: owned copy, else NULL */
-    char *key_file;        /* configured mode: owned copy, else NULL */
-    char *domain;          /* apex, lowercase, validated */
-    char *ca_path;         /* local CA mode: <state_dir>/local-ca.pem */
+    SSL_CTX *ctx;               /* current SSL_CTX; one owned reference */
+    struct log_sink *log;       /* borrowed */
+    char *cert_file;            /* configured mode: owned copy, else NULL */
+    char *key_file;             /* configured mode: owned copy, else NULL */
+    char *domain;               /* apex, lowercase, validated */
+    char *ca_path;              /* local CA mode: <state_dir>/local-ca.pem */
     uint8_t alpn[TLS_ALPN_MAX]; /* server preference, wire format */
-    size_t alpn_len;       /* 0 = no ALPN */
+    size_t alpn_len;            /* 0 = no ALPN */
 
     /* local CA mode only */
-    X509 *ca_cert;           /* owned */
-    EVP_PKEY *ca_key;        /* owned */
-    int64_t ca_not_after;    /* Unix seconds; leaves never outlive the CA */
-    EVP_PKEY *leaf_key;      /* owned; shared by every issued leaf, memory only */
-    X509 *apex;              /* owned; certificate for <domain>, and the fallback */
-    int64_t apex_not_after;  /* Unix seconds */
+    X509 *ca_cert;             /* owned */
+    EVP_PKEY *ca_key;          /* owned */
+    int64_t ca_not_after;      /* Unix seconds; leaves never outlive the CA */
+    EVP_PKEY *leaf_key;        /* owned; shared by every issued leaf, memory only */
+    X509 *apex;                /* owned; certificate for <domain>, and the fallback */
+    int64_t apex_not_after;    /* Unix seconds */
     struct tls_leaf **buckets; /* hash table of nbuckets chains */
-    size_t nbuckets;         /* power of two */
-    uint64_t hash_seed;      /* random, so peers cannot aim names at one chain */
+    size_t nbuckets;           /* power of two */
+    uint64_t hash_seed;        /* random, so peers cannot aim names at one chain */
     struct tls_leaf *lru_head; /* most recently used */
     struct tls_leaf *lru_tail; /* evicted first */
-    size_t count;            /* leaves cached */
-    size_t max;              /* bound on count */
+    size_t count;              /* leaves cached */
+    size_t max;                /* bound on count */
 };
 
 enum tls_name_kind {
@@ -99,8 +99,10 @@ enum tls_name_kind {
  * error (the root cause: "No such file or directory", "bad base64 decode";
  * later entries only say which layer gave up), and drains the queue
  * (STYLE.md section 4). */
-__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen,
-                                                          const char *fmt, ...)
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
 {
     unsigned long e = ERR_peek_error();
     va_list ap;
@@ -110,8 +112,8 @@ __attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errl
         int n = vsnprintf(err, errlen, fmt, ap);
         va_end(ap);
         if (e != 0 && n >= 0 && (size_t)n + 3 < errlen) {
-            const char *reason = ERR_SYSTEM_ERROR(e) ? strerror(ERR_GET_REASON(e))
-                                                     : ERR_reason_error_string(e);
+            const char *reason =
+                ERR_SYSTEM_ERROR(e) ? strerror(ERR_GET_REASON(e)) : ERR_reason_error_string(e);
             char ebuf[256];
             if (reason == NULL) {
                 ERR_error_string_n(e, ebuf, sizeof(ebuf));
@@ -309,6 +311,8 @@ static int write_file_atomic(const char *dir, const char *path, const char *data
         ssize_t n = write(fd, data, len);
         if (n == -1 && errno == EINTR)
             continue;
+        if (n == 0)
+            errno = EIO;
         if (n <= 0)
             goto fail_fd;
         data += n;
@@ -451,9 +455,8 @@ static X509 *make_cert(X509 *issuer, EVP_PKEY *issuer_key, EVP_PKEY *key, const 
         ASN1_TIME_set(X509_getm_notAfter(x), (time_t)not_after) == NULL)
         goto fail;
     name = X509_get_subject_name(x);
-    if (cn_fits &&
-        X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, (const unsigned char *)cn, -1, -1,
-                                   0) != 1)
+    if (cn_fits && X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, (const unsigned char *)cn,
+                                              -1, -1, 0) != 1)
         goto fail;
     if (X509_set_issuer_name(x, issuer != NULL ? X509_get_subject_name(issuer) : name) != 1)
         goto fail;
@@ -500,8 +503,8 @@ static X509 *issue_leaf(struct tls_server *s, const char *name, int64_t *not_aft
 
     if (end > s->ca_not_after)
         end = s->ca_not_after;
-    x = make_cert(s->ca_cert, s->ca_key, s->leaf_key, name, extra, false,
-                  now - TLS_BACKDATE_SECS, end);
+    x = make_cert(s->ca_cert, s->ca_key, s->leaf_key, name, extra, false, now - TLS_BACKDATE_SECS,
+                  end);
     if (x == NULL) {
         tls_log_errors(s->log, "tls_leaf_failed");
         return NULL;
@@ -755,8 +758,7 @@ static SSL_CTX *build_ctx(struct tls_server *s, char *err, size_t errlen)
         return ctx;
     }
     /* Local CA: the apex is the default; on_cert picks per SNI. */
-    if (apex_get(s) == NULL ||
-        SSL_CTX_use_cert_and_key(ctx, s->apex, s->leaf_key, NULL, 1) != 1) {
+    if (apex_get(s) == NULL || SSL_CTX_use_cert_and_key(ctx, s->apex, s->leaf_key, NULL, 1) != 1) {
         set_err(err, errlen, "cannot issue the certificate for %s", s->domain);
         goto fail_ctx;
     }
@@ -770,8 +772,8 @@ fail_ctx:
 
 /* Creates <state_dir>/local-ca.{key,pem}. The key goes first: a key without
  * a certificate was never trusted by anyone and is simply replaced. */
-static int local_ca_create(struct tls_server *s, const char *dir, const char *key_path,
-                           char *err, size_t errlen)
+static int local_ca_create(struct tls_server *s, const char *dir, const char *key_path, char *err,
+                           size_t errlen)
 {
     int64_t now = util_unix_time();
     uint8_t rnd[4];
@@ -830,8 +832,8 @@ static int local_ca_load(struct tls_server *s, const char *key_path, char *err, 
     if (s->ca_cert == NULL)
         return -1;
     if (X509_check_private_key(s->ca_cert, s->ca_key) != 1) {
-        set_err(err, errlen, "%s does not match %s; remove both to create a new local CA",
-                key_path, s->ca_path);
+        set_err(err, errlen, "%s does not match %s; remove both to create a new local CA", key_path,
+                s->ca_path);
         return -1;
     }
     if (X509_check_ca(s->ca_cert) < 1) {
@@ -925,6 +927,7 @@ struct tls_server *tls_server_new(const struct tls_server_opts *o, char *err, si
 
     if (err != NULL && errlen > 0)
         err[0] = '\0';
+    ERR_clear_error(); /* so that err names our failure, not a stale one */
     if ((o->cert_file == NULL) != (o->key_file == NULL)) {
         set_err(err, errlen, "a certificate file needs a key file and vice versa");
         return NULL;
@@ -998,11 +1001,10 @@ int tls_server_reload(struct tls_server *s, char *err, size_t errlen)
 
     if (err != NULL && errlen > 0)
         err[0] = '\0';
+    ERR_clear_error(); /* so that err names our failure, not a stale one */
     ctx = build_ctx(s, err, errlen);
-    if (ctx == NULL) {
-        LOG_ERROR(s->log, "tls_reload_failed", LOG_S("err", err));
+    if (ctx == NULL)
         return -1;
-    }
     /* Same ticket keys: tickets issued before the reload still resume. */
     if (SSL_CTX_get_tlsext_ticket_keys(s->ctx, keys, sizeof(keys)) == 1)
         (void)SSL_CTX_set_tlsext_ticket_keys(ctx, keys, sizeof(keys));
@@ -1010,8 +1012,6 @@ int tls_server_reload(struct tls_server *s, char *err, size_t errlen)
     ERR_clear_error();
     SSL_CTX_free(s->ctx); /* live SSLs keep their own reference */
     s->ctx = ctx;
-    LOG_INFO(s->log, "tls_reloaded", LOG_S("mode", s->ca_cert != NULL ? "local_ca" : "file"),
-             LOG_S("cert", s->cert_file));
     return 0;
 }
 
@@ -1045,6 +1045,7 @@ SSL_CTX *tls_client_ctx_new(const char *ca_file, const char *alpn, char *err, si
 
     if (err != NULL && errlen > 0)
         err[0] = '\0';
+    ERR_clear_error(); /* so that err names our failure, not a stale one */
     if (alpn != NULL && alpn_encode(alpn, wire, sizeof(wire), &wire_len) != 0) {
         set_err(err, errlen, "invalid ALPN list: %s", alpn);
         return NULL;

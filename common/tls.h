@@ -54,7 +54,8 @@ SSL_CTX *tls_server_ctx(struct tls_server *s);
  * loaded) into a NEW SSL_CTX and swaps it in only if everything loaded.
  * Session-ticket keys carry over, so tickets survive the reload. Live
  * connections keep the old SSL_CTX. Returns 0, or -1 with a message in err,
- * keeping the old SSL_CTX. */
+ * keeping the old SSL_CTX. Logs nothing itself (the caller logs the outcome),
+ * except tls_cert_name_mismatch / tls_cert_expired warnings. */
 int tls_server_reload(struct tls_server *s, char *err, size_t errlen);
 
 /* True in local CA mode (no certificate configured). */
