@@ -25,6 +25,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 
+BLOCK = random.Random(7).randbytes(1 << 20)
+
+
+def stream_digest(n):
+    """sha256 of the first n bytes of BLOCK repeated (what /stream?n= sends)."""
+    h = hashlib.sha256()
+    left = n
+    while left:
+        c = BLOCK if left >= len(BLOCK) else BLOCK[:left]
+        h.update(c)
+        left -= len(c)
+    return h.hexdigest()
+
+
 def det_bytes(n, seed):
     return random.Random(seed).randbytes(n)
 
@@ -123,6 +137,18 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/bytes":
             data = det_bytes(int(q.get("n", "0")), q.get("seed", "0"))
             self.send_body(200, data, "application/octet-stream")
+        elif path == "/stream":
+            # n bytes: BLOCK repeated (the client knows the digest), chunked
+            n = int(q.get("n", "0"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            left = n
+            while left:
+                c = BLOCK if left >= len(BLOCK) else BLOCK[:left]
+                self.wfile.write(c)
+                left -= len(c)
         elif path == "/chunked":
             n = int(q.get("n", "0"))
             data = det_bytes(n, q.get("seed", "0"))

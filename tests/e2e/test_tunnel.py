@@ -1,0 +1,318 @@
+"""The tunnel end to end: curl (HTTP/1.1 and HTTP/2) -> tunnel-gateway ->
+native tunnel -> tunnel-agent -> a local API, all real processes on loopback.
+Asserts statuses, headers and bytes; memory bounds only in release builds."""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from local_api import LocalApi, stream_digest
+from tunnel_env import SANITIZED, Agent, Gateway, free_port, wait_for
+
+MiB = 1 << 20
+HTTP = ["--http1.1", "--http2"]
+
+
+class Env:
+    pass
+
+
+@pytest.fixture(scope="module")
+def env(build_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tunnel")
+    e = Env()
+    e.tmp = tmp
+    e.api = LocalApi()
+    e.gw = Gateway(build_dir, tmp)
+    e.agent = Agent(build_dir, tmp)
+    e.addr = e.agent.new("api", e.api.url)
+    e.agent.cli("set", "api", "--max-inflight", "1000")
+    e.dead_addr = e.agent.new("dead", f"http://127.0.0.1:{free_port()}")
+    e.agent.run(e.gw)
+    e.agent.wait_connected(timeout=30)
+    e.host = f"{e.addr}.localhost"
+    e.base = f"https://{e.host}:{e.gw.port}"
+    yield e
+    e.agent.stop()
+    e.gw.stop()
+    e.api.stop()
+
+
+def curl(e, path, *args, http="--http1.1", host=None, timeout=60, check=True):
+    """Runs curl; returns (status, headers dict of lists, body bytes)."""
+    url = f"https://{host or e.host}:{e.gw.port}{path}"
+    hdr_file = e.tmp / f"h{threading.get_ident()}-{random.random()}"
+    r = subprocess.run(["curl", "-sS", http, "--cacert", str(e.gw.ca), "-D", str(hdr_file),
+                        *args, url], capture_output=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"curl {path} failed ({r.returncode}): {r.stderr.decode()}")
+    heads = {}
+    status = 0
+    if hdr_file.exists():
+        for line in hdr_file.read_text(errors="replace").splitlines():
+            if line.startswith("HTTP/"):
+                status = int(line.split()[1])
+                heads = {}
+            elif ":" in line:
+                k, v = line.split(":", 1)
+                heads.setdefault(k.strip().lower(), []).append(v.strip())
+        hdr_file.unlink()
+    return status, heads, r.stdout
+
+
+@pytest.mark.parametrize("http", HTTP)
+def test_methods_headers_and_bodies(env, http):
+    e = env
+    st, h, body = curl(e, "/echo/a?x=1&y=%20z", "-H", "X-Rep: a", "-H", "X-Rep: b",
+                       "-H", "X-Forwarded-For: 6.6.6.6", "-H", "X-Agent-Address: 0xevil",
+                       "-H", "X-Tunnel-Origin: local", "-H", "Cookie: c=1",
+                       "-H", "Authorization: Bearer t", http=http)
+    assert st == 200
+    j = json.loads(body)
+    assert j["method"] == "GET" and j["path"] == "/echo/a?x=1&y=%20z"
+    hd = j["headers"]
+    assert hd["x-rep"] == ["a", "b"] or hd["x-rep"] == ["a, b"]
+    assert hd["x-forwarded-for"] == ["127.0.0.1"]           # the client's value replaced
+    assert hd["x-forwarded-proto"] == ["https"]
+    assert hd["x-forwarded-host"] == [f"{e.host}:{e.gw.port}"]
+    assert hd["x-agent-address"] == [e.addr]
+    assert hd["x-tunnel-origin"] == ["public"]
+    assert len(hd["x-agent-id"][0]) == 36
+    assert hd["host"] == [f"127.0.0.1:{e.api.port}"]
+    assert hd["cookie"] == ["c=1"] and hd["authorization"] == ["Bearer t"]
+
+    data = os.urandom(100_000)
+    (e.tmp / "post.bin").write_bytes(data)
+    st, h, body = curl(e, "/echo", "--data-binary", f"@{e.tmp / 'post.bin'}", http=http)
+    j = json.loads(body)
+    assert st == 200 and j["method"] == "POST" and j["len"] == len(data)
+    assert j["sha256"] == hashlib.sha256(data).hexdigest()
+
+    st, h, body = curl(e, "/echo", "--data-binary", f"@{e.tmp / 'post.bin'}",
+                       "-H", "Transfer-Encoding: chunked", http=http)
+    assert json.loads(body)["sha256"] == hashlib.sha256(data).hexdigest()
+
+    st, h, body = curl(e, "/echo", "-X", "POST", "--data-binary", "", http=http)
+    assert st == 200 and json.loads(body)["len"] == 0
+    st, h, body = curl(e, "/echo", "-X", "DELETE", http=http)
+    assert st == 200 and json.loads(body)["method"] == "DELETE"
+    st, h, body = curl(e, "/bytes?n=1000", "-I", http=http)
+    assert st == 200 and body == b"" and h["content-length"] == ["1000"]
+    for code in (204, 304):
+        st, h, body = curl(e, f"/status/{code}", http=http)
+        assert st == code and body == b""
+    st, h, body = curl(e, "/cookies", http=http)
+    assert st == 200 and h["set-cookie"] == ["a=1; Path=/", "b=2; Path=/"]
+    st, h, body = curl(e, "/chunked?n=300000&seed=3", http=http)
+    assert st == 200 and len(body) == 300000
+
+
+@pytest.mark.parametrize("http", HTTP)
+def test_100_concurrent_binary_bodies(env, http):
+    e = env
+    rnd = random.Random(1 if http == "--http1.1" else 2)
+    cfg = []
+    expect = []
+    for i in range(100):
+        n = rnd.randrange(0, MiB + 1)
+        p = e.tmp / f"in{i}"
+        data = rnd.randbytes(n)
+        p.write_bytes(data)
+        expect.append(hashlib.sha256(data).hexdigest())
+        cfg.append(f'url = "{e.base}/upload?id=c{i}"\ndata-binary = "@{p}"\noutput = "{e.tmp / f"out{i}"}"\n')
+    (e.tmp / "curl.cfg").write_text("next\n".join(cfg))
+    r = subprocess.run(["curl", "-sS", http, "--cacert", str(e.gw.ca), "-Z", "--parallel-max", "100",
+                        "-K", str(e.tmp / "curl.cfg")], capture_output=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    for i in range(100):
+        got = json.loads((e.tmp / f"out{i}").read_bytes())
+        assert got["sha256"] == expect[i], i
+    # and downloads: bytes back identical
+    cfg = []
+    for i in range(100):
+        n = rnd.randrange(0, MiB + 1)
+        cfg.append(f'url = "{e.base}/bytes?n={n}&seed={i}"\noutput = "{e.tmp / f"dl{i}"}"\n')
+        expect[i] = hashlib.sha256(random.Random(str(i)).randbytes(n)).hexdigest()
+    (e.tmp / "curl2.cfg").write_text("next\n".join(cfg))
+    r = subprocess.run(["curl", "-sS", http, "--cacert", str(e.gw.ca), "-Z", "--parallel-max", "100",
+                        "-K", str(e.tmp / "curl2.cfg")], capture_output=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    for i in range(100):
+        assert hashlib.sha256((e.tmp / f"dl{i}").read_bytes()).hexdigest() == expect[i], i
+
+
+@pytest.mark.parametrize("http", HTTP)
+def test_sse_events_arrive_spaced(env, http):
+    e = env
+    p = subprocess.Popen(["curl", "-sSN", http, "--cacert", str(e.gw.ca),
+                          f"{e.base}/sse?n=20&interval_ms=100"], stdout=subprocess.PIPE)
+    arrivals = []
+    for line in p.stdout:
+        if line.startswith(b"data:"):
+            arrivals.append(time.monotonic())
+    p.wait(30)
+    assert len(arrivals) == 20
+    # written 100 ms apart: they must arrive spread out, not in one burst
+    assert arrivals[-1] - arrivals[0] >= 1.5
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert sum(1 for g in gaps if g >= 0.05) >= 15, gaps
+
+
+def sample_rss(procs, stop, peaks):
+    while not stop.is_set():
+        for i, p in enumerate(procs):
+            try:
+                peaks[i] = max(peaks[i], p.rss_kib())
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        time.sleep(0.05)
+
+
+def with_rss(e, fn):
+    procs = [e.gw, e.agent.proc]
+    base = [p.rss_kib() for p in procs]
+    peaks = list(base)
+    stop = threading.Event()
+    t = threading.Thread(target=sample_rss, args=(procs, stop, peaks))
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    return [(pk - b) / 1024 for pk, b in zip(peaks, base)]
+
+
+@pytest.mark.skipif(SANITIZED, reason="memory bounds apply to release builds")
+def test_1gib_download_and_upload_bounded_memory(env):
+    e = env
+    n = 1 << 30
+
+    def down():
+        p = subprocess.run(["curl", "-sS", "--cacert", str(e.gw.ca), f"{e.base}/stream?n={n}"],
+                           stdout=subprocess.PIPE, timeout=600)
+        assert p.returncode == 0 and len(p.stdout) == n
+        assert hashlib.sha256(p.stdout).hexdigest() == stream_digest(n)
+
+    growth = with_rss(e, down)
+    assert max(growth) <= 32, f"RSS growth MiB gateway/agent: {growth}"
+
+    big = e.tmp / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(n)  # sparse: reads as zeros
+    zero_digest = hashlib.sha256()
+    chunk = bytes(MiB)
+    for _ in range(n // MiB):
+        zero_digest.update(chunk)
+
+    def up():
+        st, h, body = curl(e, "/upload?id=big", "--data-binary", f"@{big}", timeout=600)
+        j = json.loads(body)
+        assert j["len"] == n and j["sha256"] == zero_digest.hexdigest()
+
+    growth = with_rss(e, up)
+    big.unlink()
+    assert max(growth) <= 32, f"RSS growth MiB gateway/agent: {growth}"
+
+
+@pytest.mark.skipif(SANITIZED, reason="memory bounds apply to release builds")
+def test_slow_reader_bounded_and_stopped_reader_does_not_stall_others(env):
+    e = env
+    n = 64 * MiB
+
+    def slow():
+        p = subprocess.run(["curl", "-sS", "--limit-rate", "2M", "--cacert", str(e.gw.ca),
+                            f"{e.base}/stream?n={n}"], stdout=subprocess.PIPE, timeout=120)
+        assert p.returncode == 0 and len(p.stdout) == n
+        assert hashlib.sha256(p.stdout).hexdigest() == stream_digest(n)
+
+    growth = with_rss(e, slow)
+    assert max(growth) <= 32, f"RSS growth MiB gateway/agent: {growth}"
+
+    # a stopped reader on the same tunnel must not slow another download
+    stopped = subprocess.Popen(["curl", "-sS", "--cacert", str(e.gw.ca),
+                                f"{e.base}/stream?n={1 << 30}", "-o", "/dev/null"])
+    time.sleep(0.5)
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run(["curl", "-sS", "--cacert", str(e.gw.ca), f"{e.base}/stream?n={n}"],
+                           stdout=subprocess.PIPE, timeout=60)
+        assert p.returncode == 0 and len(p.stdout) == n
+        assert time.monotonic() - t0 < 30
+    finally:
+        os.kill(stopped.pid, signal.SIGKILL)
+        stopped.wait()
+
+
+def test_upload_streams_before_client_finishes_and_slow_local_reader(env):
+    """The local API sees an upload's first bytes while the client still sends."""
+    import http.client
+    import ssl
+    e = env
+    ctx = ssl.create_default_context(cafile=str(e.gw.ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", e.gw.port, context=ctx, timeout=30)
+    seen_first = {}
+
+    def body():
+        yield os.urandom(64 * 1024)
+        # do not send more until the local API has the first bytes
+        wait_for(lambda: "stream1" in e.api.state.first_byte, 10, "first byte at the local API")
+        seen_first["at"] = time.monotonic()
+        for _ in range(64):
+            yield os.urandom(64 * 1024)
+
+    conn.putrequest("POST", "/upload?id=stream1&slow=8000000", skip_host=True)
+    conn.putheader("Host", f"{e.host}:{e.gw.port}")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    for c in body():
+        conn.send(b"%x\r\n%s\r\n" % (len(c), c))
+    conn.send(b"0\r\n\r\n")
+    r = conn.getresponse()
+    j = json.loads(r.read())
+    assert r.status == 200 and j["len"] == 65 * 64 * 1024
+    assert "at" in seen_first
+
+
+@pytest.mark.parametrize("http", HTTP)
+@pytest.mark.parametrize("after_head", [False, True])
+def test_client_disconnect_cancels_local_request(env, http, after_head):
+    e = env
+    hid = f"hold-{http}-{after_head}"
+    q = f"/hold?id={hid}" + ("&after_head=1" if after_head else "")
+    p = subprocess.Popen(["curl", "-sSN", http, "--cacert", str(e.gw.ca), e.base + q],
+                         stdout=subprocess.PIPE)
+    wait_for(lambda: hid in e.api.state.opened, 10, "request at the local API")
+    if after_head:
+        assert p.stdout.read(5) == b"hello"
+    t0 = time.monotonic()
+    p.kill()
+    p.wait()
+    wait_for(lambda: hid in e.api.state.closed, 5, "the local request closed")
+    assert e.api.state.closed[hid] - t0 < 2.0
+
+
+@pytest.mark.parametrize("http", HTTP)
+def test_gateway_errors(env, http):
+    e = env
+    st, h, body = curl(e, "/x", http=http, host="0x" + "ab" * 20 + ".localhost")
+    assert st == 502 and json.loads(body)["error"] == "agent_offline"
+    st, h, body = curl(e, "/x", http=http, host=f"{e.dead_addr}.localhost")
+    assert st == 502 and json.loads(body)["error"] == "local_unreachable"
+    st, h, body = curl(e, "/x", http=http, host="not-an-address.localhost")
+    assert st == 400 and json.loads(body)["error"] == "invalid_subdomain"
+    st, h, body = curl(e, "/x", http=http, host="example.org")
+    assert st == 404 and json.loads(body)["error"] == "unknown_host"
+    st, h, body = curl(e, "/x", "-H", "X-Big: " + "a" * 70000, http=http)
+    assert st == 431 and json.loads(body)["error"] == "header_too_large"
+    # the apex's own endpoints are not reachable on agent hosts: /health is the agent's
+    st, h, body = curl(e, "/health", http=http)
+    assert st == 404 and body == b'{"error":"nope"}'
