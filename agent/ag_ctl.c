@@ -1,13 +1,123 @@
-/* Control-socket client, placeholder (ag_ctl.h): until the daemon has a
- * control socket, no daemon is ever found, status shows the saved settings
- * with state "disconnected", and notify does nothing. */
+/* Control socket (ag_ctl.h): the CLI's client, which falls back to the saved
+ * settings when no daemon answers, and the daemon's server, a libevent
+ * listener on <home>/agent.sock answering one JSON line per connection.
+ * A second daemon is kept out by an flock on <home>/daemon.lock; the socket
+ * file a killed daemon left behind is detected (nobody accepts) and
+ * replaced. */
 #include "ag_ctl.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+
+#include "util.h"
+
+#define CTL_TIMEOUT_S 5
+#define CTL_LINE_MAX (64u * 1024u)     /* request line */
+#define CTL_ANSWER_MAX (16u << 20)     /* answer the client accepts */
+
+/* ---- client ------------------------------------------------------------- */
+
+static int sock_path(const char *home, char *out, size_t len)
+{
+    return util_snprintf(out, len, "%s/%s", home, AG_CTL_SOCK_NAME) < 0 ? -1 : 0;
+}
+
+/* Connects to the daemon of home. Returns the fd, -2 when no daemon listens
+ * (no socket file, or nobody accepting), -1 on another error. */
+static int ctl_connect(const char *home)
+{
+    struct sockaddr_un sa;
+    struct timeval tv = {CTL_TIMEOUT_S, 0};
+    int fd;
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    if (sock_path(home, sa.sun_path, sizeof(sa.sun_path)) != 0)
+        return -1;
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd == -1)
+        return -1;
+    (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    (void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == -1) {
+        int e = errno;
+        close(fd);
+        return (e == ENOENT || e == ECONNREFUSED || e == ENOTSOCK) ? -2 : -1;
+    }
+    return fd;
+}
+
+/* Sends one request line and reads the answer line into *answer (caller
+ * frees). Returns 1 (answered), 0 (no daemon), -1 (error). */
+static int ctl_request(const char *home, const char *req, char **answer)
+{
+    int fd = ctl_connect(home);
+    size_t len = 0, cap = 4096;
+    char *buf;
+
+    *answer = NULL;
+    if (fd == -2)
+        return 0;
+    if (fd < 0)
+        return -1;
+    if (write(fd, req, strlen(req)) != (ssize_t)strlen(req) || write(fd, "\n", 1) != 1)
+        goto fail_fd;
+    buf = malloc(cap);
+    if (buf == NULL)
+        goto fail_fd;
+    for (;;) {
+        ssize_t n;
+        if (len + 1 == cap) {
+            char *nb;
+            if (cap >= CTL_ANSWER_MAX)
+                goto fail_buf;
+            nb = realloc(buf, cap * 2);
+            if (nb == NULL)
+                goto fail_buf;
+            buf = nb;
+            cap *= 2;
+        }
+        n = read(fd, buf + len, cap - len - 1);
+        if (n == -1 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+        if (memchr(buf + len - (size_t)n, '\n', (size_t)n) != NULL)
+            break;
+    }
+    close(fd);
+    buf[len] = '\0';
+    if (len == 0) {
+        free(buf);
+        return -1;
+    }
+    buf[strcspn(buf, "\n")] = '\0';
+    *answer = buf;
+    return 1;
+
+fail_buf:
+    free(buf);
+fail_fd:
+    close(fd);
+    return -1;
+}
 
 static int status_json(struct ag_store *st, const struct ag_gateway *gw)
 {
@@ -79,14 +189,72 @@ static void status_text(struct ag_store *st, const struct ag_gateway *gw)
     }
 }
 
+static const char *jstr(const cJSON *o, const char *name, const char *dflt)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+
+    return cJSON_IsString(v) ? v->valuestring : dflt;
+}
+
+/* Prints the daemon's status object as a table. */
+static void status_live_text(const cJSON *root)
+{
+    const cJSON *agents = cJSON_GetObjectItemCaseSensitive(root, "agents");
+    const cJSON *gw = cJSON_GetObjectItemCaseSensitive(root, "gateway");
+    const cJSON *a;
+
+    printf("daemon: running, gateway %s (%s)\n", jstr(gw, "url", "?"), jstr(gw, "state", "?"));
+    if (jstr(gw, "error", NULL) != NULL)
+        printf("gateway error: %s\n", jstr(gw, "error", ""));
+    if (cJSON_GetArraySize(agents) == 0) {
+        printf("no agents (create one with: tunnel-agent new NAME --target URL)\n");
+        return;
+    }
+    printf("%-20s %-8s %-13s %-9s %s\n", "NAME", "ENABLED", "STATE", "PROBE", "URL");
+    cJSON_ArrayForEach(a, agents)
+    {
+        const cJSON *en = cJSON_GetObjectItemCaseSensitive(a, "enabled");
+        const cJSON *rtt = cJSON_GetObjectItemCaseSensitive(a, "probe_rtt_ms");
+        const cJSON *lp = cJSON_GetObjectItemCaseSensitive(a, "last_probe_ms");
+        char probe[32] = "-";
+        if (cJSON_IsNumber(lp) && lp->valuedouble > 0 && cJSON_IsNumber(rtt))
+            snprintf(probe, sizeof(probe), "%.0fms", rtt->valuedouble);
+        printf("%-20s %-8s %-13s %-9s %s\n", jstr(a, "name", "?"),
+               cJSON_IsTrue(en) ? "yes" : "no", jstr(a, "state", "?"), probe, jstr(a, "url", ""));
+        if (jstr(a, "error", NULL) != NULL && jstr(a, "error", "")[0] != '\0')
+            printf("  error: %s\n", jstr(a, "error", ""));
+    }
+}
+
 int ag_ctl_status(const char *home, bool json)
 {
     char err[AG_STORE_ERR_LEN];
     struct ag_gateway gw;
     const struct ag_gateway *gwp = NULL;
-    struct ag_store *st = ag_store_open(home, AG_STORE_READ, err, sizeof(err));
-    int rc = 0;
+    struct ag_store *st;
+    char *answer = NULL;
+    int rc = ctl_request(home, "{\"cmd\":\"status\"}", &answer);
 
+    if (rc == 1) {
+        cJSON *root = cJSON_Parse(answer);
+        if (cJSON_IsObject(root)) {
+            if (json)
+                printf("%s\n", answer);
+            else
+                status_live_text(root);
+            cJSON_Delete(root);
+            free(answer);
+            return 0;
+        }
+        cJSON_Delete(root);
+        free(answer);
+        rc = -1;
+    }
+    if (rc == -1)
+        fprintf(stderr, "tunnel-agent: the daemon's control socket %s/%s does not answer; "
+                        "showing the saved settings\n",
+                home, AG_CTL_SOCK_NAME);
+    st = ag_store_open(home, AG_STORE_READ, err, sizeof(err));
     if (st == NULL) {
         fprintf(stderr, "tunnel-agent: %s\n", err);
         return -1;
@@ -94,6 +262,7 @@ int ag_ctl_status(const char *home, bool json)
     if (ag_store_gateway(st) != NULL &&
         ag_store_gateway_parse(ag_store_gateway(st), &gw, err, sizeof(err)) == 0)
         gwp = &gw;
+    rc = 0;
     if (json)
         rc = status_json(st, gwp);
     else
@@ -104,11 +273,245 @@ int ag_ctl_status(const char *home, bool json)
 
 int ag_ctl_states(const char *home, struct ag_ctl_state **out, size_t *n)
 {
+    char *answer = NULL;
+    int rc = ctl_request(home, "{\"cmd\":\"status\"}", &answer);
+    cJSON *root, *agents, *a;
+    size_t i = 0;
+
     *out = NULL;
     *n = 0;
-    return 0;
+    if (rc != 1)
+        return rc == 0 ? 0 : -1;
+    root = cJSON_Parse(answer);
+    free(answer);
+    agents = cJSON_GetObjectItemCaseSensitive(root, "agents");
+    if (!cJSON_IsArray(agents)) {
+        cJSON_Delete(root);
+        return -1;
+    }
+    *out = calloc((size_t)cJSON_GetArraySize(agents) + 1, sizeof(**out));
+    if (*out == NULL) {
+        cJSON_Delete(root);
+        return -1;
+    }
+    cJSON_ArrayForEach(a, agents)
+    {
+        snprintf((*out)[i].name, sizeof((*out)[i].name), "%s", jstr(a, "name", ""));
+        snprintf((*out)[i].state, sizeof((*out)[i].state), "%s", jstr(a, "state", ""));
+        snprintf((*out)[i].error, sizeof((*out)[i].error), "%s", jstr(a, "error", ""));
+        i++;
+    }
+    *n = i;
+    cJSON_Delete(root);
+    return 1;
 }
 
 void ag_ctl_notify(const char *home)
 {
+    char *answer = NULL;
+
+    if (ctl_request(home, "{\"cmd\":\"reload\"}", &answer) == -1)
+        fprintf(stderr, "tunnel-agent: the running daemon did not confirm the reload\n");
+    free(answer);
+}
+
+/* ---- server --------------------------------------------------------------- */
+
+struct ctl_client {
+    struct ag_ctl_server *srv;
+    struct ctl_client *next, *prev;
+    struct bufferevent *bev;
+};
+
+struct ag_ctl_server {
+    struct event_base *base;
+    struct evconnlistener *lsn;
+    ag_ctl_handler_cb cb;
+    void *arg;
+    int lock_fd;
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    dev_t dev;                  /* identity of the socket file we bound */
+    ino_t ino;
+    struct ctl_client *clients;
+};
+
+static void client_free(struct ctl_client *c)
+{
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        c->srv->clients = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    bufferevent_free(c->bev);
+    free(c);
+}
+
+static void client_on_write(struct bufferevent *bev, void *arg)
+{
+    client_free(arg); /* the answer is out */
+}
+
+static void client_on_event(struct bufferevent *bev, short what, void *arg)
+{
+    client_free(arg);
+}
+
+static void client_on_read(struct bufferevent *bev, void *arg)
+{
+    struct ctl_client *c = arg;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    size_t n = 0;
+    char *line = evbuffer_readln(in, &n, EVBUFFER_EOL_LF);
+    char *answer;
+    struct evbuffer *out = bufferevent_get_output(bev);
+
+    if (line == NULL) {
+        if (evbuffer_get_length(in) > CTL_LINE_MAX)
+            client_free(c);
+        return;
+    }
+    answer = c->srv->cb(c->srv->arg, line);
+    free(line);
+    bufferevent_disable(bev, EV_READ);
+    if (answer != NULL) {
+        evbuffer_add(out, answer, strlen(answer));
+        free(answer);
+    } else {
+        evbuffer_add_printf(out, "{\"error\":\"bad_request\"}");
+    }
+    evbuffer_add(out, "\n", 1);
+    bufferevent_setcb(bev, NULL, client_on_write, client_on_event, c);
+}
+
+static void on_accept(struct evconnlistener *lsn, evutil_socket_t fd, struct sockaddr *sa,
+                      int salen, void *arg)
+{
+    struct ag_ctl_server *s = arg;
+    struct ctl_client *c = calloc(1, sizeof(*c));
+    struct timeval tv = {CTL_TIMEOUT_S, 0};
+
+    if (c == NULL) {
+        evutil_closesocket(fd);
+        return;
+    }
+    c->srv = s;
+    c->bev = bufferevent_socket_new(s->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    if (c->bev == NULL) {
+        evutil_closesocket(fd);
+        free(c);
+        return;
+    }
+    c->next = s->clients;
+    if (s->clients != NULL)
+        s->clients->prev = c;
+    s->clients = c;
+    bufferevent_setcb(c->bev, client_on_read, NULL, client_on_event, c);
+    bufferevent_set_timeouts(c->bev, &tv, &tv);
+    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+}
+
+struct ag_ctl_server *ag_ctl_server_new(struct event_base *base, const char *home,
+                                        ag_ctl_handler_cb cb, void *arg, bool *busy, char *err,
+                                        size_t errlen)
+{
+    struct ag_ctl_server *s = calloc(1, sizeof(*s));
+    char lock_path[4096];
+    struct sockaddr_un sa;
+    struct stat stbuf;
+    int fd, probe;
+
+    *busy = false;
+    if (s == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    s->base = base;
+    s->cb = cb;
+    s->arg = arg;
+    if (util_snprintf(lock_path, sizeof(lock_path), "%s/%s", home, AG_CTL_LOCK_NAME) < 0 ||
+        sock_path(home, s->path, sizeof(s->path)) != 0) {
+        snprintf(err, errlen, "home directory path too long for a control socket: %s", home);
+        goto fail_s;
+    }
+    s->lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (s->lock_fd == -1) {
+        snprintf(err, errlen, "%s: %s", lock_path, strerror(errno));
+        goto fail_s;
+    }
+    if (flock(s->lock_fd, LOCK_EX | LOCK_NB) == -1) {
+        *busy = errno == EWOULDBLOCK;
+        snprintf(err, errlen, *busy ? "another tunnel-agent daemon is running for %s" : "%s: %s",
+                 *busy ? home : lock_path, strerror(errno));
+        goto fail_lock;
+    }
+    /* Someone accepting on the socket is a live daemon; otherwise the file
+     * is stale (a killed daemon) and is replaced. */
+    probe = ctl_connect(home);
+    if (probe >= 0) {
+        close(probe);
+        *busy = true;
+        snprintf(err, errlen, "another tunnel-agent daemon is running for %s", home);
+        goto fail_lock;
+    }
+    if (unlink(s->path) == -1 && errno != ENOENT) {
+        snprintf(err, errlen, "cannot remove the stale socket %s: %s", s->path, strerror(errno));
+        goto fail_lock;
+    }
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd == -1) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        goto fail_lock;
+    }
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, s->path, sizeof(sa.sun_path));
+    {
+        mode_t old = umask(0177); /* the socket is created 0600 */
+        int rc = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+        int e = errno;
+        umask(old);
+        if (rc == -1) {
+            snprintf(err, errlen, "bind %s: %s", s->path, strerror(e));
+            goto fail_fd;
+        }
+    }
+    if (chmod(s->path, 0600) == -1 || stat(s->path, &stbuf) == -1 || listen(fd, 16) == -1) {
+        snprintf(err, errlen, "%s: %s", s->path, strerror(errno));
+        goto fail_unlink;
+    }
+    s->dev = stbuf.st_dev;
+    s->ino = stbuf.st_ino;
+    s->lsn = evconnlistener_new(base, on_accept, s, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC,
+                                -1, fd);
+    if (s->lsn == NULL) {
+        snprintf(err, errlen, "out of memory");
+        goto fail_unlink;
+    }
+    return s;
+
+fail_unlink:
+    unlink(s->path);
+fail_fd:
+    close(fd);
+fail_lock:
+    close(s->lock_fd);
+fail_s:
+    free(s);
+    return NULL;
+}
+
+void ag_ctl_server_free(struct ag_ctl_server *s)
+{
+    struct stat st;
+
+    if (s == NULL)
+        return;
+    while (s->clients != NULL)
+        client_free(s->clients);
+    evconnlistener_free(s->lsn);
+    if (stat(s->path, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino)
+        unlink(s->path);
+    close(s->lock_fd);
+    free(s);
 }

@@ -1,0 +1,790 @@
+/* HTTP/1.1 forwarding to the local API (ag_fwd.h). A request (struct ag_fwd)
+ * borrows one connection (struct ag_fwd_conn) from its agent's pool or dials
+ * a new one, writes the head and the body (chunked when the length is not
+ * known), parses the response with http-parser and reports it. A connection
+ * goes back to the pool only after a complete, keep-alive response to a
+ * complete request; anything else closes it. Lifecycle of a request:
+ * 1. ag_fwd_start(): head built, connection taken or dial started;
+ * 2. body written as ag_fwd_write_body() is called, acknowledged below the
+ *    output high water mark (5.3 of PROTOCOL.md: window follows the bytes);
+ * 3. one terminal report, on_end or on_error, after which the fwd is freed;
+ *    or ag_fwd_free() by the stream (cancel), after which nothing is reported. */
+#include "ag_fwd.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <http_parser.h>
+
+#include "ag_ctx.h"
+#include "ag_net.h"
+#include "log.h"
+
+#define FWD_OUT_HIGH (256u * 1024u) /* request bytes queued before acknowledging stops */
+#define FWD_OUT_LOW (64u * 1024u)   /* write callback: acknowledge the rest */
+#define FWD_DIAL_TIMEOUT_MS 10000u
+#define FWD_IDLE_TIMEOUT_S 10       /* a pooled connection unused this long is closed */
+#define FWD_POOL_MAX 32             /* idle connections kept per agent */
+#define FWD_RESP_HEAD_MAX (256u * 1024u)
+#define FWD_MAX_HDRS 256
+
+/* One TCP connection to the local API. Owned by the request using it
+ * (conn->fwd) or, while idle, by the pool. */
+struct ag_fwd_conn {
+    struct ag_fwd_pool *pool;
+    struct ag_fwd_conn *next; /* idle list */
+    struct ag_fwd_conn *prev;
+    struct bufferevent *bev;
+    uint64_t gen;             /* agent's target_gen when dialled */
+    struct ag_fwd *fwd;       /* the request using it, NULL while idle */
+};
+
+struct ag_fwd_pool {
+    struct ag_agt *agt;       /* owner (back-pointer) */
+    struct ag_fwd_conn *idle; /* most recently used first */
+    size_t nidle;
+};
+
+struct fwd_hdr_off {
+    size_t name_off, name_len, value_off, value_len;
+};
+
+/* One forwarded request. Owned by the stream until a terminal report. */
+struct ag_fwd {
+    struct ag_agt *agt;            /* borrowed; the stream holds a reference */
+    const struct ag_fwd_cbs *cb;
+    void *arg;
+    struct ag_fwd_conn *conn;      /* NULL while dialling */
+    struct ag_net_dial *dial;
+    char *head;                    /* request head, kept for one retry */
+    size_t head_len;
+    struct evbuffer *pend;         /* framed body bytes before the connection is up */
+    struct event *timeout_ev;      /* response-head deadline, NULL if none */
+    http_parser parser;
+    bool has_body;                 /* a body follows the head */
+    bool chunked;                  /* we frame it with Transfer-Encoding: chunked */
+    bool body_started;             /* body bytes were written (no retry then) */
+    bool body_done;                /* end of body written */
+    bool head_method;              /* HEAD: the response has no body */
+    bool reused;                   /* conn came from the pool */
+    bool retried;                  /* one retry on a fresh connection done */
+    bool got_bytes;                /* any response byte seen on this conn */
+    bool head_done;                /* final head reported */
+    bool interim;                  /* parsing a 1xx response */
+    bool resp_done;                /* final response complete */
+    bool paused;                   /* stream asked to stop reading */
+    bool failed;                   /* parser callback detected an error */
+    size_t unacked;                /* body bytes given but not yet acknowledged */
+    /* response header accumulation */
+    char *hbuf;
+    size_t hlen, hcap;
+    struct fwd_hdr_off hdrs[FWD_MAX_HDRS];
+    size_t nhdrs;
+    bool in_value;                 /* last callback was a value */
+};
+
+static void conn_free(struct ag_fwd_conn *c);
+static void fwd_fail(struct ag_fwd *f, enum ag_fwd_err err, const char *detail);
+static void fwd_on_read(struct bufferevent *bev, void *arg);
+static void fwd_on_write(struct bufferevent *bev, void *arg);
+static void fwd_on_event(struct bufferevent *bev, short what, void *arg);
+
+/* ---- pool ---------------------------------------------------------------- */
+
+struct ag_fwd_pool *ag_fwd_pool_new(struct ag_agt *a)
+{
+    struct ag_fwd_pool *p = calloc(1, sizeof(*p));
+
+    if (p != NULL)
+        p->agt = a;
+    return p;
+}
+
+static void pool_unlink(struct ag_fwd_conn *c)
+{
+    struct ag_fwd_pool *p = c->pool;
+
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        p->idle = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    c->next = NULL;
+    c->prev = NULL;
+    p->nidle--;
+}
+
+void ag_fwd_pool_flush(struct ag_fwd_pool *p)
+{
+    if (p == NULL)
+        return;
+    while (p->idle != NULL) {
+        struct ag_fwd_conn *c = p->idle;
+        pool_unlink(c);
+        conn_free(c);
+    }
+}
+
+size_t ag_fwd_pool_idle(const struct ag_fwd_pool *p)
+{
+    return p != NULL ? p->nidle : 0;
+}
+
+void ag_fwd_pool_free(struct ag_fwd_pool *p)
+{
+    if (p == NULL)
+        return;
+    ag_fwd_pool_flush(p);
+    free(p);
+}
+
+static void conn_free(struct ag_fwd_conn *c)
+{
+    if (c == NULL)
+        return;
+    bufferevent_free(c->bev);
+    free(c);
+}
+
+static void idle_on_read(struct bufferevent *bev, void *arg)
+{
+    struct ag_fwd_conn *c = arg;
+
+    /* Bytes on an idle connection: nothing can be asked for; drop it. */
+    pool_unlink(c);
+    conn_free(c);
+}
+
+static void idle_on_event(struct bufferevent *bev, short what, void *arg)
+{
+    struct ag_fwd_conn *c = arg;
+
+    pool_unlink(c); /* EOF, error or idle timeout */
+    conn_free(c);
+}
+
+/* Returns c to the pool, or closes it. */
+static void pool_put(struct ag_fwd_pool *p, struct ag_fwd_conn *c)
+{
+    struct timeval tv = {FWD_IDLE_TIMEOUT_S, 0};
+
+    c->fwd = NULL;
+    if (p->agt->gone || c->gen != p->agt->target_gen || p->nidle >= FWD_POOL_MAX ||
+        evbuffer_get_length(bufferevent_get_input(c->bev)) > 0) {
+        conn_free(c);
+        return;
+    }
+    bufferevent_setcb(c->bev, idle_on_read, NULL, idle_on_event, c);
+    bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
+    bufferevent_set_timeouts(c->bev, &tv, NULL);
+    bufferevent_enable(c->bev, EV_READ);
+    c->next = p->idle;
+    c->prev = NULL;
+    if (p->idle != NULL)
+        p->idle->prev = c;
+    p->idle = c;
+    p->nidle++;
+}
+
+static struct ag_fwd_conn *pool_take(struct ag_fwd_pool *p)
+{
+    while (p->idle != NULL) {
+        struct ag_fwd_conn *c = p->idle;
+        pool_unlink(c);
+        if (c->gen == p->agt->target_gen)
+            return c;
+        conn_free(c);
+    }
+    return NULL;
+}
+
+/* ---- request head ---------------------------------------------------------- */
+
+static bool name_is(struct iov n, const char *s)
+{
+    return util_iov_ieq_str(n, s);
+}
+
+/* Request headers not forwarded to the local API (PROTOCOL.md 5.4.3). */
+static bool req_hdr_dropped(struct iov n, const char *id_header)
+{
+    static const char *const drop[] = {
+        "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+        "te",         "host",       "trailer",          "x-tunnel-origin",   "x-tunnel-probe",
+        "cookie",
+    };
+
+    for (size_t i = 0; i < sizeof(drop) / sizeof(drop[0]); i++)
+        if (name_is(n, drop[i]))
+            return true;
+    return name_is(n, id_header);
+}
+
+static int add_hdr_line(struct evbuffer *b, struct iov n, struct iov v)
+{
+    if (evbuffer_add(b, n.base, n.len) != 0 || evbuffer_add(b, ": ", 2) != 0 ||
+        evbuffer_add(b, v.base, v.len) != 0 || evbuffer_add(b, "\r\n", 2) != 0)
+        return -1;
+    return 0;
+}
+
+/* Builds the HTTP/1.1 request head into f->head. Returns 0 or -1. */
+static int build_head(struct ag_fwd *f, const struct ag_fwd_request *rq)
+{
+    const struct ag_agt *a = f->agt;
+    struct evbuffer *b = evbuffer_new();
+    bool has_cl = false;
+    bool first_cookie = true;
+    size_t len;
+    int rc = -1;
+
+    if (b == NULL)
+        return -1;
+    for (size_t i = 0; i < rq->nhdrs; i++)
+        if (name_is(rq->hdrs[i].name, "content-length"))
+            has_cl = true;
+    f->chunked = rq->has_body && !has_cl;
+    f->head_method = name_is(rq->method, "HEAD");
+
+    /* request line: base path + :path ("*" stays as it is) */
+    if (evbuffer_add(b, rq->method.base, rq->method.len) != 0 || evbuffer_add(b, " ", 1) != 0)
+        goto out;
+    if (!(rq->path.len == 1 && rq->path.base[0] == '*') &&
+        evbuffer_add(b, a->target.base, strlen(a->target.base)) != 0)
+        goto out;
+    if (evbuffer_add(b, rq->path.base, rq->path.len) != 0 ||
+        evbuffer_add(b, " HTTP/1.1\r\n", 11) != 0)
+        goto out;
+
+    /* Host: the target's, or the public one */
+    if (a->cfg.preserve_host) {
+        if (add_hdr_line(b, IOV_LIT("Host"), rq->authority) != 0)
+            goto out;
+    } else {
+        bool v6 = strchr(a->target.host, ':') != NULL;
+        bool dflt = a->target.port == (a->target.tls ? 443 : 80);
+        if (evbuffer_add_printf(b, "Host: %s%s%s", v6 ? "[" : "", a->target.host,
+                                v6 ? "]" : "") < 0)
+            goto out;
+        if (!dflt && evbuffer_add_printf(b, ":%u", (unsigned)a->target.port) < 0)
+            goto out;
+        if (evbuffer_add(b, "\r\n", 2) != 0)
+            goto out;
+    }
+    for (size_t i = 0; i < rq->nhdrs; i++) {
+        const struct ag_fwd_hdr *h = &rq->hdrs[i];
+        if (req_hdr_dropped(h->name, a->cfg.id_header))
+            continue;
+        if (add_hdr_line(b, h->name, h->value) != 0)
+            goto out;
+    }
+    /* several cookie fields become one (RFC 9113 8.2.3) */
+    for (size_t i = 0; i < rq->nhdrs; i++) {
+        const struct ag_fwd_hdr *h = &rq->hdrs[i];
+        if (!name_is(h->name, "cookie"))
+            continue;
+        if (evbuffer_add(b, first_cookie ? "cookie: " : "; ", 2 + (first_cookie ? 6 : 0)) != 0 ||
+            evbuffer_add(b, h->value.base, h->value.len) != 0)
+            goto out;
+        first_cookie = false;
+    }
+    if (!first_cookie && evbuffer_add(b, "\r\n", 2) != 0)
+        goto out;
+    if (f->chunked && evbuffer_add(b, "Transfer-Encoding: chunked\r\n", 28) != 0)
+        goto out;
+    if (evbuffer_add_printf(b, "%s: %s\r\nX-Tunnel-Origin: public\r\n\r\n", a->cfg.id_header,
+                            a->cfg.id) < 0)
+        goto out;
+    len = evbuffer_get_length(b);
+    f->head = malloc(len);
+    if (f->head == NULL)
+        goto out;
+    evbuffer_remove(b, f->head, len);
+    f->head_len = len;
+    rc = 0;
+out:
+    evbuffer_free(b);
+    return rc;
+}
+
+/* ---- response parsing ------------------------------------------------------ */
+
+static int hbuf_append(struct ag_fwd *f, const char *at, size_t len)
+{
+    if (f->hlen + len > FWD_RESP_HEAD_MAX)
+        return -1;
+    if (f->hlen + len > f->hcap) {
+        size_t cap = f->hcap != 0 ? f->hcap : 1024;
+        char *n;
+        while (cap < f->hlen + len)
+            cap *= 2;
+        n = realloc(f->hbuf, cap);
+        if (n == NULL)
+            return -1;
+        f->hbuf = n;
+        f->hcap = cap;
+    }
+    memcpy(f->hbuf + f->hlen, at, len);
+    f->hlen += len;
+    return 0;
+}
+
+static int on_hdr_field(http_parser *p, const char *at, size_t len)
+{
+    struct ag_fwd *f = p->data;
+
+    if (f->head_done)
+        return 0; /* trailers: not forwarded */
+    if (f->in_value || f->nhdrs == 0) {
+        if (f->nhdrs == FWD_MAX_HDRS) {
+            f->failed = true;
+            return -1;
+        }
+        f->hdrs[f->nhdrs].name_off = f->hlen;
+        f->hdrs[f->nhdrs].name_len = 0;
+        f->hdrs[f->nhdrs].value_off = f->hlen;
+        f->hdrs[f->nhdrs].value_len = 0;
+        f->nhdrs++;
+        f->in_value = false;
+    }
+    if (hbuf_append(f, at, len) != 0) {
+        f->failed = true;
+        return -1;
+    }
+    f->hdrs[f->nhdrs - 1].name_len += len;
+    f->hdrs[f->nhdrs - 1].value_off = f->hlen;
+    return 0;
+}
+
+static int on_hdr_value(http_parser *p, const char *at, size_t len)
+{
+    struct ag_fwd *f = p->data;
+
+    if (f->head_done || f->nhdrs == 0)
+        return 0;
+    f->in_value = true;
+    if (hbuf_append(f, at, len) != 0) {
+        f->failed = true;
+        return -1;
+    }
+    f->hdrs[f->nhdrs - 1].value_len += len;
+    return 0;
+}
+
+/* Connection-specific response fields (RFC 9113 8.2.2), plus te / trailer. */
+static bool resp_hdr_dropped(struct iov n)
+{
+    static const char *const drop[] = {"connection", "keep-alive", "proxy-connection",
+                                       "transfer-encoding", "upgrade", "te", "trailer"};
+
+    for (size_t i = 0; i < sizeof(drop) / sizeof(drop[0]); i++)
+        if (name_is(n, drop[i]))
+            return true;
+    return false;
+}
+
+static int on_headers_complete(http_parser *p)
+{
+    struct ag_fwd *f = p->data;
+    nghttp2_nv nv[FWD_MAX_HDRS];
+    size_t n = 0;
+    int status = p->status_code;
+    bool no_body;
+
+    if (status >= 100 && status < 200) {
+        if (status == 101) {
+            f->failed = true; /* we never asked for an upgrade */
+            return -1;
+        }
+        f->interim = true; /* 1xx: dropped, the final response follows */
+        f->nhdrs = 0;
+        f->hlen = 0;
+        f->in_value = false;
+        return 0;
+    }
+    if (f->timeout_ev != NULL)
+        event_del(f->timeout_ev);
+    for (size_t i = 0; i < f->nhdrs; i++) {
+        struct fwd_hdr_off *h = &f->hdrs[i];
+        struct iov name = {f->hbuf + h->name_off, h->name_len};
+        if (h->name_len == 0 || resp_hdr_dropped(name))
+            continue;
+        for (size_t j = 0; j < h->name_len; j++) {
+            char c = f->hbuf[h->name_off + j];
+            if (c >= 'A' && c <= 'Z')
+                f->hbuf[h->name_off + j] = (char)(c - 'A' + 'a');
+        }
+        /* RFC 9110 5.5: surrounding whitespace is not part of the value */
+        while (h->value_len > 0 &&
+               (f->hbuf[h->value_off + h->value_len - 1] == ' ' ||
+                f->hbuf[h->value_off + h->value_len - 1] == '\t'))
+            h->value_len--;
+        nv[n].name = (uint8_t *)f->hbuf + h->name_off;
+        nv[n].namelen = h->name_len;
+        nv[n].value = (uint8_t *)f->hbuf + h->value_off;
+        nv[n].valuelen = h->value_len;
+        nv[n].flags = NGHTTP2_NV_FLAG_NONE;
+        n++;
+    }
+    no_body = f->head_method || status == 204 || status == 304;
+    f->head_done = true;
+    f->cb->on_head(f->arg, status, nv, n, no_body);
+    return f->head_method ? 1 : 0; /* 1: no body follows (http-parser's skip-body) */
+}
+
+static int on_body(http_parser *p, const char *at, size_t len)
+{
+    struct ag_fwd *f = p->data;
+
+    if (f->head_done && len > 0)
+        f->cb->on_body(f->arg, (const uint8_t *)at, len);
+    return 0;
+}
+
+static int on_message_complete(http_parser *p)
+{
+    struct ag_fwd *f = p->data;
+
+    if (f->interim) {
+        f->interim = false;
+        return 0;
+    }
+    f->resp_done = true;
+    http_parser_pause(p, 1); /* anything after the response is not ours */
+    return 0;
+}
+
+static const http_parser_settings fwd_parser_settings = {
+    .on_header_field = on_hdr_field,
+    .on_header_value = on_hdr_value,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
+
+/* ---- request lifecycle ------------------------------------------------------ */
+
+static void fwd_release(struct ag_fwd *f)
+{
+    ag_net_dial_cancel(f->dial);
+    if (f->conn != NULL)
+        conn_free(f->conn);
+    if (f->timeout_ev != NULL)
+        event_free(f->timeout_ev);
+    evbuffer_free(f->pend);
+    free(f->head);
+    free(f->hbuf);
+    free(f);
+}
+
+void ag_fwd_free(struct ag_fwd *f)
+{
+    if (f == NULL)
+        return;
+    fwd_release(f);
+}
+
+/* Response complete: pool or close the connection, free f, report. */
+static void fwd_finish(struct ag_fwd *f)
+{
+    const struct ag_fwd_cbs *cb = f->cb;
+    void *arg = f->arg;
+    struct ag_fwd_conn *c = f->conn;
+
+    f->conn = NULL;
+    if (c != NULL) {
+        if (f->body_done && http_should_keep_alive(&f->parser) &&
+            HTTP_PARSER_ERRNO(&f->parser) == HPE_PAUSED)
+            pool_put(c->pool, c);
+        else
+            conn_free(c);
+    }
+    fwd_release(f);
+    cb->on_end(arg);
+}
+
+static int fwd_attach(struct ag_fwd *f, struct ag_fwd_conn *c);
+static void fwd_on_dialled(void *arg, evutil_socket_t fd, const char *err);
+
+static int fwd_dial(struct ag_fwd *f)
+{
+    struct ag_ctx *ctx = f->agt->ctx;
+
+    f->dial = ag_net_dial_start(ctx->base, ctx->dns, f->agt->target.host, f->agt->target.port,
+                                FWD_DIAL_TIMEOUT_MS, fwd_on_dialled, f);
+    return f->dial != NULL ? 0 : -1;
+}
+
+/* Tries once more on a fresh connection: a pooled connection the local API
+ * had closed just before we used it (keep-alive race). Only for a request
+ * without body, before any response byte. Returns 0 if the retry started. */
+static int fwd_retry(struct ag_fwd *f)
+{
+    if (!f->reused || f->retried || f->has_body || f->got_bytes)
+        return -1;
+    f->retried = true;
+    f->reused = false;
+    conn_free(f->conn);
+    f->conn = NULL;
+    http_parser_init(&f->parser, HTTP_RESPONSE);
+    f->parser.data = f;
+    return fwd_dial(f);
+}
+
+static void fwd_fail(struct ag_fwd *f, enum ag_fwd_err err, const char *detail)
+{
+    const struct ag_fwd_cbs *cb = f->cb;
+    void *arg = f->arg;
+    char d[160];
+
+    if (err == AG_FWD_E_UNREACHABLE && fwd_retry(f) == 0)
+        return;
+    if (f->head_done && err == AG_FWD_E_UNREACHABLE)
+        err = AG_FWD_E_ABORTED;
+    (void)util_snprintf(d, sizeof(d), "%s", detail != NULL ? detail : "");
+    fwd_release(f);
+    cb->on_error(arg, err, d);
+}
+
+static void fwd_on_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct ag_fwd *f = arg;
+
+    if (f->head_done)
+        return;
+    fwd_fail(f, AG_FWD_E_TIMEOUT, "no response head within the response timeout");
+}
+
+/* Feeds buffered input to the parser. Returns 0, or -1 after a terminal report. */
+static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
+{
+    while (evbuffer_get_length(in) > 0 && !f->resp_done) {
+        struct evbuffer_iovec v;
+        size_t n;
+
+        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+            break;
+        f->got_bytes = true;
+        n = http_parser_execute(&f->parser, &fwd_parser_settings, v.iov_base, v.iov_len);
+        evbuffer_drain(in, n);
+        if (f->resp_done)
+            break;
+        if (f->failed || HTTP_PARSER_ERRNO(&f->parser) != HPE_OK) {
+            fwd_fail(f, AG_FWD_E_UNREACHABLE,
+                     http_errno_description(HTTP_PARSER_ERRNO(&f->parser)));
+            return -1;
+        }
+    }
+    if (f->resp_done) {
+        fwd_finish(f);
+        return -1;
+    }
+    return 0;
+}
+
+static void fwd_on_read(struct bufferevent *bev, void *arg)
+{
+    struct ag_fwd_conn *c = arg;
+
+    (void)fwd_parse(c->fwd, bufferevent_get_input(bev));
+}
+
+static void fwd_ack(struct ag_fwd *f)
+{
+    size_t n = f->unacked;
+
+    if (n == 0)
+        return;
+    f->unacked = 0;
+    f->cb->on_body_sent(f->arg, n);
+}
+
+static void fwd_on_write(struct bufferevent *bev, void *arg)
+{
+    struct ag_fwd_conn *c = arg;
+
+    fwd_ack(c->fwd);
+}
+
+static void fwd_on_event(struct bufferevent *bev, short what, void *arg)
+{
+    struct ag_fwd_conn *c = arg;
+    struct ag_fwd *f = c->fwd;
+    char detail[128];
+
+    if (what & BEV_EVENT_EOF) {
+        /* drain what is left, then tell the parser about the EOF */
+        if (fwd_parse(f, bufferevent_get_input(bev)) != 0)
+            return;
+        if (f->head_done || f->got_bytes) {
+            http_parser_execute(&f->parser, &fwd_parser_settings, NULL, 0);
+            if (f->resp_done) {
+                f->body_done = false; /* EOF-delimited: never pooled */
+                fwd_finish(f);
+                return;
+            }
+        }
+        fwd_fail(f, AG_FWD_E_UNREACHABLE, "local API closed the connection");
+        return;
+    }
+    (void)util_snprintf(detail, sizeof(detail), "local connection: %s",
+             (what & BEV_EVENT_TIMEOUT) ? "timeout" : strerror(EVUTIL_SOCKET_ERROR()));
+    fwd_fail(f, AG_FWD_E_UNREACHABLE, detail);
+}
+
+/* Puts f on c and sends what is queued. Returns 0 or -1 (out of memory). */
+static int fwd_attach(struct ag_fwd *f, struct ag_fwd_conn *c)
+{
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+
+    f->conn = c;
+    c->fwd = f;
+    bufferevent_setcb(c->bev, fwd_on_read, fwd_on_write, fwd_on_event, c);
+    bufferevent_set_timeouts(c->bev, NULL, NULL);
+    bufferevent_setwatermark(c->bev, EV_WRITE, FWD_OUT_LOW, 0);
+    if (evbuffer_add(out, f->head, f->head_len) != 0)
+        return -1;
+    if (evbuffer_get_length(f->pend) > 0 && evbuffer_add_buffer(out, f->pend) != 0)
+        return -1;
+    if (!f->paused)
+        bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    else
+        bufferevent_enable(c->bev, EV_WRITE);
+    return 0;
+}
+
+static void fwd_on_dialled(void *arg, evutil_socket_t fd, const char *err)
+{
+    struct ag_fwd *f = arg;
+    struct ag_ctx *ctx = f->agt->ctx;
+    struct ag_fwd_conn *c;
+
+    f->dial = NULL;
+    if (fd < 0) {
+        char d[200];
+        (void)util_snprintf(d, sizeof(d), "%s:%u: %s", f->agt->target.host, (unsigned)f->agt->target.port,
+                 err);
+        fwd_fail(f, AG_FWD_E_UNREACHABLE, d);
+        return;
+    }
+    c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        evutil_closesocket(fd);
+        fwd_fail(f, AG_FWD_E_UNREACHABLE, "out of memory");
+        return;
+    }
+    c->pool = f->agt->pool;
+    c->gen = f->agt->target_gen;
+    c->bev = bufferevent_socket_new(ctx->base, fd, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+    if (c->bev == NULL) {
+        evutil_closesocket(fd);
+        free(c);
+        fwd_fail(f, AG_FWD_E_UNREACHABLE, "out of memory");
+        return;
+    }
+    if (fwd_attach(f, c) != 0) {
+        fwd_fail(f, AG_FWD_E_UNREACHABLE, "out of memory");
+        return;
+    }
+    /* body that arrived while dialling: acknowledge what fits */
+    if (evbuffer_get_length(bufferevent_get_output(c->bev)) <= FWD_OUT_HIGH)
+        fwd_ack(f);
+}
+
+struct ag_fwd *ag_fwd_start(struct ag_agt *a, const struct ag_fwd_request *rq,
+                            const struct ag_fwd_cbs *cb, void *arg)
+{
+    struct ag_fwd *f = calloc(1, sizeof(*f));
+    struct ag_fwd_conn *c;
+
+    if (f == NULL)
+        return NULL;
+    f->agt = a;
+    f->cb = cb;
+    f->arg = arg;
+    f->has_body = rq->has_body;
+    f->body_done = !rq->has_body;
+    http_parser_init(&f->parser, HTTP_RESPONSE);
+    f->parser.data = f;
+    f->pend = evbuffer_new();
+    if (f->pend == NULL || build_head(f, rq) != 0)
+        goto fail_f;
+    if (a->cfg.response_timeout_s > 0) {
+        struct timeval tv = {(time_t)a->cfg.response_timeout_s, 0};
+        f->timeout_ev = evtimer_new(a->ctx->base, fwd_on_timeout, f);
+        if (f->timeout_ev == NULL)
+            goto fail_f;
+        evtimer_add(f->timeout_ev, &tv);
+    }
+    c = pool_take(a->pool);
+    if (c != NULL) {
+        f->reused = true;
+        if (fwd_attach(f, c) != 0) {
+            f->conn = c; /* freed with f */
+            goto fail_f;
+        }
+        return f;
+    }
+    if (fwd_dial(f) != 0)
+        goto fail_f;
+    return f;
+
+fail_f:
+    fwd_release(f);
+    return NULL;
+}
+
+size_t ag_fwd_write_body(struct ag_fwd *f, const uint8_t *data, size_t len)
+{
+    struct evbuffer *out = f->conn != NULL ? bufferevent_get_output(f->conn->bev) : f->pend;
+
+    if (len == 0 || f->body_done)
+        return len;
+    f->body_started = true;
+    if (f->chunked && evbuffer_add_printf(out, "%zx\r\n", len) < 0)
+        goto fail;
+    if (evbuffer_add(out, data, len) != 0)
+        goto fail;
+    if (f->chunked && evbuffer_add(out, "\r\n", 2) != 0)
+        goto fail;
+    if (f->conn != NULL && evbuffer_get_length(out) <= FWD_OUT_HIGH)
+        return len;
+    f->unacked += len;
+    return 0;
+
+fail:
+    /* Out of memory: acknowledge so the window does not leak; the request
+     * will fail on its own as the body is incomplete. */
+    return len;
+}
+
+void ag_fwd_end_body(struct ag_fwd *f)
+{
+    struct evbuffer *out = f->conn != NULL ? bufferevent_get_output(f->conn->bev) : f->pend;
+
+    if (f->body_done)
+        return;
+    f->body_done = true;
+    if (f->chunked)
+        evbuffer_add(out, "0\r\n\r\n", 5);
+}
+
+void ag_fwd_pause_read(struct ag_fwd *f, bool paused)
+{
+    if (f->paused == paused)
+        return;
+    f->paused = paused;
+    if (f->conn == NULL)
+        return;
+    if (paused)
+        bufferevent_disable(f->conn->bev, EV_READ);
+    else
+        bufferevent_enable(f->conn->bev, EV_READ);
+}

@@ -1,0 +1,1503 @@
+/* The agent's native tunnel (ag_tun.h). Phases: DIAL (ag_net), UPGRADE (TLS
+ * handshake and the 101 on a bufferevent), AUTH (WebSocket up: challenge,
+ * auth, auth_ok), UP (HTTP/2 server over the binary messages), DRAINING (no
+ * new streams, closes when the last stream ends). One 1-second tick drives
+ * the phase deadline, PINGs, the keepalive check and delayed add retries.
+ *
+ * Re-entrancy: nghttp2 calls are made only from loop entry points (WebSocket
+ * callbacks, timers, the flush event). ag_fwd callbacks and the daemon's
+ * calls only queue frames and activate the flush event, so a stream is never
+ * freed while its forwarder is on the stack (STYLE.md 3.4). */
+#include "ag_tun.h"
+
+#include <assert.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <nghttp2/nghttp2.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/x509.h>
+
+#include "ag_ctx.h"
+#include "ag_fwd.h"
+#include "ag_net.h"
+#include "herr.h"
+#include "id.h"
+#include "log.h"
+#include "tls.h"
+#include "util.h"
+#include "ws.h"
+
+#define TUN_DIAL_TIMEOUT_MS 10000u
+#define TUN_AUTH_TIMEOUT_MS 20000u     /* dial to auth_ok */
+#define TUN_MAX_TEXT (64u * 1024u)     /* control message cap (PROTOCOL.md 2.2) */
+#define TUN_MAX_AGENTS 50              /* per auth frame */
+#define TUN_MSG_CHUNK (64u * 1024u)    /* binary message size */
+#define TUN_MAX_STREAMS 1024
+#define TUN_STREAM_WINDOW (1u << 20)   /* 1 MiB per stream */
+#define TUN_CONN_WINDOW (64u << 20)    /* 64 MiB per connection */
+#define TUN_RESP_HIGH (1u << 20)       /* pause the local API above this */
+#define TUN_RESP_LOW (256u * 1024u)    /* resume below this */
+#define TUN_ADD_RETRY_MS 5000u
+#define TUN_DEFAULT_PING_S 20u
+
+enum tun_state {
+    TUN_ST_DIAL = 0,
+    TUN_ST_UPGRADE,
+    TUN_ST_AUTH,
+    TUN_ST_UP,
+    TUN_ST_DRAINING,
+    TUN_ST_CLOSING,
+};
+
+enum reg_pending {
+    REG_NONE = 0,
+    REG_IN_AUTH,  /* listed in the auth message, awaiting auth_ok */
+    REG_WANT_ADD, /* needs a challenge for add_agent */
+    REG_ADDING,   /* add_agent sent */
+};
+
+/* One address on this tunnel. */
+struct tun_reg {
+    char addr[ID_ADDR_STR_LEN + 1];
+    bool active;                 /* accepted by the gateway: streams are served */
+    enum reg_pending pending;
+    uint64_t retry_at_ms;        /* REG_WANT_ADD not before (mono ms) */
+};
+
+struct tun_hdr {
+    nghttp2_rcbuf *name;
+    nghttp2_rcbuf *value;
+};
+
+/* One request stream. nghttp2 owns the stream; this is freed in
+ * on_stream_close (or with the tunnel). */
+struct tun_stream {
+    struct ag_tun *t;
+    struct tun_stream *next, *prev; /* t->streams */
+    int32_t id;
+    uint64_t log_id;
+    struct ag_agt *agt;          /* reference held once routed */
+    bool counted;                /* counted in agt->inflight */
+    struct ag_fwd *fwd;          /* local request, NULL when none or done */
+    nghttp2_rcbuf *method, *path, *authority, *protocol;
+    char addr[ID_ADDR_STR_LEN + 1];  /* x-agent-address, lowercase */
+    char probe[33];              /* x-tunnel-probe */
+    struct tun_hdr *hdrs;
+    size_t nhdrs, hcap;
+    bool started;                /* routing decided */
+    bool req_end;                /* END_STREAM received */
+    bool responded;              /* response HEADERS submitted */
+    bool resp_eof;               /* nothing more will be added to resp */
+    bool deferred;               /* data source returned DEFERRED */
+    bool read_paused;            /* ag_fwd_pause_read(true) in effect */
+    struct evbuffer *resp;       /* response body waiting for DATA frames */
+    size_t unconsumed;           /* request bytes received but not yet consumed */
+    int status;
+    uint64_t bytes_in, bytes_out;
+    uint64_t start_ms;
+    char err[64];                /* for the access line */
+};
+
+struct ag_tun {
+    struct ag_ctx *ctx;
+    uint64_t id;
+    enum tun_state state;
+    struct ag_net_dial *dial;
+    struct bufferevent *bev;     /* until the WebSocket takes it */
+    struct ws_conn *ws;
+    char ws_key[25];
+    nghttp2_session *h2;
+    struct evbuffer *out;        /* h2 bytes for the next binary messages */
+    struct event *tick_ev;
+    struct event *flush_ev;
+    uint64_t start_ms;
+    uint64_t up_ms;
+    uint32_t ping_s;
+    uint64_t next_ping_ms;
+    uint64_t rtt_ms;
+    struct tun_reg regs[TUN_MAX_AGENTS * 2];
+    size_t nregs;
+    bool challenge_wanted;       /* request_challenge sent, challenge not yet here */
+    bool auth_sent;
+    bool goaway_sent;            /* we drain */
+    bool down;                   /* reported to the daemon */
+    struct tun_stream *streams;
+    size_t nstreams;
+    char close_reason[160];
+};
+
+static void tun_flush(struct ag_tun *t);
+static void tun_schedule_flush(struct ag_tun *t);
+static void tun_down(struct ag_tun *t, const char *reason, const char *auth_code);
+static void stream_free(struct tun_stream *s);
+
+uint64_t ag_tun_id(const struct ag_tun *t)
+{
+    return t->id;
+}
+
+bool ag_tun_is_up(const struct ag_tun *t)
+{
+    return t->state == TUN_ST_UP;
+}
+
+size_t ag_tun_streams(const struct ag_tun *t)
+{
+    return t->nstreams;
+}
+
+uint64_t ag_tun_rtt_ms(const struct ag_tun *t)
+{
+    return t->rtt_ms;
+}
+
+/* ---- registrations --------------------------------------------------------- */
+
+static struct tun_reg *reg_find(const struct ag_tun *t, const char *addr)
+{
+    for (size_t i = 0; i < t->nregs; i++)
+        if (strcmp(t->regs[i].addr, addr) == 0)
+            return (struct tun_reg *)&t->regs[i];
+    return NULL;
+}
+
+static struct tun_reg *reg_get(struct ag_tun *t, const char *addr)
+{
+    struct tun_reg *r = reg_find(t, addr);
+
+    if (r != NULL)
+        return r;
+    /* reuse a dead slot first */
+    for (size_t i = 0; i < t->nregs; i++) {
+        r = &t->regs[i];
+        if (!r->active && r->pending == REG_NONE) {
+            (void)util_snprintf(r->addr, sizeof(r->addr), "%s", addr);
+            return r;
+        }
+    }
+    if (t->nregs == sizeof(t->regs) / sizeof(t->regs[0]))
+        return NULL;
+    r = &t->regs[t->nregs++];
+    memset(r, 0, sizeof(*r));
+    (void)util_snprintf(r->addr, sizeof(r->addr), "%s", addr);
+    return r;
+}
+
+bool ag_tun_serves(const struct ag_tun *t, const char *addr)
+{
+    const struct tun_reg *r = reg_find(t, addr);
+
+    return r != NULL && r->active;
+}
+
+/* ---- control messages (JSON) ----------------------------------------------- */
+
+static int send_json(struct ag_tun *t, cJSON *o)
+{
+    char *text;
+    int rc = -1;
+
+    if (o == NULL)
+        return -1;
+    text = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (text == NULL)
+        return -1;
+    if (t->ws != NULL)
+        rc = ws_send_text(t->ws, text, strlen(text));
+    free(text);
+    return rc;
+}
+
+static int send_simple(struct ag_tun *t, const char *type, const char *addr)
+{
+    cJSON *o = cJSON_CreateObject();
+
+    if (o == NULL || cJSON_AddStringToObject(o, "type", type) == NULL ||
+        (addr != NULL && cJSON_AddStringToObject(o, "address", addr) == NULL)) {
+        cJSON_Delete(o);
+        return -1;
+    }
+    return send_json(t, o);
+}
+
+/* Signs the native text (PROTOCOL.md 4.3) into sig. Returns 0 or -1. */
+static int sign_reg(const struct ag_tun *t, const struct ag_agt *a, const char *nonce,
+                    int64_t ts, char sig[ID_SIG_STR_LEN + 1])
+{
+    char text[512];
+    uint8_t raw[ID_SIG_LEN];
+    int n = util_snprintf(text, sizeof(text), "tunnel-gateway:v1:%s:%s:%s:%" PRId64,
+                          t->ctx->domain, a->cfg.address, nonce, ts);
+
+    if (n < 0 || id_sign(&a->key, text, (size_t)n, raw) != ID_OK)
+        return -1;
+    id_sig_to_str(raw, sig);
+    return 0;
+}
+
+/* Adds address/signature[/response_timeout] of a to o. */
+static int add_reg_fields(const struct ag_tun *t, cJSON *o, const struct ag_agt *a,
+                          const char *nonce, int64_t ts)
+{
+    char sig[ID_SIG_STR_LEN + 1];
+
+    if (sign_reg(t, a, nonce, ts, sig) != 0)
+        return -1;
+    if (cJSON_AddStringToObject(o, "address", a->cfg.address) == NULL ||
+        cJSON_AddStringToObject(o, "signature", sig) == NULL)
+        return -1;
+    if (a->cfg.response_timeout_s > 0 &&
+        cJSON_AddNumberToObject(o, "response_timeout", a->cfg.response_timeout_s) == NULL)
+        return -1;
+    return 0;
+}
+
+static const char *json_str(const cJSON *o, const char *name)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+
+    return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+static bool nonce_ok(const char *n)
+{
+    if (n == NULL || strlen(n) != 64)
+        return false;
+    for (size_t i = 0; i < 64; i++)
+        if (!((n[i] >= '0' && n[i] <= '9') || (n[i] >= 'a' && n[i] <= 'f')))
+            return false;
+    return true;
+}
+
+/* The agent of a message's address member, if it is one of ours. */
+static struct ag_agt *msg_agent(struct ag_tun *t, const char *addr, char out[ID_ADDR_STR_LEN + 1])
+{
+    uint8_t raw[ID_ADDR_LEN];
+
+    out[0] = '\0';
+    if (addr == NULL || id_addr_parse(addr, strlen(addr), raw) != ID_OK)
+        return NULL;
+    id_addr_to_str(raw, out);
+    return ag_ctx_find_addr(t->ctx, out);
+}
+
+static void send_auth(struct ag_tun *t, const char *nonce)
+{
+    struct ag_ctx *ctx = t->ctx;
+    int64_t ts = util_unix_time();
+    cJSON *o = cJSON_CreateObject();
+    cJSON *arr;
+    size_t n = 0;
+
+    if (o == NULL || cJSON_AddStringToObject(o, "type", "auth") == NULL ||
+        cJSON_AddStringToObject(o, "nonce", nonce) == NULL ||
+        cJSON_AddNumberToObject(o, "timestamp", (double)ts) == NULL ||
+        cJSON_AddStringToObject(o, "instance", ctx->instance) == NULL)
+        goto fail_o;
+    arr = cJSON_AddArrayToObject(o, "agents");
+    if (arr == NULL)
+        goto fail_o;
+    for (struct ag_agt *a = ctx->agents; a != NULL && n < TUN_MAX_AGENTS; a = a->next) {
+        cJSON *e;
+        struct tun_reg *r;
+
+        if (!ag_agt_wanted(a))
+            continue;
+        r = reg_get(t, a->cfg.address);
+        e = cJSON_CreateObject();
+        if (r == NULL || e == NULL || !cJSON_AddItemToArray(arr, e)) {
+            cJSON_Delete(e);
+            goto fail_o;
+        }
+        if (add_reg_fields(t, e, a, nonce, ts) != 0)
+            goto fail_o;
+        r->pending = REG_IN_AUTH;
+        n++;
+    }
+    if (n == 0) {
+        cJSON_Delete(o);
+        ws_close(t->ws, WS_CLOSE_NORMAL, "no agents");
+        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "no enabled agents");
+        t->state = TUN_ST_CLOSING;
+        return;
+    }
+    if (send_json(t, o) != 0)
+        goto fail_send;
+    t->auth_sent = true;
+    LOG_DEBUG(ctx->log, "auth_sent", LOG_U("tun", t->id), LOG_U("agents", n));
+    return;
+
+fail_o:
+    cJSON_Delete(o);
+fail_send:
+    (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "cannot build the auth message");
+    ws_close(t->ws, WS_CLOSE_INTERNAL, "internal_error");
+    t->state = TUN_ST_CLOSING;
+}
+
+/* Asks for a challenge if some registration waits for one. */
+static void adds_kick(struct ag_tun *t)
+{
+    uint64_t now = util_mono_ms();
+
+    if (t->state != TUN_ST_UP || t->challenge_wanted)
+        return;
+    for (size_t i = 0; i < t->nregs; i++) {
+        if (t->regs[i].pending == REG_WANT_ADD && t->regs[i].retry_at_ms <= now) {
+            if (send_simple(t, "request_challenge", NULL) == 0)
+                t->challenge_wanted = true;
+            return;
+        }
+    }
+}
+
+/* A challenge on a live tunnel: spend it on the first waiting registration. */
+static void on_add_challenge(struct ag_tun *t, const char *nonce)
+{
+    uint64_t now = util_mono_ms();
+
+    t->challenge_wanted = false;
+    for (size_t i = 0; i < t->nregs; i++) {
+        struct tun_reg *r = &t->regs[i];
+        struct ag_agt *a;
+        cJSON *o;
+        int64_t ts = util_unix_time();
+
+        if (r->pending != REG_WANT_ADD || r->retry_at_ms > now)
+            continue;
+        a = ag_ctx_find_addr(t->ctx, r->addr);
+        if (a == NULL || !ag_agt_wanted(a)) {
+            r->pending = REG_NONE;
+            continue;
+        }
+        o = cJSON_CreateObject();
+        if (o == NULL || cJSON_AddStringToObject(o, "type", "add_agent") == NULL ||
+            add_reg_fields(t, o, a, nonce, ts) != 0 ||
+            cJSON_AddStringToObject(o, "nonce", nonce) == NULL ||
+            cJSON_AddNumberToObject(o, "timestamp", (double)ts) == NULL) {
+            cJSON_Delete(o);
+            r->retry_at_ms = now + TUN_ADD_RETRY_MS;
+            break;
+        }
+        if (send_json(t, o) == 0)
+            r->pending = REG_ADDING;
+        LOG_DEBUG(t->ctx->log, "add_agent_sent", LOG_U("tun", t->id), LOG_S("addr", r->addr));
+        break;
+    }
+    adds_kick(t);
+}
+
+/* The gateway accepted a; activates the route unless a is no longer wanted. */
+static void reg_accepted(struct ag_tun *t, struct tun_reg *r, struct ag_agt *a, const char *url)
+{
+    r->pending = REG_NONE;
+    if (a == NULL || !ag_agt_wanted(a)) {
+        r->active = false;
+        send_simple(t, "remove_agent", r->addr);
+        return;
+    }
+    r->active = true;
+    ag_daemon_on_agent_online(t->ctx, t, a, url != NULL ? url : "");
+}
+
+static bool code_is_transient(const char *code)
+{
+    return strcmp(code, "invalid_nonce") == 0 || strcmp(code, "auth_timeout") == 0 ||
+           strcmp(code, "timestamp_out_of_range") == 0 || strcmp(code, "rate_limited") == 0 ||
+           strcmp(code, "max_agents_reached") == 0 || strcmp(code, "internal_error") == 0;
+}
+
+static int h2_start(struct ag_tun *t);
+
+static void on_auth_ok(struct ag_tun *t, const cJSON *m)
+{
+    const cJSON *agents = cJSON_GetObjectItemCaseSensitive(m, "agents");
+    const cJSON *rejected = cJSON_GetObjectItemCaseSensitive(m, "rejected");
+    const cJSON *pi = cJSON_GetObjectItemCaseSensitive(m, "ping_interval");
+    const cJSON *e;
+    char addr[ID_ADDR_STR_LEN + 1];
+    size_t nacc = 0;
+
+    t->ping_s = TUN_DEFAULT_PING_S;
+    if (cJSON_IsNumber(pi) && pi->valuedouble >= 1 && pi->valuedouble <= 3600)
+        t->ping_s = (uint32_t)pi->valuedouble;
+    t->state = TUN_ST_UP;
+    t->up_ms = util_mono_ms();
+    t->next_ping_ms = t->up_ms + (uint64_t)t->ping_s * 1000u;
+    if (h2_start(t) != 0) {
+        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "cannot start HTTP/2");
+        ws_close(t->ws, WS_CLOSE_INTERNAL, "internal_error");
+        t->state = TUN_ST_CLOSING;
+        return;
+    }
+    LOG_INFO(t->ctx->log, "auth_ok", LOG_U("tun", t->id),
+             LOG_U("agents", cJSON_GetArraySize(agents)), LOG_S("region", json_str(m, "region")),
+             LOG_U("ping_interval", t->ping_s));
+    ag_daemon_on_tun_up(t->ctx, t);
+    cJSON_ArrayForEach(e, agents)
+    {
+        struct ag_agt *a = msg_agent(t, json_str(e, "address"), addr);
+        struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
+        if (r == NULL)
+            continue;
+        reg_accepted(t, r, a, json_str(e, "url"));
+        nacc++;
+    }
+    cJSON_ArrayForEach(e, rejected)
+    {
+        struct ag_agt *a = msg_agent(t, json_str(e, "address"), addr);
+        struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
+        const char *code = json_str(e, "error");
+        if (code == NULL)
+            code = json_str(e, "reason");
+        if (code == NULL)
+            code = "rejected";
+        LOG_WARN(t->ctx->log, "agent_rejected", LOG_U("tun", t->id), LOG_S("addr", addr),
+                 LOG_S("err", code));
+        if (r == NULL)
+            continue;
+        r->active = false;
+        r->pending = REG_NONE;
+        if (code_is_transient(code)) {
+            r->pending = REG_WANT_ADD;
+            r->retry_at_ms = util_mono_ms() + TUN_ADD_RETRY_MS;
+        } else if (a != NULL) {
+            ag_daemon_on_agent_refused(t->ctx, t, a, code, json_str(e, "message"));
+        }
+    }
+    /* listed in auth but in neither list, or wanted since: add them now */
+    for (size_t i = 0; i < t->nregs; i++)
+        if (t->regs[i].pending == REG_IN_AUTH)
+            t->regs[i].pending = REG_WANT_ADD;
+    for (struct ag_agt *a = t->ctx->agents; a != NULL; a = a->next) {
+        struct tun_reg *r;
+        if (!ag_agt_wanted(a) || ag_tun_serves(t, a->cfg.address))
+            continue;
+        r = reg_get(t, a->cfg.address);
+        if (r != NULL && r->pending == REG_NONE && !a->stopped)
+            r->pending = REG_WANT_ADD;
+    }
+    (void)nacc;
+    adds_kick(t);
+}
+
+static void on_error_msg(struct ag_tun *t, const cJSON *m)
+{
+    const char *code = json_str(m, "error");
+    char addr[ID_ADDR_STR_LEN + 1];
+    struct ag_agt *a = msg_agent(t, json_str(m, "address"), addr);
+    struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
+
+    if (code == NULL)
+        code = "error";
+    LOG_WARN(t->ctx->log, "gateway_error", LOG_U("tun", t->id), LOG_S("err", code),
+             LOG_S("addr", addr[0] != '\0' ? addr : NULL), LOG_S("message", json_str(m, "message")));
+    if (r == NULL) {
+        /* no address: a failed add we cannot pin down, or a rate limit */
+        for (size_t i = 0; i < t->nregs; i++)
+            if (t->regs[i].pending == REG_ADDING) {
+                t->regs[i].pending = REG_WANT_ADD;
+                t->regs[i].retry_at_ms = util_mono_ms() + TUN_ADD_RETRY_MS;
+            }
+        if (strcmp(code, "invalid_nonce") == 0 || strcmp(code, "rate_limited") == 0)
+            t->challenge_wanted = false;
+        return;
+    }
+    if (r->pending != REG_ADDING)
+        return;
+    r->pending = REG_NONE;
+    if (code_is_transient(code)) {
+        r->pending = REG_WANT_ADD;
+        r->retry_at_ms = util_mono_ms() + TUN_ADD_RETRY_MS;
+    } else if (a != NULL) {
+        ag_daemon_on_agent_refused(t->ctx, t, a, code, json_str(m, "message"));
+    }
+}
+
+static void tun_start_draining(struct ag_tun *t, const char *why)
+{
+    if (t->state != TUN_ST_UP)
+        return;
+    t->state = TUN_ST_DRAINING;
+    for (size_t i = 0; i < t->nregs; i++)
+        t->regs[i].pending = REG_NONE;
+    LOG_INFO(t->ctx->log, "tunnel_draining", LOG_U("tun", t->id), LOG_S("reason", why),
+             LOG_U("streams", t->nstreams));
+    ag_daemon_on_tun_draining(t->ctx, t);
+    tun_schedule_flush(t); /* closes at once if no stream is open */
+}
+
+static void on_text(void *arg, const char *data, size_t len)
+{
+    struct ag_tun *t = arg;
+    cJSON *m = cJSON_ParseWithLength(data, len);
+    const char *type = cJSON_IsObject(m) ? json_str(m, "type") : NULL;
+
+    if (type == NULL) {
+        LOG_WARN(t->ctx->log, "tunnel_bad_message", LOG_U("tun", t->id), LOG_U("bytes", len));
+        goto out;
+    }
+    if (strcmp(type, "challenge") == 0) {
+        const char *nonce = json_str(m, "nonce");
+        if (!nonce_ok(nonce)) {
+            LOG_WARN(t->ctx->log, "tunnel_bad_message", LOG_U("tun", t->id),
+                     LOG_S("type", type));
+            goto out;
+        }
+        if (t->state == TUN_ST_AUTH && !t->auth_sent)
+            send_auth(t, nonce);
+        else if (t->state == TUN_ST_UP)
+            on_add_challenge(t, nonce);
+    } else if (strcmp(type, "auth_ok") == 0) {
+        if (t->state == TUN_ST_AUTH && t->auth_sent)
+            on_auth_ok(t, m);
+    } else if (strcmp(type, "auth_error") == 0) {
+        const char *code = json_str(m, "error");
+        const char *msg = json_str(m, "message");
+        char c[64];
+        if (t->state != TUN_ST_AUTH)
+            goto out;
+        (void)util_snprintf(c, sizeof(c), "%s", code != NULL ? code : "auth_error");
+        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "auth_error %s%s%s", c,
+                 msg != NULL ? ": " : "", msg != NULL ? msg : "");
+        cJSON_Delete(m);
+        tun_down(t, t->close_reason, c);
+        return;
+    } else if (strcmp(type, "agent_added") == 0) {
+        char addr[ID_ADDR_STR_LEN + 1];
+        struct ag_agt *a = msg_agent(t, json_str(m, "address"), addr);
+        struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
+        if (t->state == TUN_ST_UP && r != NULL && r->pending == REG_ADDING)
+            reg_accepted(t, r, a, json_str(m, "url"));
+    } else if (strcmp(type, "agent_removed") == 0) {
+        char addr[ID_ADDR_STR_LEN + 1];
+        struct ag_agt *a = msg_agent(t, json_str(m, "address"), addr);
+        struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
+        const char *reason = json_str(m, "reason");
+        if (reason == NULL)
+            reason = "removed";
+        if (r != NULL) {
+            r->active = false;
+            r->pending = REG_NONE;
+        }
+        LOG_INFO(t->ctx->log, "agent_removed", LOG_U("tun", t->id), LOG_S("addr", addr),
+                 LOG_S("reason", reason));
+        if (a != NULL)
+            ag_daemon_on_agent_removed(t->ctx, t, a, reason);
+    } else if (strcmp(type, "error") == 0) {
+        on_error_msg(t, m);
+    } else if (strcmp(type, "draining") == 0) {
+        tun_start_draining(t, "gateway draining");
+    } else {
+        LOG_DEBUG(t->ctx->log, "tunnel_unknown_message", LOG_U("tun", t->id), LOG_S("type", type));
+    }
+out:
+    cJSON_Delete(m);
+}
+
+/* ---- streams ------------------------------------------------------------- */
+
+static struct iov rc_iov(nghttp2_rcbuf *rc)
+{
+    nghttp2_vec v;
+
+    if (rc == NULL)
+        return (struct iov){"", 0};
+    v = nghttp2_rcbuf_get_buf(rc);
+    return (struct iov){(const char *)v.base, v.len};
+}
+
+static void stream_consume(struct tun_stream *s, size_t n)
+{
+    if (n == 0 || s->t->h2 == NULL)
+        return;
+    if (n > s->unconsumed)
+        n = s->unconsumed;
+    s->unconsumed -= n;
+    nghttp2_session_consume(s->t->h2, s->id, n);
+}
+
+static ssize_t on_read_data(nghttp2_session *h2, int32_t id, uint8_t *buf, size_t length,
+                            uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+    struct tun_stream *s = src->ptr;
+    size_t avail = evbuffer_get_length(s->resp);
+    size_t n;
+
+    if (avail == 0) {
+        if (s->resp_eof) {
+            *flags |= NGHTTP2_DATA_FLAG_EOF;
+            return 0;
+        }
+        s->deferred = true;
+        return NGHTTP2_ERR_DEFERRED;
+    }
+    n = avail < length ? avail : length;
+    evbuffer_remove(s->resp, buf, n);
+    s->bytes_out += n;
+    if (s->resp_eof && evbuffer_get_length(s->resp) == 0)
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+    if (s->read_paused && s->fwd != NULL && evbuffer_get_length(s->resp) < TUN_RESP_LOW) {
+        s->read_paused = false;
+        ag_fwd_pause_read(s->fwd, false);
+    }
+    return (ssize_t)n;
+}
+
+static void stream_resume(struct tun_stream *s)
+{
+    if (s->deferred && s->t->h2 != NULL) {
+        s->deferred = false;
+        nghttp2_session_resume_data(s->t->h2, s->id);
+    }
+    tun_schedule_flush(s->t);
+}
+
+/* Submits a complete response whose body is in s->resp (or none). */
+static void stream_respond(struct tun_stream *s, int status, const nghttp2_nv *extra,
+                           size_t nextra, const char *ctype, const char *body)
+{
+    nghttp2_nv nv[8];
+    size_t n = 0;
+    char st[4];
+    char clen[24];
+    nghttp2_data_provider prd = {.source.ptr = s, .read_callback = on_read_data};
+    size_t blen = body != NULL ? strlen(body) : 0;
+
+    (void)util_snprintf(st, sizeof(st), "%d", status);
+    (void)util_snprintf(clen, sizeof(clen), "%zu", blen);
+    nv[n++] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)st, 7, strlen(st), 0};
+    if (ctype != NULL)
+        nv[n++] = (nghttp2_nv){(uint8_t *)"content-type", (uint8_t *)ctype, 12, strlen(ctype), 0};
+    nv[n++] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)clen, 14, strlen(clen), 0};
+    for (size_t i = 0; i < nextra && n < sizeof(nv) / sizeof(nv[0]); i++)
+        nv[n++] = extra[i];
+    s->status = status;
+    s->responded = true;
+    s->resp_eof = true;
+    if (blen > 0)
+        evbuffer_add(s->resp, body, blen);
+    nghttp2_submit_response(s->t->h2, s->id, nv, n, blen > 0 ? &prd : NULL);
+    stream_resume(s);
+}
+
+static void stream_respond_herr(struct tun_stream *s, enum herr e)
+{
+    char body[256];
+
+    if (herr_json(e, body, sizeof(body)) < 0)
+        body[0] = '\0';
+    (void)util_snprintf(s->err, sizeof(s->err), "%s", herr_code(e));
+    stream_respond(s, herr_status(e), NULL, 0, "application/json", body);
+}
+
+/* ag_fwd callbacks (never inside an ag_fwd call; see the file header) */
+
+static void fwd_on_head(void *arg, int status, const nghttp2_nv *hv, size_t nhv, bool no_body)
+{
+    struct tun_stream *s = arg;
+    nghttp2_nv *nv = calloc(nhv + 1, sizeof(*nv));
+    char st[4];
+    nghttp2_data_provider prd = {.source.ptr = s, .read_callback = on_read_data};
+
+    if (nv == NULL) {
+        ag_fwd_free(s->fwd);
+        s->fwd = NULL;
+        stream_respond_herr(s, HERR_INTERNAL);
+        return;
+    }
+    (void)util_snprintf(st, sizeof(st), "%d", status);
+    nv[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)st, 7, strlen(st), 0};
+    memcpy(nv + 1, hv, nhv * sizeof(*nv));
+    s->status = status;
+    s->responded = true;
+    if (no_body)
+        s->resp_eof = true;
+    nghttp2_submit_response(s->t->h2, s->id, nv, nhv + 1, no_body ? NULL : &prd);
+    free(nv);
+    tun_schedule_flush(s->t);
+}
+
+static void fwd_on_body(void *arg, const uint8_t *data, size_t len)
+{
+    struct tun_stream *s = arg;
+
+    if (s->resp_eof)
+        return;
+    evbuffer_add(s->resp, data, len);
+    if (!s->read_paused && evbuffer_get_length(s->resp) > TUN_RESP_HIGH) {
+        s->read_paused = true;
+        ag_fwd_pause_read(s->fwd, true);
+    }
+    stream_resume(s);
+}
+
+static void fwd_on_end(void *arg)
+{
+    struct tun_stream *s = arg;
+
+    s->fwd = NULL;
+    s->resp_eof = true;
+    stream_resume(s);
+}
+
+static void fwd_on_error(void *arg, enum ag_fwd_err err, const char *detail)
+{
+    struct tun_stream *s = arg;
+
+    s->fwd = NULL;
+    LOG_DEBUG(s->t->ctx->log, "local_error", LOG_U("tun", s->t->id), LOG_U("stream", s->log_id),
+              LOG_S("detail", detail));
+    if (!s->responded) {
+        stream_respond_herr(s, err == AG_FWD_E_TIMEOUT ? HERR_GATEWAY_TIMEOUT
+                                                        : HERR_LOCAL_UNREACHABLE);
+        if (err != AG_FWD_E_TIMEOUT)
+            LOG_WARN(s->t->ctx->log, "local_unreachable", LOG_S("addr", s->addr),
+                     LOG_S("detail", detail));
+        return;
+    }
+    (void)util_snprintf(s->err, sizeof(s->err), "local_aborted");
+    nghttp2_submit_rst_stream(s->t->h2, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_INTERNAL_ERROR);
+    tun_schedule_flush(s->t);
+}
+
+static void fwd_on_body_sent(void *arg, size_t n)
+{
+    struct tun_stream *s = arg;
+
+    stream_consume(s, n);
+    tun_schedule_flush(s->t);
+}
+
+static const struct ag_fwd_cbs stream_fwd_cbs = {
+    .on_head = fwd_on_head,
+    .on_body = fwd_on_body,
+    .on_end = fwd_on_end,
+    .on_error = fwd_on_error,
+    .on_body_sent = fwd_on_body_sent,
+};
+
+/* The request head is complete: route, answer or forward. */
+static void stream_start(struct tun_stream *s, bool end_stream)
+{
+    struct ag_tun *t = s->t;
+    struct ag_agt *a;
+    struct ag_fwd_hdr *fh;
+    struct ag_fwd_request rq;
+
+    s->started = true;
+    s->req_end = end_stream;
+    a = s->addr[0] != '\0' ? ag_ctx_find_addr(t->ctx, s->addr) : NULL;
+    if (a == NULL || !ag_tun_serves(t, s->addr) || !ag_agt_wanted(a) || t->ctx->stopping ||
+        s->method == NULL || s->path == NULL) {
+        (void)util_snprintf(s->err, sizeof(s->err), "refused_stream");
+        nghttp2_submit_rst_stream(t->h2, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_REFUSED_STREAM);
+        return;
+    }
+    s->agt = a;
+    ag_agt_ref(a);
+    a->requests++;
+    /* our own probe: answered here, never forwarded (PRODUCT.md "Connected") */
+    if (s->probe[0] != '\0' && a->probe_nonce[0] != '\0' &&
+        strlen(s->probe) == strlen(a->probe_nonce) &&
+        CRYPTO_memcmp(s->probe, a->probe_nonce, strlen(s->probe)) == 0) {
+        nghttp2_nv echo = {(uint8_t *)"x-tunnel-probe", (uint8_t *)s->probe, 14,
+                           strlen(s->probe), 0};
+        (void)util_snprintf(s->err, sizeof(s->err), "probe");
+        stream_respond(s, 200, &echo, 1, "text/plain", "ok\n");
+        return;
+    }
+    if (s->protocol != NULL) {
+        /* RFC 8441 extended CONNECT (WebSocket pass-through): not yet */
+        (void)util_snprintf(s->err, sizeof(s->err), "not_implemented");
+        stream_respond(s, 501, NULL, 0, "application/json",
+                       "{\"error\":\"not_implemented\",\"message\":\"WebSocket pass-through is "
+                       "not supported by this agent yet\"}\n");
+        return;
+    }
+    if (a->inflight >= a->cfg.max_inflight) {
+        stream_respond_herr(s, HERR_HOST_BUSY);
+        return;
+    }
+    fh = calloc(s->nhdrs + 1, sizeof(*fh));
+    if (fh == NULL) {
+        stream_respond_herr(s, HERR_INTERNAL);
+        return;
+    }
+    for (size_t i = 0; i < s->nhdrs; i++) {
+        fh[i].name = rc_iov(s->hdrs[i].name);
+        fh[i].value = rc_iov(s->hdrs[i].value);
+    }
+    rq.method = rc_iov(s->method);
+    rq.path = rc_iov(s->path);
+    rq.authority = rc_iov(s->authority);
+    rq.hdrs = fh;
+    rq.nhdrs = s->nhdrs;
+    rq.has_body = !end_stream;
+    s->fwd = ag_fwd_start(a, &rq, &stream_fwd_cbs, s);
+    free(fh);
+    if (s->fwd == NULL) {
+        stream_respond_herr(s, HERR_INTERNAL);
+        return;
+    }
+    a->inflight++;
+    s->counted = true;
+}
+
+static void stream_log(struct tun_stream *s, uint32_t error_code)
+{
+    struct iov m = rc_iov(s->method);
+    struct iov p = rc_iov(s->path);
+
+    if (!s->started)
+        return;
+    LOG_INFO(s->t->ctx->log, "request", LOG_U("tun", s->t->id), LOG_U("stream", s->log_id),
+             LOG_S("addr", s->addr), LOG_M("method", m.base, m.len), LOG_M("path", p.base, p.len),
+             LOG_U("status", s->status), LOG_U("bytes_in", s->bytes_in),
+             LOG_U("bytes_out", s->bytes_out), LOG_U("dur_ms", util_mono_ms() - s->start_ms),
+             LOG_S("err", s->err[0] != '\0' ? s->err : NULL), LOG_U("h2_error", error_code));
+}
+
+static void stream_free(struct tun_stream *s)
+{
+    struct ag_tun *t = s->t;
+
+    ag_fwd_free(s->fwd);
+    if (s->counted)
+        s->agt->inflight--;
+    if (s->agt != NULL)
+        ag_agt_unref(s->agt);
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        t->streams = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+    t->nstreams--;
+    for (size_t i = 0; i < s->nhdrs; i++) {
+        nghttp2_rcbuf_decref(s->hdrs[i].name);
+        nghttp2_rcbuf_decref(s->hdrs[i].value);
+    }
+    free(s->hdrs);
+    nghttp2_rcbuf_decref(s->method);
+    nghttp2_rcbuf_decref(s->path);
+    nghttp2_rcbuf_decref(s->authority);
+    nghttp2_rcbuf_decref(s->protocol);
+    evbuffer_free(s->resp);
+    free(s);
+}
+
+/* ---- nghttp2 callbacks ------------------------------------------------------ */
+
+static ssize_t on_send(nghttp2_session *h2, const uint8_t *data, size_t len, int flags,
+                       void *user)
+{
+    struct ag_tun *t = user;
+
+    if (t->ws == NULL || !ws_is_writable(t->ws))
+        return NGHTTP2_ERR_WOULDBLOCK;
+    if (evbuffer_add(t->out, data, len) != 0)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    while (evbuffer_get_length(t->out) >= TUN_MSG_CHUNK)
+        if (ws_send_binary_buffer(t->ws, t->out, TUN_MSG_CHUNK) != 0)
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
+    return (ssize_t)len;
+}
+
+static int on_begin_headers(nghttp2_session *h2, const nghttp2_frame *frame, void *user)
+{
+    struct ag_tun *t = user;
+    struct tun_stream *s;
+
+    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
+    s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* resets the stream */
+    s->resp = evbuffer_new();
+    if (s->resp == NULL) {
+        free(s);
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+    s->t = t;
+    s->id = frame->hd.stream_id;
+    s->log_id = ++t->ctx->next_id;
+    s->start_ms = util_mono_ms();
+    s->next = t->streams;
+    if (t->streams != NULL)
+        t->streams->prev = s;
+    t->streams = s;
+    t->nstreams++;
+    nghttp2_session_set_stream_user_data(h2, s->id, s);
+    return 0;
+}
+
+static bool rc_is(nghttp2_rcbuf *rc, const char *lit)
+{
+    return util_iov_ieq_str(rc_iov(rc), lit);
+}
+
+static int on_header(nghttp2_session *h2, const nghttp2_frame *frame, nghttp2_rcbuf *name,
+                     nghttp2_rcbuf *value, uint8_t flags, void *user)
+{
+    struct tun_stream *s;
+    struct iov n = rc_iov(name);
+    struct iov v = rc_iov(value);
+    nghttp2_rcbuf **slot = NULL;
+
+    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0; /* trailers: dropped */
+    s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
+    if (s == NULL)
+        return 0;
+    if (n.len > 0 && n.base[0] == ':') {
+        if (rc_is(name, ":method"))
+            slot = &s->method;
+        else if (rc_is(name, ":path"))
+            slot = &s->path;
+        else if (rc_is(name, ":authority"))
+            slot = &s->authority;
+        else if (rc_is(name, ":protocol"))
+            slot = &s->protocol;
+        if (slot != NULL && *slot == NULL) {
+            nghttp2_rcbuf_incref(value);
+            *slot = value;
+        }
+        return 0;
+    }
+    if (rc_is(name, "x-agent-address")) {
+        uint8_t raw[ID_ADDR_LEN];
+        if (id_addr_parse(v.base, v.len, raw) == ID_OK)
+            id_addr_to_str(raw, s->addr);
+    } else if (rc_is(name, "x-tunnel-probe")) {
+        if (v.len < sizeof(s->probe)) {
+            memcpy(s->probe, v.base, v.len);
+            s->probe[v.len] = '\0';
+        }
+        return 0;
+    }
+    if (s->nhdrs == s->hcap) {
+        size_t cap = s->hcap != 0 ? s->hcap * 2 : 16;
+        struct tun_hdr *nh = realloc(s->hdrs, cap * sizeof(*nh));
+        if (nh == NULL)
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+        s->hdrs = nh;
+        s->hcap = cap;
+    }
+    nghttp2_rcbuf_incref(name);
+    nghttp2_rcbuf_incref(value);
+    s->hdrs[s->nhdrs].name = name;
+    s->hdrs[s->nhdrs].value = value;
+    s->nhdrs++;
+    return 0;
+}
+
+static int on_frame_recv(nghttp2_session *h2, const nghttp2_frame *frame, void *user)
+{
+    struct ag_tun *t = user;
+    struct tun_stream *s;
+    bool end = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+
+    switch (frame->hd.type) {
+    case NGHTTP2_HEADERS:
+        s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
+        if (s == NULL)
+            break;
+        if (!s->started && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
+            stream_start(s, end);
+        else if (end && !s->req_end) {
+            s->req_end = true;
+            if (s->fwd != NULL)
+                ag_fwd_end_body(s->fwd);
+        }
+        break;
+    case NGHTTP2_DATA:
+        s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
+        if (s != NULL && end && !s->req_end) {
+            s->req_end = true;
+            if (s->fwd != NULL)
+                ag_fwd_end_body(s->fwd);
+        }
+        break;
+    case NGHTTP2_PING:
+        if (frame->hd.flags & NGHTTP2_FLAG_ACK) {
+            uint64_t sent = 0;
+            for (size_t i = 0; i < 8; i++)
+                sent = (sent << 8) | frame->ping.opaque_data[i];
+            t->rtt_ms = util_mono_ms() - sent;
+        }
+        break;
+    case NGHTTP2_GOAWAY:
+        tun_start_draining(t, "goaway");
+        break;
+    default:
+        break;
+    }
+    return 0;
+}
+
+static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t stream_id,
+                         const uint8_t *data, size_t len, void *user)
+{
+    struct tun_stream *s = nghttp2_session_get_stream_user_data(h2, stream_id);
+    size_t now;
+
+    if (s == NULL) {
+        nghttp2_session_consume_connection(h2, len);
+        return 0;
+    }
+    s->bytes_in += len;
+    s->unconsumed += len;
+    if (s->fwd == NULL) {
+        stream_consume(s, len); /* nobody to take it: discard */
+        return 0;
+    }
+    now = ag_fwd_write_body(s->fwd, data, len);
+    stream_consume(s, now);
+    return 0;
+}
+
+static int on_frame_send(nghttp2_session *h2, const nghttp2_frame *frame, void *user)
+{
+    struct tun_stream *s;
+
+    if ((frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) ||
+        !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
+        return 0;
+    s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
+    /* response complete while the request body still comes: RFC 9113 8.1 */
+    if (s != NULL && !s->req_end)
+        nghttp2_submit_rst_stream(h2, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_NO_ERROR);
+    return 0;
+}
+
+static int on_stream_close(nghttp2_session *h2, int32_t stream_id, uint32_t error_code,
+                           void *user)
+{
+    struct tun_stream *s = nghttp2_session_get_stream_user_data(h2, stream_id);
+
+    if (s == NULL)
+        return 0;
+    nghttp2_session_set_stream_user_data(h2, stream_id, NULL);
+    if (s->unconsumed > 0)
+        nghttp2_session_consume_connection(h2, s->unconsumed);
+    s->unconsumed = 0;
+    if (error_code == NGHTTP2_CANCEL && s->err[0] == '\0')
+        (void)util_snprintf(s->err, sizeof(s->err), "cancelled");
+    stream_log(s, error_code);
+    stream_free(s);
+    return 0;
+}
+
+static int h2_start(struct ag_tun *t)
+{
+    nghttp2_session_callbacks *cbs;
+    nghttp2_option *opt;
+    nghttp2_settings_entry iv[] = {
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, TUN_MAX_STREAMS},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, TUN_STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL, 1},
+    };
+    int rv;
+
+    if (nghttp2_session_callbacks_new(&cbs) != 0)
+        return -1;
+    if (nghttp2_option_new(&opt) != 0) {
+        nghttp2_session_callbacks_del(cbs);
+        return -1;
+    }
+    nghttp2_session_callbacks_set_send_callback(cbs, on_send);
+    nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback2(cbs, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    rv = nghttp2_session_server_new2(&t->h2, cbs, t, opt);
+    nghttp2_option_del(opt);
+    nghttp2_session_callbacks_del(cbs);
+    if (rv != 0)
+        return -1;
+    if (nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, iv, sizeof(iv) / sizeof(iv[0])) != 0 ||
+        nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, TUN_CONN_WINDOW) != 0)
+        return -1;
+    tun_flush(t);
+    return 0;
+}
+
+/* ---- output, keepalive --------------------------------------------------- */
+
+/* Runs nghttp2's output into binary messages; closes a drained tunnel. */
+static void tun_flush(struct ag_tun *t)
+{
+    int rv;
+
+    if (t->h2 == NULL || t->ws == NULL || t->state == TUN_ST_CLOSING)
+        return;
+    rv = nghttp2_session_send(t->h2);
+    if (evbuffer_get_length(t->out) > 0)
+        (void)ws_send_binary_buffer(t->ws, t->out, evbuffer_get_length(t->out));
+    if (rv != 0) {
+        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "http2: %s", nghttp2_strerror(rv));
+        ws_close(t->ws, 4000, "protocol_error");
+        t->state = TUN_ST_CLOSING;
+        return;
+    }
+    /* the close frame queues behind the GOAWAY and any last frames */
+    if ((t->state == TUN_ST_DRAINING || t->goaway_sent) && t->nstreams == 0 &&
+        !nghttp2_session_want_write(t->h2)) {
+        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "drained");
+        ws_close(t->ws, WS_CLOSE_NORMAL, "drained");
+        t->state = TUN_ST_CLOSING;
+    }
+}
+
+static void on_flush_ev(evutil_socket_t fd, short what, void *arg)
+{
+    struct ag_tun *t = arg;
+
+    if (t->state == TUN_ST_CLOSING && t->ws == NULL) {
+        tun_down(t, "closed before authentication", NULL); /* drained while dialling */
+        return;
+    }
+    tun_flush(t);
+}
+
+static void tun_schedule_flush(struct ag_tun *t)
+{
+    event_active(t->flush_ev, 0, 0);
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    struct ag_tun *t = arg;
+    uint64_t now = util_mono_ms();
+
+    switch (t->state) {
+    case TUN_ST_DIAL:
+    case TUN_ST_UPGRADE:
+    case TUN_ST_AUTH:
+        if (now - t->start_ms > TUN_AUTH_TIMEOUT_MS) {
+            tun_down(t, t->state == TUN_ST_AUTH ? "authentication timed out"
+                                                 : "upgrade timed out", NULL);
+            return;
+        }
+        break;
+    case TUN_ST_UP:
+    case TUN_ST_DRAINING:
+        if (now - ws_last_rx_ms(t->ws) > 3u * 1000u * (uint64_t)t->ping_s) {
+            LOG_WARN(t->ctx->log, "keepalive_timeout", LOG_U("tun", t->id),
+                     LOG_U("silent_ms", now - ws_last_rx_ms(t->ws)));
+            ws_close(t->ws, WS_CLOSE_INTERNAL, "keepalive_timeout");
+            tun_down(t, "keepalive_timeout", NULL);
+            return;
+        }
+        if (now >= t->next_ping_ms) {
+            uint8_t opaque[8];
+            for (size_t i = 0; i < 8; i++)
+                opaque[i] = (uint8_t)(now >> (56 - 8 * i));
+            t->next_ping_ms = now + (uint64_t)t->ping_s * 1000u;
+            nghttp2_submit_ping(t->h2, NGHTTP2_FLAG_NONE, opaque);
+            tun_flush(t);
+        }
+        adds_kick(t);
+        break;
+    case TUN_ST_CLOSING:
+        break;
+    }
+}
+
+/* ---- WebSocket ---------------------------------------------------------- */
+
+static int on_binary(void *arg, const uint8_t *data, size_t len)
+{
+    struct ag_tun *t = arg;
+    ssize_t rv;
+
+    if (t->h2 == NULL) {
+        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "binary data before auth_ok");
+        ws_close(t->ws, 4000, "protocol_error");
+        t->state = TUN_ST_CLOSING;
+        return 0;
+    }
+    if (t->state == TUN_ST_CLOSING)
+        return 0;
+    rv = nghttp2_session_mem_recv(t->h2, data, len);
+    if (rv < 0) {
+        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "http2: %s",
+                 nghttp2_strerror((int)rv));
+        nghttp2_session_terminate_session(t->h2, NGHTTP2_PROTOCOL_ERROR);
+        nghttp2_session_send(t->h2);
+        if (evbuffer_get_length(t->out) > 0)
+            (void)ws_send_binary_buffer(t->ws, t->out, evbuffer_get_length(t->out));
+        ws_close(t->ws, 4000, "protocol_error");
+        t->state = TUN_ST_CLOSING;
+        return 0;
+    }
+    tun_flush(t);
+    return 0;
+}
+
+static void on_ws_close(void *arg, int code, const char *reason)
+{
+    struct ag_tun *t = arg;
+    char why[256];
+
+    if (t->close_reason[0] != '\0')
+        (void)util_snprintf(why, sizeof(why), "%s", t->close_reason);
+    else
+        (void)util_snprintf(why, sizeof(why), "websocket closed %d %s", code, reason);
+    tun_down(t, why, NULL);
+}
+
+static void on_writable(void *arg)
+{
+    tun_flush(arg);
+}
+
+static const struct ws_callbacks tun_ws_cbs = {
+    .on_text = on_text,
+    .on_binary = on_binary,
+    .on_close = on_ws_close,
+    .on_writable = on_writable,
+};
+
+/* ---- dial and upgrade --------------------------------------------------- */
+
+static void up_on_read(struct bufferevent *bev, void *arg)
+{
+    struct ag_tun *t = arg;
+    char err[256];
+    int status = 0;
+    int rc = ws_client_parse_response(bufferevent_get_input(bev), t->ws_key, AG_TUN_SUBPROTOCOL,
+                                      &status, err, sizeof(err));
+
+    if (rc == 1)
+        return;
+    if (rc != 0) {
+        char why[320];
+        if (status == 101)
+            (void)util_snprintf(why, sizeof(why), "gateway does not speak " AG_TUN_SUBPROTOCOL
+                                       "; use --protocol osaurus for an Osaurus relay (%s)",
+                     err);
+        else
+            (void)util_snprintf(why, sizeof(why), "upgrade refused: %s", err);
+        tun_down(t, why, NULL);
+        return;
+    }
+    t->ws = ws_conn_new(t->ctx->base, bev, true, TUN_MAX_TEXT, &tun_ws_cbs, t);
+    t->bev = NULL; /* the WebSocket owns it now, also on failure */
+    if (t->ws == NULL) {
+        tun_down(t, "out of memory", NULL);
+        return;
+    }
+    t->state = TUN_ST_AUTH;
+    LOG_DEBUG(t->ctx->log, "tunnel_upgraded", LOG_U("tun", t->id));
+}
+
+static void up_on_event(struct bufferevent *bev, short what, void *arg)
+{
+    struct ag_tun *t = arg;
+    char why[320];
+
+    if (what & BEV_EVENT_CONNECTED)
+        return;
+    if (t->ctx->ssl_ctx != NULL) {
+        SSL *ssl = bufferevent_openssl_get_ssl(bev);
+        long vr = ssl != NULL ? SSL_get_verify_result(ssl) : X509_V_OK;
+        unsigned long e = bufferevent_get_openssl_error(bev);
+        if (vr != X509_V_OK) {
+            (void)util_snprintf(why, sizeof(why), "TLS: certificate verification failed: %s",
+                     X509_verify_cert_error_string(vr));
+            tls_drain_errors();
+            tun_down(t, why, NULL);
+            return;
+        }
+        if (e != 0) {
+            char buf[200];
+            ERR_error_string_n(e, buf, sizeof(buf));
+            (void)util_snprintf(why, sizeof(why), "TLS: %s", buf);
+            tls_log_errors(t->ctx->log, "tunnel_tls_error");
+            tun_down(t, why, NULL);
+            return;
+        }
+    }
+    (void)util_snprintf(why, sizeof(why), "%s during the upgrade",
+             (what & BEV_EVENT_EOF) ? "connection closed" : "connection error");
+    tun_down(t, why, NULL);
+}
+
+static void on_dialled(void *arg, evutil_socket_t fd, const char *err)
+{
+    struct ag_tun *t = arg;
+    struct ag_ctx *ctx = t->ctx;
+    struct evbuffer *req;
+    char why[256];
+
+    t->dial = NULL;
+    if (fd < 0) {
+        (void)util_snprintf(why, sizeof(why), "gateway %s:%u unreachable: %s", ctx->opts->gateway.host,
+                 (unsigned)ctx->opts->gateway.port, err);
+        tun_down(t, why, NULL);
+        return;
+    }
+    if (ctx->ssl_ctx != NULL) {
+        SSL *ssl = SSL_new(ctx->ssl_ctx);
+        if (ssl == NULL || tls_client_prepare(ssl, ctx->opts->gateway.host) != 0) {
+            SSL_free(ssl);
+            evutil_closesocket(fd);
+            tun_down(t, "TLS setup failed", NULL);
+            return;
+        }
+        t->bev = bufferevent_openssl_socket_new(ctx->base, fd, ssl, BUFFEREVENT_SSL_CONNECTING,
+                                                BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+        if (t->bev != NULL)
+            bufferevent_openssl_set_allow_dirty_shutdown(t->bev, 1);
+    } else {
+        t->bev = bufferevent_socket_new(ctx->base, fd,
+                                        BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+    }
+    if (t->bev == NULL) {
+        evutil_closesocket(fd);
+        tun_down(t, "out of memory", NULL);
+        return;
+    }
+    t->state = TUN_ST_UPGRADE;
+    bufferevent_setcb(t->bev, up_on_read, NULL, up_on_event, t);
+    req = bufferevent_get_output(t->bev);
+    if (ws_client_key(t->ws_key) != 0 ||
+        ws_client_request(req, ctx->host_port, AG_TUNNEL_PATH, t->ws_key, AG_TUN_SUBPROTOCOL,
+                          NULL) != 0) {
+        tun_down(t, "cannot build the upgrade request", NULL);
+        return;
+    }
+    bufferevent_enable(t->bev, EV_READ | EV_WRITE);
+}
+
+struct ag_tun *ag_tun_new(struct ag_ctx *ctx)
+{
+    struct ag_tun *t = calloc(1, sizeof(*t));
+    struct timeval sec = {1, 0};
+
+    if (t == NULL)
+        return NULL;
+    t->ctx = ctx;
+    t->id = ++ctx->next_id;
+    t->start_ms = util_mono_ms();
+    t->ping_s = TUN_DEFAULT_PING_S;
+    t->out = evbuffer_new();
+    t->tick_ev = event_new(ctx->base, -1, EV_PERSIST, on_tick, t);
+    t->flush_ev = event_new(ctx->base, -1, 0, on_flush_ev, t);
+    if (t->out == NULL || t->tick_ev == NULL || t->flush_ev == NULL)
+        goto fail_t;
+    event_add(t->tick_ev, &sec);
+    LOG_INFO(ctx->log, "tunnel_connecting", LOG_U("tun", t->id),
+             LOG_S("gateway", ctx->opts->gateway_url));
+    t->dial = ag_net_dial_start(ctx->base, ctx->dns, ctx->opts->gateway.host,
+                                ctx->opts->gateway.port, TUN_DIAL_TIMEOUT_MS, on_dialled, t);
+    if (t->dial == NULL)
+        goto fail_t;
+    return t;
+
+fail_t:
+    ag_tun_free(t);
+    return NULL;
+}
+
+void ag_tun_free(struct ag_tun *t)
+{
+    if (t == NULL)
+        return;
+    while (t->streams != NULL)
+        stream_free(t->streams); /* nghttp2_session_del() does not report closes */
+    if (t->h2 != NULL)
+        nghttp2_session_del(t->h2);
+    t->h2 = NULL;
+    ag_net_dial_cancel(t->dial);
+    if (t->bev != NULL)
+        bufferevent_free(t->bev);
+    ws_free(t->ws);
+    if (t->tick_ev != NULL)
+        event_free(t->tick_ev);
+    if (t->flush_ev != NULL)
+        event_free(t->flush_ev);
+    if (t->out != NULL)
+        evbuffer_free(t->out);
+    free(t);
+}
+
+/* Reports the end once; the daemon frees t inside the call. */
+static void tun_down(struct ag_tun *t, const char *reason, const char *auth_code)
+{
+    char why[256];
+
+    if (t->down)
+        return;
+    t->down = true;
+    (void)util_snprintf(why, sizeof(why), "%s", reason);
+    ag_daemon_on_tun_down(t->ctx, t, why, auth_code);
+}
+
+/* ---- daemon API ------------------------------------------------------------ */
+
+void ag_tun_register(struct ag_tun *t, struct ag_agt *a)
+{
+    struct tun_reg *r;
+
+    if (t->state != TUN_ST_UP)
+        return;
+    r = reg_get(t, a->cfg.address);
+    if (r == NULL || r->pending == REG_ADDING || r->pending == REG_WANT_ADD)
+        return;
+    r->pending = REG_WANT_ADD;
+    r->retry_at_ms = 0;
+    adds_kick(t);
+}
+
+void ag_tun_unregister(struct ag_tun *t, struct ag_agt *a)
+{
+    struct tun_reg *r = reg_find(t, a->cfg.address);
+
+    if (r == NULL)
+        return;
+    if (r->active || r->pending == REG_ADDING) {
+        if (t->ws != NULL && t->state != TUN_ST_CLOSING)
+            send_simple(t, "remove_agent", r->addr);
+    }
+    r->active = false;
+    if (r->pending != REG_IN_AUTH) /* auth_ok will remove it (reg_accepted) */
+        r->pending = REG_NONE;
+}
+
+void ag_tun_drain(struct ag_tun *t)
+{
+    if (t->goaway_sent)
+        return;
+    t->goaway_sent = true;
+    if (t->h2 == NULL || t->state == TUN_ST_CLOSING) {
+        if (t->ws != NULL && t->state != TUN_ST_CLOSING) {
+            ws_close(t->ws, WS_CLOSE_NORMAL, "shutting down");
+            t->state = TUN_ST_CLOSING;
+        } else if (t->ws == NULL && !t->down) {
+            /* still dialling or upgrading: nothing to finish */
+            t->state = TUN_ST_CLOSING;
+            event_active(t->flush_ev, 0, 0);
+        }
+        return;
+    }
+    nghttp2_submit_goaway(t->h2, NGHTTP2_FLAG_NONE,
+                          nghttp2_session_get_last_proc_stream_id(t->h2), NGHTTP2_NO_ERROR, NULL,
+                          0);
+    tun_schedule_flush(t);
+}
