@@ -1087,22 +1087,53 @@ void cfg_free_strings(const struct cfg_spec *spec, void *base)
 
 /* --- help -------------------------------------------------------------- */
 
+/* Help lines wrap before this column. */
+#define CFG_HELP_WIDTH 79
+
+/* Prints text word-wrapped at CFG_HELP_WIDTH, every line indented. A word
+ * longer than a line gets a line of its own. */
+static void print_wrapped(FILE *out, size_t indent, const char *text)
+{
+    const char *p = text;
+
+    while (*p != '\0') {
+        size_t room = CFG_HELP_WIDTH - indent;
+        size_t len = strlen(p);
+        size_t cut = len;
+
+        if (len > room) {
+            cut = room;
+            while (cut > 0 && p[cut] != ' ')
+                cut--;
+            if (cut == 0)
+                cut = strcspn(p, " ");
+        }
+        fprintf(out, "%*s%.*s\n", (int)indent, "", (int)cut, p);
+        p += cut;
+        while (*p == ' ')
+            p++;
+    }
+}
+
 static void help_option(const struct cfg_spec *spec, const struct cfg_opt *o, FILE *out)
 {
     char env[256];
+    char line[1024];
+    size_t used = 0;
 
     if (o->type == CFG_T_BOOL)
         fprintf(out, "  --%s\n", o->name);
     else
         fprintf(out, "  --%s %s\n", o->name, o->metavar != NULL ? o->metavar : "VALUE");
-    fprintf(out, "      %s\n", o->help);
+    print_wrapped(out, 6, o->help);
     if (o->type == CFG_T_ENUM) {
-        fprintf(out, "      one of:");
-        for (size_t i = 0; o->choices[i].name != NULL; i++) {
+        used = (size_t)snprintf(line, sizeof(line), "one of:");
+        for (size_t i = 0; o->choices[i].name != NULL && used < sizeof(line); i++) {
             if (!o->choices[i].hidden)
-                fprintf(out, " %s", o->choices[i].name);
+                used += (size_t)snprintf(line + used, sizeof(line) - used, " %s",
+                                         o->choices[i].name);
         }
-        fprintf(out, "\n");
+        print_wrapped(out, 6, line);
     }
     if (o->def != NULL)
         fprintf(out, "      default: %s\n", o->def);
@@ -1123,43 +1154,67 @@ static void help_option(const struct cfg_spec *spec, const struct cfg_opt *o, FI
         return;
     }
     if (o->file_aliases != NULL && o->file_aliases[0] != NULL) {
-        fprintf(out, "      file key also:");
-        for (size_t i = 0; o->file_aliases[i] != NULL; i++)
-            fprintf(out, " %s", o->file_aliases[i]);
-        fprintf(out, "\n");
+        used = (size_t)snprintf(line, sizeof(line), "file key also:");
+        for (size_t i = 0; o->file_aliases[i] != NULL && used < sizeof(line); i++)
+            used += (size_t)snprintf(line + used, sizeof(line) - used, " %s",
+                                     o->file_aliases[i]);
+        print_wrapped(out, 6, line);
     }
 }
 
 void cfg_print_help(const struct cfg_spec *spec, FILE *out)
 {
-    char example[256];
-    const char *conf_name = NULL;
+    char example[256] = "";
+    char conf[512] = "";
+    char ignored[512] = "";
+    size_t used = 0;
+    char *intro;
 
     for (size_t i = 0; i < spec->nopts; i++) {
-        if (spec->opts[i].flags & CFG_F_CONFIG)
-            conf_name = spec->opts[i].name;
+        char env[200];
+        if ((spec->opts[i].flags & CFG_F_CONFIG) &&
+            cfg_env_name(spec, &spec->opts[i], env, sizeof(env)) == 0)
+            snprintf(conf, sizeof(conf), " (--%s FILE, or %s)", spec->opts[i].name, env);
+        if (example[0] == '\0' && spec->opts[i].type == CFG_T_UINT &&
+            cfg_env_name(spec, &spec->opts[i], env, sizeof(env)) == 0)
+            snprintf(example, sizeof(example), ", e.g. %s", env);
     }
-    fprintf(out, "Usage: %s [OPTIONS]\n%s\n\n", spec->prog, spec->summary);
-    fprintf(out,
-            "Each option is read, lowest precedence first, from its default, the config\n"
-            "file%s%s%s, the environment (%s_<OPTION>, e.g. ",
-            conf_name != NULL ? " (--" : "", conf_name != NULL ? conf_name : "",
-            conf_name != NULL ? " FILE)" : "", spec->env_prefix);
-    for (size_t i = 0; i < spec->nopts; i++) {
-        if (spec->opts[i].type == CFG_T_UINT &&
-            cfg_env_name(spec, &spec->opts[i], example, sizeof(example)) == 0) {
-            fprintf(out, "%s", example);
+    for (size_t i = 0; spec->ignored_keys != NULL && spec->ignored_keys[i] != NULL &&
+                       used < sizeof(ignored); i++) {
+        int n = snprintf(ignored + used, sizeof(ignored) - used, "%s%s",
+                         i == 0 ? " These keys of related relay configs are ignored with a "
+                                  "warning: " : ", ",
+                         spec->ignored_keys[i]);
+        if (n < 0)
             break;
-        }
+        used += (size_t)n;
     }
-    fprintf(out,
-            "; empty\n"
-            "counts as unset) and the command line (--option VALUE or --option=VALUE; the\n"
-            "last of a repeated flag wins). The file is a TOML subset: key = value lines,\n"
-            "keys are the option names ('-' or '_'; each at most once) in any [section],\n"
-            "values \"quoted\" (escapes \\\" \\\\ \\n \\t \\r), 'literal' or bare, # comments.\n"
-            "Relative paths in the file are relative to its directory. Numbers are plain\n"
-            "whole numbers (no unit suffixes); seconds are marked (s).\n");
+    fprintf(out, "Usage: %s [OPTIONS]\n", spec->prog);
+    print_wrapped(out, 0, spec->summary);
+    fprintf(out, "\n");
+    intro = str_printf(
+        "Each option is read, lowest precedence first, from its default, the config "
+        "file%s, the environment (%s_<OPTION>%s; empty counts as unset) and the command "
+        "line (--option VALUE or --option=VALUE; the last of a repeated flag wins).",
+        conf, spec->env_prefix, example);
+    if (intro != NULL)
+        print_wrapped(out, 0, intro);
+    free(intro);
+    fprintf(out, "\n");
+    intro = str_printf(
+        "The file is a TOML subset: \"key = value\" lines, keys being the option names "
+        "(with '-' or '_'; each at most once) in any [section]; values \"quoted\" (escapes "
+        "\\\" \\\\ \\n \\t \\r), 'literal', [\"a\", \"b\"] (read as a,b) or bare; # comments. "
+        "Relative paths in the file are relative to its directory.%s",
+        ignored);
+    if (intro != NULL)
+        print_wrapped(out, 0, intro);
+    free(intro);
+    fprintf(out, "\n");
+    print_wrapped(out, 0,
+                  "Numbers are plain whole numbers (no unit suffixes); (s) marks seconds. "
+                  "Switches such as --open also take =true/false, yes/no or 1/0, as they do "
+                  "in the file and the environment.");
     for (size_t g = 0; g < spec->nopts; g++) {
         const char *group = spec->opts[g].group;
         bool seen = false;

@@ -721,10 +721,11 @@ static const struct cfg_opt gw_opts[] = {
              "(0 = any free port)."},
     {.name = "port", .env = "PORT", .type = CFG_T_CUSTOM, .offset = OFF(listen),
      .metavar = "PORT", .group = G_LSN, .parse = parse_listen_port,
-     .help = "Replace only the port of --listen (applied after --listen in the same layer)."},
+     .help = "Set only the port of --listen. It edits a --listen from the same source or a "
+             "lower one; a --listen from a higher-precedence source replaces it."},
     {.name = "host", .env = "HOST", .type = CFG_T_CUSTOM, .offset = OFF(listen),
      .metavar = "ADDR", .group = G_LSN, .parse = parse_listen_host,
-     .help = "Replace only the address of --listen (applied after --listen in the same layer)."},
+     .help = "Set only the address of --listen (\"::\" or \"[::]\" for IPv6), like --port."},
     {.name = "plain-listen", .type = CFG_T_CUSTOM, .offset = OFF(plain_listen),
      .metavar = "ADDR:PORT", .group = G_LSN, .parse = parse_listen, .release = release_addr,
      .help = "Also serve cleartext HTTP here, for a TLS-terminating load balancer in front."},

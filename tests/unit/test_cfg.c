@@ -4,6 +4,7 @@
  * setenv(); every test starts from a clean environment (reset_env). */
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -870,11 +871,28 @@ static void test_urls(void **state)
                "redis://x?a");
 }
 
+/* Copy of s with every run of spaces and newlines made one space (undoes wrapping). */
+static char *unwrap(const char *s)
+{
+    char *d = malloc(strlen(s) + 1);
+    size_t o = 0;
+
+    assert_non_null(d);
+    for (size_t i = 0; s[i] != '\0'; i++) {
+        bool ws = s[i] == ' ' || s[i] == '\n';
+        if (!ws || o == 0 || d[o - 1] != ' ')
+            d[o++] = ws ? ' ' : s[i];
+    }
+    d[o] = '\0';
+    return d;
+}
+
 /* --help walks the table: every option, its env name, default and aliases. */
 static void test_help(void **state)
 {
     const struct cfg_spec *spec = gw_cfg_spec();
     char *text = NULL;
+    char *flat;
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
     char buf[512];
@@ -882,12 +900,22 @@ static void test_help(void **state)
     assert_non_null(f);
     gw_cfg_print_help(f);
     assert_int_equal(fclose(f), 0);
+    flat = unwrap(text);
     assert_contains(text, "Usage: tunnel-gateway [OPTIONS]");
+    /* wrapped for a terminal */
+    for (const char *l = text; *l != '\0';) {
+        size_t n = strcspn(l, "\n");
+        if (n > 79)
+            fail_msg("help line longer than 79 columns: %.*s", (int)n, l);
+        l += n + (l[n] == '\n');
+    }
+    for (size_t i = 0; spec->ignored_keys[i] != NULL; i++)
+        assert_contains(flat, spec->ignored_keys[i]);
     for (size_t i = 0; i < spec->nopts; i++) {
         const struct cfg_opt *o = &spec->opts[i];
         snprintf(buf, sizeof(buf), "\n  --%s%s", o->name, o->type == CFG_T_BOOL ? "\n" : " ");
         assert_contains(text, buf);
-        assert_contains(text, o->help);
+        assert_contains(flat, o->help);
         if (!(o->flags & CFG_F_CLI_ONLY)) {
             assert_int_equal(cfg_env_name(spec, o, buf, sizeof(buf)), 0);
             assert_contains(text, buf);
@@ -910,6 +938,8 @@ static void test_help(void **state)
     assert_contains(text, "default: ${XDG_STATE_HOME:-~/.local/state}/tunnel-gateway");
     assert_contains(text, "TUNNEL_GATEWAY_MAX_HEADER_BYTES");
     assert_contains(text, "env: TUNNEL_GATEWAY_PORT (wins over PORT)");
+    assert_contains(flat, "(--config FILE, or TUNNEL_GATEWAY_CONFIG)");
+    free(flat);
     free(text);
 }
 
