@@ -283,7 +283,9 @@ static int daemon_reload(struct ag_ctx *ctx)
         ag_agt_unref(a);
     }
     ctx->agents = keep;
-    tail = ktail;
+    tail = &ctx->agents;
+    while (*tail != NULL)
+        tail = &(*tail)->next;
     for (size_t i = 0; i < n; i++) {
         struct ag_agt *a;
         if (seen[i])
