@@ -367,6 +367,11 @@ static int commit_header(struct gw_h1 *h)
         return 0;
     if (h->head_too_large)
         goto reset;
+    /* RFC 9110 5.5: surrounding whitespace is not part of the value (and
+     * HTTP/2 forbids it) */
+    while (h->value_len > 0 &&
+           (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
+        h->value_len--;
     if (h->field_len == 4 && util_iov_ieq_str((struct iov){h->field, 4}, "host")) {
         if (r->authority == NULL)
             r->authority = strndup(h->value ? h->value : "", h->value_len);
