@@ -5,6 +5,7 @@
 #define GW_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct event_base;
@@ -14,7 +15,6 @@ struct gw_cfg;
 struct tls_server;
 struct gw_reg;
 struct gw_lsn;
-struct gw_conn;
 struct gw_tun;
 struct gw_allow;
 
@@ -39,7 +39,7 @@ struct gw_ctx {
     struct gw_allow *allow;         /* --allow list, NULL when open */
     struct gw_lsn *lsn_main;        /* main listener (TLS unless --no-tls) */
     struct gw_lsn *lsn_plain;       /* --plain-listen, or NULL */
-    struct gw_conn *conns;          /* all public connections (list head) */
+    struct gw_conn_link *conns;     /* all public connections, for shutdown */
     struct gw_tun *tuns;            /* all tunnels, authenticated or not */
     struct event *sig_term;
     struct event *sig_int;
@@ -54,6 +54,33 @@ struct gw_ctx {
     int exit_code;
     struct gw_counters n;
 };
+
+/* Embedded in every public connection object (handshake, h1, h2) so that
+ * shutdown can free them all before the TLS state they reference. */
+struct gw_conn_link {
+    struct gw_conn_link *next, *prev;
+    void (*free_now)(struct gw_conn_link *l); /* frees the containing object */
+};
+
+static inline void gw_conn_link_add(struct gw_ctx *ctx, struct gw_conn_link *l)
+{
+    l->prev = NULL;
+    l->next = ctx->conns;
+    if (ctx->conns != NULL)
+        ctx->conns->prev = l;
+    ctx->conns = l;
+}
+
+static inline void gw_conn_link_del(struct gw_ctx *ctx, struct gw_conn_link *l)
+{
+    if (l->prev != NULL)
+        l->prev->next = l->next;
+    else if (ctx->conns == l)
+        ctx->conns = l->next;
+    if (l->next != NULL)
+        l->next->prev = l->prev;
+    l->next = l->prev = NULL;
+}
 
 static inline uint64_t gw_next_id(struct gw_ctx *ctx)
 {

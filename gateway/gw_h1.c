@@ -38,6 +38,7 @@
 #define H1_IN_HIGH (256 * 1024)       /* read watermark: stop reading the socket */
 
 struct gw_h1 {
+    struct gw_conn_link link;         /* in ctx->conns; first member */
     struct gw_ctx *ctx;
     uint64_t id;
     struct bufferevent *bev;          /* owned */
@@ -92,6 +93,7 @@ static void h1_process(struct gw_h1 *h);
 
 static void h1_free(struct gw_h1 *h)
 {
+    gw_conn_link_del(h->ctx, &h->link);
     if (h->req != NULL) {
         gw_req_cancel(h->req);
         if (!h->req->logged)
@@ -730,6 +732,11 @@ static void h1_on_kick(evutil_socket_t fd, short what, void *arg)
     h1_finish(h);
 }
 
+static void h1_free_now(struct gw_conn_link *l)
+{
+    h1_free((struct gw_h1 *)l);
+}
+
 int gw_h1_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
                 socklen_t peerlen, const char *scheme, uint64_t conn_id)
 {
@@ -742,6 +749,8 @@ int gw_h1_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     if (h->kick == NULL)
         goto fail_h;
     h->ctx = ctx;
+    h->link.free_now = h1_free_now;
+    gw_conn_link_add(ctx, &h->link);
     h->id = conn_id;
     h->bev = bev;
     memcpy(&h->peer, peer, peerlen);

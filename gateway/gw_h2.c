@@ -30,6 +30,7 @@
 #define H2_IDLE_TIMEOUT_S 300          /* only while no stream is open */
 
 struct gw_h2 {
+    struct gw_conn_link link;         /* in ctx->conns; first member */
     struct gw_ctx *ctx;
     uint64_t id;
     struct bufferevent *bev;          /* owned */
@@ -443,10 +444,10 @@ static void h2_send(struct gw_h2 *h)
         h->dead = true;
 }
 
-static void h2_finish(struct gw_h2 *h)
+static void h2_free(struct gw_h2 *h)
 {
-    if (!h->dead)
-        return;
+    h->dead = true;
+    gw_conn_link_del(h->ctx, &h->link);
     /* nghttp2_session_del() does not call on_stream_close: free ours here */
     while (h->streams != NULL)
         h2s_free(h, h->streams);
@@ -454,6 +455,17 @@ static void h2_finish(struct gw_h2 *h)
     bufferevent_free(h->bev);
     event_free(h->kick);
     free(h);
+}
+
+static void h2_finish(struct gw_h2 *h)
+{
+    if (h->dead)
+        h2_free(h);
+}
+
+static void h2_free_now(struct gw_conn_link *l)
+{
+    h2_free((struct gw_h2 *)l);
 }
 
 static void h2_on_read(struct bufferevent *bev, void *arg)
@@ -541,6 +553,8 @@ int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     nghttp2_option_del(opt);
     nghttp2_session_callbacks_del(cbs);
     h->ctx = ctx;
+    h->link.free_now = h2_free_now;
+    gw_conn_link_add(ctx, &h->link);
     h->id = conn_id;
     h->bev = bev;
     memcpy(&h->peer, peer, peerlen);

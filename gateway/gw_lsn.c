@@ -37,6 +37,8 @@ struct gw_lsn {
 
 /* A connection before its protocol is known. */
 struct gw_hs {
+    struct gw_conn_link link;    /* in ctx->conns; first member */
+    struct bufferevent *bev;     /* owned until dispatch */
     struct gw_ctx *ctx;
     uint64_t id;
     bool tls;
@@ -49,6 +51,7 @@ static void hs_dispatch(struct gw_hs *hs, struct bufferevent *bev, bool h2)
     struct gw_ctx *ctx = hs->ctx;
     const char *scheme = hs->tls ? "https" : "http";
 
+    gw_conn_link_del(ctx, &hs->link);
     bufferevent_setcb(bev, NULL, NULL, NULL, NULL);
     bufferevent_set_timeouts(bev, NULL, NULL);
     if (h2)
@@ -94,7 +97,17 @@ static void hs_on_event(struct bufferevent *bev, short what, void *arg)
         else
             tls_drain_errors();
     }
+    gw_conn_link_del(hs->ctx, &hs->link);
     bufferevent_free(bev);
+    free(hs);
+}
+
+static void hs_free_now(struct gw_conn_link *l)
+{
+    struct gw_hs *hs = (struct gw_hs *)l;
+
+    gw_conn_link_del(hs->ctx, &hs->link);
+    bufferevent_free(hs->bev);
     free(hs);
 }
 
@@ -146,6 +159,9 @@ static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct 
         }
         bufferevent_setcb(bev, hs_on_read, NULL, hs_on_event, hs);
     }
+    hs->bev = bev;
+    hs->link.free_now = hs_free_now;
+    gw_conn_link_add(ctx, &hs->link);
     bufferevent_set_timeouts(bev, &tv, NULL);
     bufferevent_enable(bev, EV_READ | EV_WRITE);
 }

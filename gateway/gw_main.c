@@ -220,6 +220,10 @@ int main(int argc, char **argv)
     LOG_INFO(ctx.log, "exit", LOG_I("code", rc));
 
 out:
+    /* public connections first: their SSLs reference the TLS state, and their
+     * requests are borrowed by tunnel streams */
+    while (ctx.conns != NULL)
+        ctx.conns->free_now(ctx.conns);
     gw_tun_free_all(&ctx);
     gw_lsn_free(ctx.lsn_plain);
     gw_lsn_free(ctx.lsn_main);
