@@ -18,7 +18,8 @@
 #include <string.h>
 
 #include <event2/buffer.h>
-#include <event2/bufferevent.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include <event2/event.h>
 #include <http_parser.h>
 
@@ -33,14 +34,22 @@
 #define FWD_POOL_MAX 32             /* idle connections kept per agent */
 #define FWD_RESP_HEAD_MAX (256u * 1024u)
 #define FWD_MAX_HDRS 256
+#define FWD_READ_MAX (256u * 1024u)   /* bytes per read / write call */
 
 /* One TCP connection to the local API. Owned by the request using it
- * (conn->fwd) or, while idle, by the pool. */
+ * (conn->fwd) or, while idle, by the pool. Plain events rather than a
+ * bufferevent: libevent 2.1's evbuffer_read() reads at most 4 KiB per call
+ * (EVBUFFER_MAX_READ), one call per loop iteration, which caps a download
+ * far below the loopback's speed; here one readv() takes up to 256 KiB. */
 struct ag_fwd_conn {
     struct ag_fwd_pool *pool;
     struct ag_fwd_conn *next; /* idle list */
     struct ag_fwd_conn *prev;
-    struct bufferevent *bev;
+    evutil_socket_t fd;
+    struct event *rev;        /* EV_READ | EV_PERSIST; idle timeout while pooled */
+    struct event *wev;        /* EV_WRITE | EV_PERSIST, added while out is not empty */
+    struct evbuffer *in;
+    struct evbuffer *out;
     uint64_t gen;             /* agent's target_gen when dialled */
     struct ag_fwd *fwd;       /* the request using it, NULL while idle */
 };
@@ -91,9 +100,8 @@ struct ag_fwd {
 
 static void conn_free(struct ag_fwd_conn *c);
 static void fwd_fail(struct ag_fwd *f, enum ag_fwd_err err, const char *detail);
-static void fwd_on_read(struct bufferevent *bev, void *arg);
-static void fwd_on_write(struct bufferevent *bev, void *arg);
-static void fwd_on_event(struct bufferevent *bev, short what, void *arg);
+static void conn_on_read(evutil_socket_t fd, short what, void *arg);
+static void conn_on_write(evutil_socket_t fd, short what, void *arg);
 
 /* ---- pool ---------------------------------------------------------------- */
 
@@ -145,28 +153,94 @@ void ag_fwd_pool_free(struct ag_fwd_pool *p)
     free(p);
 }
 
+/* Closes the socket at once (the local API sees the close). */
 static void conn_free(struct ag_fwd_conn *c)
 {
     if (c == NULL)
         return;
-    bufferevent_free(c->bev);
+    if (c->rev != NULL)
+        event_free(c->rev);
+    if (c->wev != NULL)
+        event_free(c->wev);
+    if (c->in != NULL)
+        evbuffer_free(c->in);
+    if (c->out != NULL)
+        evbuffer_free(c->out);
+    if (c->fd >= 0)
+        evutil_closesocket(c->fd);
     free(c);
 }
 
-static void idle_on_read(struct bufferevent *bev, void *arg)
+/* Takes ownership of fd, also on failure. */
+static struct ag_fwd_conn *conn_new(struct event_base *base, struct ag_fwd_pool *pool,
+                                    evutil_socket_t fd, uint64_t gen)
 {
-    struct ag_fwd_conn *c = arg;
+    struct ag_fwd_conn *c = calloc(1, sizeof(*c));
 
-    /* Bytes on an idle connection: nothing can be asked for; drop it. */
-    pool_unlink(c);
-    conn_free(c);
+    if (c == NULL) {
+        evutil_closesocket(fd);
+        return NULL;
+    }
+    c->fd = fd;
+    c->pool = pool;
+    c->gen = gen;
+    c->rev = event_new(base, fd, EV_READ | EV_PERSIST, conn_on_read, c);
+    c->wev = event_new(base, fd, EV_WRITE | EV_PERSIST, conn_on_write, c);
+    c->in = evbuffer_new();
+    c->out = evbuffer_new();
+    if (c->rev == NULL || c->wev == NULL || c->in == NULL || c->out == NULL) {
+        conn_free(c);
+        return NULL;
+    }
+    return c;
 }
 
-static void idle_on_event(struct bufferevent *bev, short what, void *arg)
+/* Output queued: write from the loop. */
+static void conn_kick(struct ag_fwd_conn *c)
 {
-    struct ag_fwd_conn *c = arg;
+    if (evbuffer_get_length(c->out) > 0 && !event_pending(c->wev, EV_WRITE, NULL))
+        event_add(c->wev, NULL);
+}
 
-    pool_unlink(c); /* EOF, error or idle timeout */
+/* Reads what the socket has (up to FWD_READ_MAX) into c->in.
+ * Returns bytes read, 0 at EOF, -1 on error (errno set; EAGAIN: nothing). */
+static ssize_t conn_read(struct ag_fwd_conn *c)
+{
+    struct evbuffer_iovec v[2];
+    struct iovec iov[2];
+    int nv = evbuffer_reserve_space(c->in, FWD_READ_MAX, v, 2);
+    ssize_t n;
+    size_t left;
+
+    if (nv < 1) {
+        errno = ENOMEM;
+        return -1;
+    }
+    left = FWD_READ_MAX; /* reserve_space may hand out more than asked */
+    for (int i = 0; i < nv; i++) {
+        iov[i].iov_base = v[i].iov_base;
+        iov[i].iov_len = v[i].iov_len < left ? v[i].iov_len : left;
+        left -= iov[i].iov_len;
+    }
+    n = readv(c->fd, iov, nv);
+    if (n <= 0) {
+        evbuffer_commit_space(c->in, v, 0);
+        return n;
+    }
+    left = (size_t)n;
+    for (int i = 0; i < nv; i++) {
+        if (v[i].iov_len > left)
+            v[i].iov_len = left;
+        left -= v[i].iov_len;
+    }
+    evbuffer_commit_space(c->in, v, nv);
+    return n;
+}
+
+static void idle_on_read(struct ag_fwd_conn *c, short what)
+{
+    /* EOF, bytes, error or idle timeout on an idle connection: drop it */
+    pool_unlink(c);
     conn_free(c);
 }
 
@@ -177,14 +251,12 @@ static void pool_put(struct ag_fwd_pool *p, struct ag_fwd_conn *c)
 
     c->fwd = NULL;
     if (p->agt->gone || c->gen != p->agt->target_gen || p->nidle >= FWD_POOL_MAX ||
-        evbuffer_get_length(bufferevent_get_input(c->bev)) > 0) {
+        evbuffer_get_length(c->in) > 0 || evbuffer_get_length(c->out) > 0) {
         conn_free(c);
         return;
     }
-    bufferevent_setcb(c->bev, idle_on_read, NULL, idle_on_event, c);
-    bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
-    bufferevent_set_timeouts(c->bev, &tv, NULL);
-    bufferevent_enable(c->bev, EV_READ);
+    event_del(c->wev);
+    event_add(c->rev, &tv);
     c->next = p->idle;
     c->prev = NULL;
     if (p->idle != NULL)
@@ -589,11 +661,43 @@ static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
     return 0;
 }
 
-static void fwd_on_read(struct bufferevent *bev, void *arg)
+/* EOF from the local API: complete an EOF-delimited response, or fail. */
+static void fwd_on_eof(struct ag_fwd *f)
+{
+    if (f->head_done || f->got_bytes) {
+        http_parser_execute(&f->parser, &fwd_parser_settings, NULL, 0);
+        if (f->resp_done) {
+            f->body_done = false; /* EOF-delimited: never pooled */
+            fwd_finish(f);
+            return;
+        }
+    }
+    fwd_fail(f, AG_FWD_E_UNREACHABLE, "local API closed the connection");
+}
+
+static void conn_on_read(evutil_socket_t fd, short what, void *arg)
 {
     struct ag_fwd_conn *c = arg;
+    struct ag_fwd *f = c->fwd;
+    char detail[128];
+    ssize_t n;
 
-    (void)fwd_parse(c->fwd, bufferevent_get_input(bev));
+    if (f == NULL) {
+        idle_on_read(c, what);
+        return;
+    }
+    n = conn_read(c);
+    if (n == -1 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    if (n == -1) {
+        (void)util_snprintf(detail, sizeof(detail), "local connection: %s", strerror(errno));
+        fwd_fail(f, AG_FWD_E_UNREACHABLE, detail);
+        return;
+    }
+    if (fwd_parse(f, c->in) != 0)
+        return;
+    if (n == 0)
+        fwd_on_eof(f);
 }
 
 static void fwd_ack(struct ag_fwd *f)
@@ -606,57 +710,47 @@ static void fwd_ack(struct ag_fwd *f)
     f->cb->on_body_sent(f->arg, n);
 }
 
-static void fwd_on_write(struct bufferevent *bev, void *arg)
-{
-    struct ag_fwd_conn *c = arg;
-
-    fwd_ack(c->fwd);
-}
-
-static void fwd_on_event(struct bufferevent *bev, short what, void *arg)
+static void conn_on_write(evutil_socket_t fd, short what, void *arg)
 {
     struct ag_fwd_conn *c = arg;
     struct ag_fwd *f = c->fwd;
     char detail[128];
+    int n = evbuffer_write_atmost(c->out, fd, FWD_READ_MAX);
 
-    if (what & BEV_EVENT_EOF) {
-        /* drain what is left, then tell the parser about the EOF */
-        if (fwd_parse(f, bufferevent_get_input(bev)) != 0)
+    if (n == -1 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        event_del(c->wev);
+        if (f == NULL)
             return;
+        /* the local API may have answered and closed: read that first */
+        (void)util_snprintf(detail, sizeof(detail), "local connection: %s", strerror(errno));
         if (f->head_done || f->got_bytes) {
-            http_parser_execute(&f->parser, &fwd_parser_settings, NULL, 0);
-            if (f->resp_done) {
-                f->body_done = false; /* EOF-delimited: never pooled */
-                fwd_finish(f);
-                return;
-            }
+            evbuffer_drain(c->out, evbuffer_get_length(c->out));
+            return; /* the read side ends it */
         }
-        fwd_fail(f, AG_FWD_E_UNREACHABLE, "local API closed the connection");
+        fwd_fail(f, AG_FWD_E_UNREACHABLE, detail);
         return;
     }
-    (void)util_snprintf(detail, sizeof(detail), "local connection: %s",
-             (what & BEV_EVENT_TIMEOUT) ? "timeout" : strerror(EVUTIL_SOCKET_ERROR()));
-    fwd_fail(f, AG_FWD_E_UNREACHABLE, detail);
+    if (evbuffer_get_length(c->out) == 0)
+        event_del(c->wev);
+    if (f != NULL && evbuffer_get_length(c->out) <= FWD_OUT_LOW)
+        fwd_ack(f);
 }
 
 /* Puts f on c and sends what is queued. Returns 0 or -1 (out of memory). */
 static int fwd_attach(struct ag_fwd *f, struct ag_fwd_conn *c)
 {
-    struct evbuffer *out = bufferevent_get_output(c->bev);
+    struct evbuffer *out = c->out;
 
     f->conn = c;
     c->fwd = f;
-    bufferevent_setcb(c->bev, fwd_on_read, fwd_on_write, fwd_on_event, c);
-    bufferevent_set_timeouts(c->bev, NULL, NULL);
-    bufferevent_setwatermark(c->bev, EV_WRITE, FWD_OUT_LOW, 0);
     if (evbuffer_add(out, f->head, f->head_len) != 0)
         return -1;
     if (evbuffer_get_length(f->pend) > 0 && evbuffer_add_buffer(out, f->pend) != 0)
         return -1;
+    event_del(c->rev); /* drops the idle timeout */
     if (!f->paused)
-        bufferevent_enable(c->bev, EV_READ | EV_WRITE);
-    else
-        bufferevent_enable(c->bev, EV_WRITE);
+        event_add(c->rev, NULL);
+    conn_kick(c);
     return 0;
 }
 
@@ -674,18 +768,8 @@ static void fwd_on_dialled(void *arg, evutil_socket_t fd, const char *err)
         fwd_fail(f, AG_FWD_E_UNREACHABLE, d);
         return;
     }
-    c = calloc(1, sizeof(*c));
+    c = conn_new(ctx->base, f->agt->pool, fd, f->agt->target_gen);
     if (c == NULL) {
-        evutil_closesocket(fd);
-        fwd_fail(f, AG_FWD_E_UNREACHABLE, "out of memory");
-        return;
-    }
-    c->pool = f->agt->pool;
-    c->gen = f->agt->target_gen;
-    c->bev = bufferevent_socket_new(ctx->base, fd, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
-    if (c->bev == NULL) {
-        evutil_closesocket(fd);
-        free(c);
         fwd_fail(f, AG_FWD_E_UNREACHABLE, "out of memory");
         return;
     }
@@ -694,7 +778,7 @@ static void fwd_on_dialled(void *arg, evutil_socket_t fd, const char *err)
         return;
     }
     /* body that arrived while dialling: acknowledge what fits */
-    if (evbuffer_get_length(bufferevent_get_output(c->bev)) <= FWD_OUT_HIGH)
+    if (evbuffer_get_length(c->out) <= FWD_OUT_HIGH)
         fwd_ack(f);
 }
 
@@ -743,7 +827,7 @@ fail_f:
 
 size_t ag_fwd_write_body(struct ag_fwd *f, const uint8_t *data, size_t len)
 {
-    struct evbuffer *out = f->conn != NULL ? bufferevent_get_output(f->conn->bev) : f->pend;
+    struct evbuffer *out = f->conn != NULL ? f->conn->out : f->pend;
 
     if (len == 0 || f->body_done)
         return len;
@@ -754,6 +838,8 @@ size_t ag_fwd_write_body(struct ag_fwd *f, const uint8_t *data, size_t len)
         goto fail;
     if (f->chunked && evbuffer_add(out, "\r\n", 2) != 0)
         goto fail;
+    if (f->conn != NULL)
+        conn_kick(f->conn);
     if (f->conn != NULL && evbuffer_get_length(out) <= FWD_OUT_HIGH)
         return len;
     f->unacked += len;
@@ -767,13 +853,15 @@ fail:
 
 void ag_fwd_end_body(struct ag_fwd *f)
 {
-    struct evbuffer *out = f->conn != NULL ? bufferevent_get_output(f->conn->bev) : f->pend;
+    struct evbuffer *out = f->conn != NULL ? f->conn->out : f->pend;
 
     if (f->body_done)
         return;
     f->body_done = true;
     if (f->chunked)
         evbuffer_add(out, "0\r\n\r\n", 5);
+    if (f->conn != NULL)
+        conn_kick(f->conn);
 }
 
 void ag_fwd_pause_read(struct ag_fwd *f, bool paused)
@@ -784,7 +872,7 @@ void ag_fwd_pause_read(struct ag_fwd *f, bool paused)
     if (f->conn == NULL)
         return;
     if (paused)
-        bufferevent_disable(f->conn->bev, EV_READ);
+        event_del(f->conn->rev);
     else
-        bufferevent_enable(f->conn->bev, EV_READ);
+        event_add(f->conn->rev, NULL);
 }

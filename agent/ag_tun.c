@@ -48,6 +48,7 @@
 #define TUN_RESP_LOW (256u * 1024u)    /* resume below this */
 #define TUN_ADD_RETRY_MS 5000u
 #define TUN_DEFAULT_PING_S 20u
+#define TUN_IO_MAX (256u * 1024u)      /* bytes per socket read / write call */
 
 enum tun_state {
     TUN_ST_DIAL = 0,
@@ -1374,6 +1375,8 @@ static void on_dialled(void *arg, evutil_socket_t fd, const char *err)
         return;
     }
     t->state = TUN_ST_UPGRADE;
+    bufferevent_set_max_single_read(t->bev, TUN_IO_MAX);
+    bufferevent_set_max_single_write(t->bev, TUN_IO_MAX);
     bufferevent_setcb(t->bev, up_on_read, NULL, up_on_event, t);
     req = bufferevent_get_output(t->bev);
     if (ws_client_key(t->ws_key) != 0 ||
