@@ -17,6 +17,7 @@ struct gw_reg;
 struct gw_lsn;
 struct gw_tun;
 struct gw_allow;
+struct gw_ipt;
 
 /* Monotonic counters exported by /stats and /metrics. */
 struct gw_counters {
@@ -37,6 +38,8 @@ struct gw_ctx {
     struct tls_server *tls;         /* NULL with --no-tls and no TLS listener */
     struct gw_reg *reg;             /* address -> tunnel routes */
     struct gw_allow *allow;         /* --allow list, NULL when open */
+    struct gw_ipt *ipt;             /* per-IP connection and tunnel counts */
+    struct event *sweep_ev;         /* periodic housekeeping (per-IP table) */
     struct gw_lsn *lsn_main;        /* main listener (TLS unless --no-tls) */
     struct gw_lsn *lsn_plain;       /* --plain-listen, or NULL */
     struct gw_conn_link *conns;     /* all public connections, for shutdown */

@@ -22,6 +22,7 @@
 
 #include "gw.h"
 #include "gw_cfg.h"
+#include "gw_ipt.h"
 #include "gw_req.h"
 #include "gw_tun.h"
 #include "log.h"
@@ -94,6 +95,8 @@ static void h1_process(struct gw_h1 *h);
 static void h1_free(struct gw_h1 *h)
 {
     gw_conn_link_del(h->ctx, &h->link);
+    if (h->bev != NULL) /* an upgraded connection counts as a tunnel now */
+        gw_ipt_conn_release(h->ctx->ipt, (struct sockaddr *)&h->peer);
     if (h->req != NULL) {
         gw_req_cancel(h->req);
         if (!h->req->logged)
@@ -522,6 +525,18 @@ static int on_headers_complete(http_parser *p)
             h->keepalive = false;
             return 0;
         }
+        const struct gw_cfg *cfg = h->ctx->cfg;
+        enum gw_ipt_verdict v = gw_ipt_tunnel_acquire(
+            h->ctx->ipt, (struct sockaddr *)&h->peer, cfg->max_tunnels_per_ip,
+            cfg->tunnel_connects_per_ip_per_min, util_mono_ms());
+        if (v != GW_IPT_OK) {
+            LOG_WARN(h->ctx->log, "tunnel_refused", LOG_U("conn", h->id),
+                     LOG_S("peer", r->client_ip),
+                     LOG_S("err", v == GW_IPT_RATE ? "rate_limited" : "too_many_connections"));
+            gw_req_fail(r, v == GW_IPT_RATE ? HERR_RATE_LIMITED : HERR_TOO_MANY_CONNECTIONS);
+            h->keepalive = false;
+            return 0;
+        }
         h->ws_tunnel = true;
         return 0;
     }
@@ -590,7 +605,9 @@ static void h1_upgrade_to_tunnel(struct gw_h1 *h)
     bufferevent_setcb(bev, NULL, NULL, NULL, NULL);
     bufferevent_set_timeouts(bev, NULL, NULL);
     h->bev = NULL;
-    gw_tun_accept(h->ctx, bev, h->ws_accept, h->ws_mode, h->id, r->client_ip);
+    gw_ipt_conn_release(h->ctx->ipt, (struct sockaddr *)&h->peer);
+    gw_tun_accept(h->ctx, bev, (struct sockaddr *)&h->peer, h->ws_accept, h->ws_mode, h->id,
+                  r->client_ip);
     gw_req_free(r);
     h->req = NULL;
     h->dead = true;

@@ -18,6 +18,7 @@
 
 #include "gw.h"
 #include "gw_cfg.h"
+#include "gw_ipt.h"
 #include "gw_req.h"
 #include "log.h"
 #include "tls.h"
@@ -448,6 +449,7 @@ static void h2_free(struct gw_h2 *h)
 {
     h->dead = true;
     gw_conn_link_del(h->ctx, &h->link);
+    gw_ipt_conn_release(h->ctx->ipt, (struct sockaddr *)&h->peer);
     /* nghttp2_session_del() does not call on_stream_close: free ours here */
     while (h->streams != NULL)
         h2s_free(h, h->streams);

@@ -20,6 +20,8 @@
 #include "gw_cfg.h"
 #include "gw_h1.h"
 #include "gw_h2.h"
+#include "gw_ipt.h"
+#include "herr.h"
 #include "log.h"
 #include "tls.h"
 #include "util.h"
@@ -42,9 +44,42 @@ struct gw_hs {
     struct gw_ctx *ctx;
     uint64_t id;
     bool tls;
+    bool refused;                /* over max-conns-per-ip: answer 429 and close */
     struct sockaddr_storage peer;
     socklen_t peerlen;
 };
+
+/* Writes the 429 and frees the bufferevent once it is out. */
+static void refuse_on_write(struct bufferevent *bev, void *arg)
+{
+    if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+        bufferevent_free(bev);
+}
+
+static void refuse_on_event(struct bufferevent *bev, short what, void *arg)
+{
+    bufferevent_free(bev);
+}
+
+static void refuse(struct bufferevent *bev, bool h2)
+{
+    char body[256];
+    int n = herr_json(HERR_TOO_MANY_CONNECTIONS, body, sizeof(body));
+    struct timeval tv = {5, 0};
+
+    if (h2 || n < 0) { /* an h2 client gets no HTTP/1.1 answer: just close */
+        bufferevent_free(bev);
+        return;
+    }
+    bufferevent_setcb(bev, NULL, refuse_on_write, refuse_on_event, NULL);
+    bufferevent_set_timeouts(bev, &tv, &tv);
+    evbuffer_add_printf(bufferevent_get_output(bev),
+                        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+                        "content-length: %d\r\nconnection: close\r\n\r\n%s",
+                        n, body);
+    bufferevent_disable(bev, EV_READ);
+    bufferevent_enable(bev, EV_WRITE);
+}
 
 static void hs_dispatch(struct gw_hs *hs, struct bufferevent *bev, bool h2)
 {
@@ -54,6 +89,11 @@ static void hs_dispatch(struct gw_hs *hs, struct bufferevent *bev, bool h2)
     gw_conn_link_del(ctx, &hs->link);
     bufferevent_setcb(bev, NULL, NULL, NULL, NULL);
     bufferevent_set_timeouts(bev, NULL, NULL);
+    if (hs->refused) {
+        refuse(bev, h2);
+        free(hs);
+        return;
+    }
     if (h2)
         gw_h2_start(ctx, bev, (struct sockaddr *)&hs->peer, hs->peerlen, scheme, hs->id);
     else
@@ -98,6 +138,8 @@ static void hs_on_event(struct bufferevent *bev, short what, void *arg)
             tls_drain_errors();
     }
     gw_conn_link_del(hs->ctx, &hs->link);
+    if (!hs->refused)
+        gw_ipt_conn_release(hs->ctx->ipt, (struct sockaddr *)&hs->peer);
     bufferevent_free(bev);
     free(hs);
 }
@@ -107,6 +149,8 @@ static void hs_free_now(struct gw_conn_link *l)
     struct gw_hs *hs = (struct gw_hs *)l;
 
     gw_conn_link_del(hs->ctx, &hs->link);
+    if (!hs->refused)
+        gw_ipt_conn_release(hs->ctx->ipt, (struct sockaddr *)&hs->peer);
     bufferevent_free(hs->bev);
     free(hs);
 }
@@ -133,6 +177,12 @@ static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct 
     hs->tls = l->tls;
     memcpy(&hs->peer, sa, (size_t)salen);
     hs->peerlen = (socklen_t)salen;
+    if (!gw_ipt_conn_acquire(ctx->ipt, sa, ctx->cfg->max_conns_per_ip)) {
+        hs->refused = true;
+        ctx->n.conns_refused++;
+        LOG_WARN(ctx->log, "conn_refused", LOG_S("err", "too_many_connections"),
+                 LOG_U("limit", ctx->cfg->max_conns_per_ip));
+    }
     if (l->tls) {
         SSL *ssl = SSL_new(tls_server_ctx(ctx->tls));
         if (ssl == NULL) {

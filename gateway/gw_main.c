@@ -13,6 +13,7 @@
 #include "gw.h"
 #include "gw_allow.h"
 #include "gw_cfg.h"
+#include "gw_ipt.h"
 #include "gw_lsn.h"
 #include "gw_reg.h"
 #include "gw_tun.h"
@@ -94,6 +95,13 @@ static void on_summary(evutil_socket_t fd, short what, void *arg)
     LOG_INFO(ctx->log, "summary", LOG_U("tunnels", ctx->tunnels_live),
              LOG_U("agents", gw_reg_count(ctx->reg)), LOG_U("streams", gw_tun_streams_total(ctx)),
              LOG_U("requests", ctx->n.requests_total), LOG_U("failed", ctx->n.requests_failed));
+}
+
+static void on_sweep(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_ctx *ctx = arg;
+
+    gw_ipt_sweep(ctx->ipt, util_mono_ms());
 }
 
 static int run(struct gw_ctx *ctx, const struct gw_cfg *cfg)
@@ -187,7 +195,8 @@ int main(int argc, char **argv)
     ctx.log = log_new("tunnel-gateway", cfg.log_level, cfg.log_format, 2);
     ctx.base = event_base_new();
     ctx.reg = gw_reg_new();
-    if (ctx.log == NULL || ctx.base == NULL || ctx.reg == NULL) {
+    ctx.ipt = gw_ipt_new();
+    if (ctx.log == NULL || ctx.base == NULL || ctx.reg == NULL || ctx.ipt == NULL) {
         fprintf(stderr, "tunnel-gateway: out of memory\n");
         rc = 1;
         goto out;
@@ -204,14 +213,19 @@ int main(int argc, char **argv)
     ctx.sig_hup = evsignal_new(ctx.base, SIGHUP, on_hup, &ctx);
     ctx.drain_ev = evtimer_new(ctx.base, on_drain_poll, &ctx);
     ctx.summary_ev = event_new(ctx.base, -1, EV_PERSIST, on_summary, &ctx);
+    ctx.sweep_ev = event_new(ctx.base, -1, EV_PERSIST, on_sweep, &ctx);
     if (ctx.sig_term == NULL || ctx.sig_int == NULL || ctx.sig_hup == NULL ||
-        ctx.drain_ev == NULL || ctx.summary_ev == NULL) {
+        ctx.drain_ev == NULL || ctx.summary_ev == NULL || ctx.sweep_ev == NULL) {
         rc = 1;
         goto out;
     }
     evsignal_add(ctx.sig_term, NULL);
     evsignal_add(ctx.sig_int, NULL);
     evsignal_add(ctx.sig_hup, NULL);
+    {
+        struct timeval tv = {60, 0};
+        evtimer_add(ctx.sweep_ev, &tv);
+    }
     if (cfg.summary_interval_s != 0) {
         struct timeval tv = {(time_t)cfg.summary_interval_s, 0};
         evtimer_add(ctx.summary_ev, &tv);
@@ -227,6 +241,8 @@ out:
     gw_tun_free_all(&ctx);
     gw_lsn_free(ctx.lsn_plain);
     gw_lsn_free(ctx.lsn_main);
+    if (ctx.sweep_ev != NULL)
+        event_free(ctx.sweep_ev);
     if (ctx.summary_ev != NULL)
         event_free(ctx.summary_ev);
     if (ctx.drain_ev != NULL)
@@ -238,6 +254,7 @@ out:
     if (ctx.sig_term != NULL)
         event_free(ctx.sig_term);
     gw_allow_free(ctx.allow);
+    gw_ipt_free(ctx.ipt);
     tls_server_free(ctx.tls);
     gw_reg_free(ctx.reg);
     if (ctx.base != NULL)

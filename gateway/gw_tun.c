@@ -27,6 +27,7 @@
 #include "gw.h"
 #include "gw_allow.h"
 #include "gw_cfg.h"
+#include "gw_ipt.h"
 #include "gw_lsn.h"
 #include "gw_osr.h"
 #include "gw_reg.h"
@@ -72,6 +73,7 @@ struct gw_tun {
     enum tun_mode mode;
     enum tun_state state;
     char peer_ip[INET6_ADDRSTRLEN];
+    struct sockaddr_storage peer;        /* TCP peer, for the per-IP tunnel count */
     char instance[65];                   /* from auth; "" in Osaurus mode without one */
 
     char nonce[65];                      /* outstanding challenge, "" if none */
@@ -1136,6 +1138,7 @@ static void tun_free(struct gw_tun *t)
         t->ctx->tuns = t->next;
     if (t->next != NULL)
         t->next->prev = t->prev;
+    gw_ipt_tunnel_release(t->ctx->ipt, (struct sockaddr *)&t->peer);
     ws_free(t->ws);
     evbuffer_free(t->wsbuf);
     event_free(t->kick);
@@ -1144,8 +1147,9 @@ static void tun_free(struct gw_tun *t)
     free(t);
 }
 
-int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const char *ws_accept,
-                  enum tun_mode mode, uint64_t conn_id, const char *client_ip)
+int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
+                  const char *ws_accept, enum tun_mode mode, uint64_t conn_id,
+                  const char *client_ip)
 {
     struct gw_tun *t;
     struct evbuffer *out = bufferevent_get_output(bev);
@@ -1163,6 +1167,8 @@ int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const char *ws_ac
     t->ctx = ctx;
     t->id = conn_id;
     t->mode = mode;
+    memcpy(&t->peer, peer,
+           peer->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
     util_snprintf(t->peer_ip, sizeof(t->peer_ip), "%s", client_ip);
     evbuffer_add_printf(out,
                         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
@@ -1199,6 +1205,7 @@ fail_t:
         event_free(t->auth_timer);
     free(t);
 fail_bev:
+    gw_ipt_tunnel_release(ctx->ipt, peer);
     if (bev != NULL)
         bufferevent_free(bev);
     return -1;

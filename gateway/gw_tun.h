@@ -22,10 +22,13 @@ struct gw_tun;
 struct gw_tun_agent;
 
 /* Completes the upgrade (writes the 101 answer with ws_accept, the
- * Sec-WebSocket-Accept value) and starts authentication. Takes ownership of
- * bev, also on failure. Returns 0 or -1. */
-int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const char *ws_accept,
-                  enum tun_mode mode, uint64_t conn_id, const char *client_ip);
+ * Sec-WebSocket-Accept value) and starts authentication. The caller has
+ * counted a tunnel for peer in ctx->ipt; the tunnel releases it when it
+ * goes (also on failure here). Takes ownership of bev, also on failure.
+ * Returns 0 or -1. */
+int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
+                  const char *ws_accept, enum tun_mode mode, uint64_t conn_id,
+                  const char *client_ip);
 
 /* Opens a stream for r on t and attaches it. Returns HERR_COUNT_ on success,
  * else the error to answer (host_busy past max-streams-per-tunnel,

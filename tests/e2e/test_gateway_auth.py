@@ -325,3 +325,72 @@ def test_plain_get_and_unsupported_subprotocol(gw):
     # a bad Sec-WebSocket-Key is refused before the upgrade
     r = raw_request(gw, ws_head.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"short") + b"\r\n")
     assert r.startswith(b"HTTP/1.1 400"), r[:200]
+
+
+def test_per_ip_limits(build_dir, tmp_path):
+    import socket
+    ws_head = (b"GET /tunnel/connect HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tunnel-h2.v1\r\n\r\n")
+
+    def tls_conn(g):
+        ctx = ssl.create_default_context(cafile=str(g.ca))
+        return ctx.wrap_socket(socket.create_connection(("127.0.0.1", g.port), timeout=5),
+                               server_hostname="localhost")
+
+    def upgrade(g):
+        s = tls_conn(g)
+        s.sendall(ws_head)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            c = s.recv(4096)
+            if not c:
+                break
+            head += c
+        return s, head
+
+    # max-conns-per-ip: the third connection is answered 429 and closed
+    g = Gateway(build_dir, tmp_path, "--max-conns-per-ip", "2", name="gw-conns")
+    try:
+        a, b = tls_conn(g), tls_conn(g)
+        r = raw_request(g, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert r.startswith(b"HTTP/1.1 429"), r[:100]
+        assert json.loads(r.split(b"\r\n\r\n", 1)[1])["error"] == "too_many_connections"
+        a.close()
+        b.close()
+        wait = time.monotonic() + 5
+        while time.monotonic() < wait:
+            r = raw_request(g, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            if r.startswith(b"HTTP/1.1 200"):
+                break
+            time.sleep(0.1)
+        assert r.startswith(b"HTTP/1.1 200"), r[:100]
+    finally:
+        assert g.stop() == 0
+
+    # max-tunnels-per-ip: a second open tunnel is refused while the first lives
+    g = Gateway(build_dir, tmp_path, "--max-tunnels-per-ip", "1", name="gw-tuns")
+    try:
+        s1, h1 = upgrade(g)
+        assert h1.startswith(b"HTTP/1.1 101"), h1
+        s2, h2 = upgrade(g)
+        assert h2.startswith(b"HTTP/1.1 429") and b"too_many_connections" in h2 + s2.recv(4096)
+        s2.close()
+        s1.close()
+    finally:
+        assert g.stop() == 0
+
+    # tunnel-connects-per-ip-per-min: the third upgrade in a minute is refused
+    g = Gateway(build_dir, tmp_path, "--tunnel-connects-per-ip-per-min", "2", name="gw-rate")
+    try:
+        socks = []
+        for i in range(2):
+            s, h = upgrade(g)
+            assert h.startswith(b"HTTP/1.1 101"), h
+            s.close()
+        s, h = upgrade(g)
+        assert h.startswith(b"HTTP/1.1 429")
+        assert b"rate_limited" in h + s.recv(4096)
+        s.close()
+    finally:
+        assert g.stop() == 0
