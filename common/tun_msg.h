@@ -296,8 +296,10 @@ void tun_msg_clear(struct tun_msg *m);
 /* Decodes one text message received in mode. out need not be initialised; anything
  * it held is overwritten, not freed. Accepts the types of PROTOCOL.md 3.1 for mode,
  * in either direction.
- * Returns 0, or a negative enum tun_err; *err_code (if err_code is not NULL) then
- * points to the wire code, a static string:
+ * Returns 0, or a negative enum tun_err; *err_code (if err_code is not NULL) is set to
+ * NULL on success, else to the wire code, a static string:
+ *   TUN_E_MESSAGE_TOO_LARGE   len above TUN_CTL_MAX_BYTES (Osaurus mode:
+ *                             TUN_OSR_MAX_FRAME_BYTES); the caller closes with 1009
  *   TUN_E_INVALID_JSON        syntax, invalid UTF-8, raw control character in a string,
  *                             depth > TUN_MAX_DEPTH, trailing garbage, not an object,
  *                             duplicate member, missing or ill-typed member (any type
@@ -322,9 +324,10 @@ int tun_msg_decode(const char *json, size_t len, enum tun_mode mode, struct tun_
                    const char **err_code);
 
 /* Decodes the first text message of a tunnel, which must be auth (PROTOCOL.md 4.4
- * steps 1-6): TUN_E_INVALID_JSON for a text that is not JSON at all (syntax, UTF-8,
- * depth, trailing garbage, duplicate top-level member); TUN_E_EXPECTED_AUTH_FRAME for
- * anything else that is not a well-formed auth (another type, a missing or ill-typed
+ * steps 1-6), in at most TUN_CTL_MAX_BYTES in both modes (else TUN_E_MESSAGE_TOO_LARGE):
+ * TUN_E_INVALID_JSON for a text that is not JSON at all (syntax, UTF-8, depth, trailing
+ * garbage) or has a duplicate member; TUN_E_EXPECTED_AUTH_FRAME for anything else that
+ * is not a well-formed auth (a non-object, another type, a missing or ill-typed
  * member, native instance/features/response_timeout of a bad shape);
  * TUN_E_NO_AGENTS, TUN_E_TOO_MANY_AGENTS (more than TUN_MAX_AGENTS);
  * TUN_E_INVALID_NONCE; TUN_E_INVALID_ADDRESS (Osaurus: TUN_E_EXPECTED_AUTH_FRAME);

@@ -406,6 +406,19 @@ static void test_rt_auth_ok(void **state)
     expect_err("{\"type\":\"auth_ok\",\"agents\":[],\"rejected\":[],\"region\":\"r\","
                "\"ping_interval\":20}",
                TUN_MODE_NATIVE, TUN_E_INVALID_JSON);
+    expect_err("{\"type\":\"auth_ok\",\"agents\":[\"" ADDR_L "\"]}", TUN_MODE_OSAURUS,
+               TUN_E_INVALID_JSON);
+    expect_err("{\"type\":\"auth_ok\",\"agents\":[{\"address\":\"" ADDR_L
+               "\",\"url\":\"https://a\",\"url\":\"https://b\"}]}",
+               TUN_MODE_OSAURUS, TUN_E_INVALID_JSON);
+    expect_err("{\"type\":\"auth_ok\",\"agents\":[],\"rejected\":[{\"address\":\"" ADDR_L
+               "\",\"error\":\"x\",\"error\":\"y\"}]}",
+               TUN_MODE_OSAURUS, TUN_E_INVALID_JSON);
+    expect_err("{\"type\":\"auth_ok\",\"agents\":[],\"rejected\":[{\"address\":\"" ADDR_L
+               "\"}]}",
+               TUN_MODE_OSAURUS, TUN_E_INVALID_JSON);
+    expect_err("{\"type\":\"auth_ok\",\"agents\":[],\"rejected\":{}}", TUN_MODE_OSAURUS,
+               TUN_E_INVALID_JSON);
     expect_err("{\"type\":\"auth_ok\",\"agents\":[{\"address\":\"" ADDR_L
                "\",\"url\":\"ftp://x.localhost\"}],\"rejected\":[],\"region\":\"r\","
                "\"ping_interval\":20}",
@@ -1270,6 +1283,12 @@ static void test_encode_refusals(void **state)
     s = tun_msg_encode(&m, &len);
     assert_string_equal(s, "{\"type\":\"error\",\"error\":\"x\",\"message\":"
                            "\"\\u0001\\u001f\\\"\\\\\\b\\f\x7f\"}");
+    free(s);
+    /* \r \t escapes; U+10FFFF (F4 8F BF BF) is kept, F4 90 is not UTF-8. */
+    strcpy(m.error.message, "\r\t\xf4\x8f\xbf\xbf\xf4\x90\x80\x80");
+    s = tun_msg_encode(&m, &len);
+    assert_string_equal(s, "{\"type\":\"error\",\"error\":\"x\",\"message\":"
+                           "\"\\r\\t\xf4\x8f\xbf\xbf\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\"}");
     free(s);
 }
 
