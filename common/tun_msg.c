@@ -50,12 +50,10 @@ static const struct tun_err_info tun_err_table[TUN_E_COUNT] = {
     [-TUN_E_TIMESTAMP_OUT_OF_RANGE] = {"timestamp_out_of_range", 4000,
                                        "The timestamp is more than 30 s from the gateway's "
                                        "clock."},
-    [-TUN_E_PROTOCOL_ERROR] = {"protocol_error", 4000,
-                               "The peer broke the tunnel protocol."},
+    [-TUN_E_PROTOCOL_ERROR] = {"protocol_error", 4000, "The peer broke the tunnel protocol."},
     [-TUN_E_SIGNATURE_VERIFICATION_FAILED] = {"signature_verification_failed", 4001,
                                               "The signature does not prove the address."},
-    [-TUN_E_AUTH_TIMEOUT] = {"auth_timeout", 4001,
-                             "No valid auth message arrived within 10 s."},
+    [-TUN_E_AUTH_TIMEOUT] = {"auth_timeout", 4001, "No valid auth message arrived within 10 s."},
     [-TUN_E_ADDRESS_NOT_ALLOWED] = {"address_not_allowed", 4003,
                                     "This gateway does not allow the address to register."},
     [-TUN_E_RATE_LIMITED] = {"rate_limited", 4029, "Too many control messages; slow down."},
@@ -70,12 +68,10 @@ static const struct tun_err_info tun_err_table[TUN_E_COUNT] = {
                                  "The gateway is restarting; reconnect now."},
     [-TUN_E_BAD_HOST_RESPONSE] = {"bad_host_response", 0,
                                   "The agent sent an invalid response frame."},
-    [-TUN_E_MESSAGE_TOO_LARGE] = {"message_too_large", 1009,
-                                  "The message exceeds the size limit."},
+    [-TUN_E_MESSAGE_TOO_LARGE] = {"message_too_large", 1009, "The message exceeds the size limit."},
     [-TUN_E_KEEPALIVE_TIMEOUT] = {"keepalive_timeout", 1011,
                                   "Nothing was received for three ping intervals."},
-    [-TUN_E_SHUTTING_DOWN] = {"shutting_down", 1001,
-                              "The gateway's drain grace period is over."},
+    [-TUN_E_SHUTTING_DOWN] = {"shutting_down", 1001, "The gateway's drain grace period is over."},
     [-TUN_E_INTERNAL_ERROR] = {"internal_error", 1011, "The gateway failed internally."},
     [-TUN_E_OTHER] = {"unknown_error", 0, "An error this program does not know."},
 };
@@ -89,20 +85,11 @@ static const struct tun_err_info *err_info(enum tun_err e)
     return &tun_err_table[i];
 }
 
-const char *tun_err_code(enum tun_err e)
-{
-    return err_info(e)->code;
-}
+const char *tun_err_code(enum tun_err e) { return err_info(e)->code; }
 
-const char *tun_err_message(enum tun_err e)
-{
-    return err_info(e)->message;
-}
+const char *tun_err_message(enum tun_err e) { return err_info(e)->message; }
 
-int tun_err_close_code(enum tun_err e)
-{
-    return err_info(e)->close_code;
-}
+int tun_err_close_code(enum tun_err e) { return err_info(e)->close_code; }
 
 enum tun_err tun_err_from_code(const char *s, size_t len)
 {
@@ -138,8 +125,8 @@ enum tun_err tun_err_for_mode(enum tun_err e, enum tun_mode mode, enum tun_msg_t
         return e;
     default:
         /* The relay drops what it cannot use without a word. */
-        if (e == TUN_E_INVALID_JSON || e == TUN_E_UNKNOWN_TYPE ||
-            e == TUN_E_UNEXPECTED_MESSAGE || e == TUN_E_INVALID_ADDRESS)
+        if (e == TUN_E_INVALID_JSON || e == TUN_E_UNKNOWN_TYPE || e == TUN_E_UNEXPECTED_MESSAGE ||
+            e == TUN_E_INVALID_ADDRESS)
             return TUN_E_NONE;
         return e;
     }
@@ -218,10 +205,7 @@ void tun_msg_clear(struct tun_msg *m)
 /* ------------------------------------------------------------------------------------ */
 /* Character rules                                                                      */
 
-static bool is_lower_hex(int c)
-{
-    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
-}
+static bool is_lower_hex(int c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); }
 
 bool tun_msg_nonce_is_valid(const char *s, size_t len)
 {
@@ -514,10 +498,7 @@ static char *subst_nul(const char *p, size_t len, size_t *out_len)
     return q;
 }
 
-static bool is_json_ws(char c)
-{
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
-}
+static bool is_json_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
 static int cmp_str_ptr(const void *a, const void *b)
 {
@@ -532,10 +513,7 @@ static bool has_dup_names(const cJSON *obj, bool *oom)
     size_t n = 0;
     bool dup = false;
 
-    cJSON_ArrayForEach(it, obj)
-    {
-        n++;
-    }
+    cJSON_ArrayForEach(it, obj) { n++; }
     if (n < 2)
         return false;
     const char **names = malloc(n * sizeof(*names));
@@ -544,10 +522,7 @@ static bool has_dup_names(const cJSON *obj, bool *oom)
         return true;
     }
     n = 0;
-    cJSON_ArrayForEach(it, obj)
-    {
-        names[n++] = it->string != NULL ? it->string : "";
-    }
+    cJSON_ArrayForEach(it, obj) { names[n++] = it->string != NULL ? it->string : ""; }
     qsort(names, n, sizeof(*names), cmp_str_ptr);
     for (size_t i = 1; i < n && !dup; i++)
         dup = strcmp(names[i - 1], names[i]) == 0;
@@ -1064,8 +1039,8 @@ static int dec_headers(struct dec *d, const cJSON *o, bool response, int bad)
 
 /* Body-like member (body or data), decoded in place inside the tree. absent_ok: a
  * missing member is an empty body. max: UTF-16 units of text, or decoded bytes. */
-static int dec_body(struct dec *d, const cJSON *o, const char *name, bool absent_ok,
-                    size_t max, int bad)
+static int dec_body(struct dec *d, const cJSON *o, const char *name, bool absent_ok, size_t max,
+                    int bad)
 {
     struct tun_msg_http *h = &d->out->http;
     cJSON *it = cJSON_GetObjectItemCaseSensitive(o, name);
@@ -1350,10 +1325,7 @@ static void jw_raw(struct jw *w, const char *s, size_t n)
     w->len += n;
 }
 
-static void jw_lit(struct jw *w, const char *s)
-{
-    jw_raw(w, s, strlen(s));
-}
+static void jw_lit(struct jw *w, const char *s) { jw_raw(w, s, strlen(s)); }
 
 /* A JSON string: escaped, invalid UTF-8 replaced by U+FFFD per maximal subpart. */
 static void jw_str(struct jw *w, const char *s, size_t n)
@@ -1425,10 +1397,7 @@ static void jw_str(struct jw *w, const char *s, size_t n)
     jw_raw(w, "\"", 1);
 }
 
-static void jw_cstr(struct jw *w, const char *s)
-{
-    jw_str(w, s, strlen(s));
-}
+static void jw_cstr(struct jw *w, const char *s) { jw_str(w, s, strlen(s)); }
 
 static void jw_i64(struct jw *w, int64_t v)
 {
@@ -1748,8 +1717,8 @@ int tun_msg_native_signed_text(char *buf, size_t len, const char *domain,
     return util_snprintf(buf, len, "tunnel-gateway:v1:%s:%s:%s:%" PRId64, dom, a, nonce, ts);
 }
 
-int tun_msg_osaurus_signed_text(char *buf, size_t len, const char *addr_as_sent,
-                                const char *nonce, int64_t ts)
+int tun_msg_osaurus_signed_text(char *buf, size_t len, const char *addr_as_sent, const char *nonce,
+                                int64_t ts)
 {
     size_t n = strlen(addr_as_sent);
 

@@ -17,19 +17,19 @@
 #define TUN_CONNECT_PATH "/tunnel/connect"
 
 /* Protocol constants (PROTOCOL.md section 10). */
-#define TUN_MAX_AGENTS 50              /* per auth / auth_ok frame */
-#define TUN_NONCE_HEX_LEN 64           /* 32 CSPRNG bytes as lowercase hex */
-#define TUN_NONCE_TTL_S 30             /* challenge.expires_in */
-#define TUN_AUTH_TIMEOUT_S 10          /* from the upgrade to a valid auth */
-#define TUN_TS_WINDOW_S 30             /* |now - timestamp| allowed */
-#define TUN_PING_INTERVAL_S 20         /* native h2 PING default */
-#define TUN_OSR_PING_INTERVAL_S 30     /* Osaurus JSON ping */
-#define TUN_DEAD_AFTER_PINGS 3         /* silent intervals before a peer is dead */
-#define TUN_CTL_RATE_NATIVE 60         /* control messages per minute after auth */
+#define TUN_MAX_AGENTS 50          /* per auth / auth_ok frame */
+#define TUN_NONCE_HEX_LEN 64       /* 32 CSPRNG bytes as lowercase hex */
+#define TUN_NONCE_TTL_S 30         /* challenge.expires_in */
+#define TUN_AUTH_TIMEOUT_S 10      /* from the upgrade to a valid auth */
+#define TUN_TS_WINDOW_S 30         /* |now - timestamp| allowed */
+#define TUN_PING_INTERVAL_S 20     /* native h2 PING default */
+#define TUN_OSR_PING_INTERVAL_S 30 /* Osaurus JSON ping */
+#define TUN_DEAD_AFTER_PINGS 3     /* silent intervals before a peer is dead */
+#define TUN_CTL_RATE_NATIVE 60     /* control messages per minute after auth */
 #define TUN_CTL_RATE_OSAURUS 10
-#define TUN_CTL_MAX_BYTES 65536u       /* one control message; larger: close 1009 */
+#define TUN_CTL_MAX_BYTES 65536u                    /* one control message; larger: close 1009 */
 #define TUN_OSR_MAX_FRAME_BYTES (64u * 1024 * 1024) /* Osaurus text message after auth */
-#define TUN_MAX_DEPTH 16               /* JSON nesting */
+#define TUN_MAX_DEPTH 16                            /* JSON nesting */
 
 /* Field bounds of the decoded struct. */
 #define TUN_INSTANCE_MIN 8
@@ -146,8 +146,8 @@ struct tun_msg_agent_url {
 /* One entry of auth_ok.rejected. */
 struct tun_msg_rejected {
     uint8_t addr[ID_ADDR_LEN];
-    enum tun_err err;               /* TUN_E_OTHER if the code is unknown */
-    char error[TUN_CODE_MAX + 1];   /* wire code; encode: "" sends tun_err_code(err) */
+    enum tun_err err;             /* TUN_E_OTHER if the code is unknown */
+    char error[TUN_CODE_MAX + 1]; /* wire code; encode: "" sends tun_err_code(err) */
 };
 
 struct tun_msg_challenge {
@@ -175,10 +175,10 @@ struct tun_msg_auth_ok {
 
 /* auth_error and error. */
 struct tun_msg_error {
-    enum tun_err err;                    /* TUN_E_OTHER if the code is unknown */
-    char code[TUN_CODE_MAX + 1];         /* wire code; encode: "" sends tun_err_code(err) */
-    char message[TUN_MESSAGE_MAX + 1];   /* "" = absent; encode: "" sends tun_err_message(err) */
-    bool has_addr;                       /* error only */
+    enum tun_err err;                  /* TUN_E_OTHER if the code is unknown */
+    char code[TUN_CODE_MAX + 1];       /* wire code; encode: "" sends tun_err_code(err) */
+    char message[TUN_MESSAGE_MAX + 1]; /* "" = absent; encode: "" sends tun_err_message(err) */
+    bool has_addr;                     /* error only */
     uint8_t addr[ID_ADDR_LEN];
 };
 
@@ -241,20 +241,20 @@ struct tun_msg {
     enum tun_msg_type type;
     enum tun_mode mode; /* decode: the mode given; encode: selects mode-specific members */
     union {
-        struct tun_msg_challenge challenge;       /* challenge */
-        struct tun_msg_auth auth;                 /* auth */
-        struct tun_msg_auth_ok auth_ok;           /* auth_ok */
-        struct tun_msg_error error;               /* auth_error, error */
-        struct tun_msg_add_agent add_agent;       /* add_agent */
-        struct tun_msg_agent_added agent_added;   /* agent_added */
-        struct tun_msg_remove_agent remove_agent; /* remove_agent */
+        struct tun_msg_challenge challenge;         /* challenge */
+        struct tun_msg_auth auth;                   /* auth */
+        struct tun_msg_auth_ok auth_ok;             /* auth_ok */
+        struct tun_msg_error error;                 /* auth_error, error */
+        struct tun_msg_add_agent add_agent;         /* add_agent */
+        struct tun_msg_agent_added agent_added;     /* agent_added */
+        struct tun_msg_remove_agent remove_agent;   /* remove_agent */
         struct tun_msg_agent_removed agent_removed; /* agent_removed */
-        struct tun_msg_draining draining;         /* draining */
-        struct tun_msg_ping ping;                 /* ping, pong */
-        struct tun_msg_http http;                 /* request .. cancel */
+        struct tun_msg_draining draining;           /* draining */
+        struct tun_msg_ping ping;                   /* ping, pong */
+        struct tun_msg_http http;                   /* request .. cancel */
     };
-    void *priv_tree;                /* cJSON tree the iovs point into */
-    struct tun_msg_hdr *priv_hdrs;  /* header array of http */
+    void *priv_tree;               /* cJSON tree the iovs point into */
+    struct tun_msg_hdr *priv_hdrs; /* header array of http */
 };
 
 /* ---- error table ---- */
@@ -359,8 +359,8 @@ int tun_msg_native_signed_text(char *buf, size_t len, const char *domain,
 /* "osaurus-tunnel:<address as sent>:<nonce>:<ts>". addr_as_sent must be "0x" + 40 hex
  * (any case, not checked further); nonce 64 lowercase hex; ts >= 0.
  * Returns the length, or -1 on a bad argument or if buf is too small. */
-int tun_msg_osaurus_signed_text(char *buf, size_t len, const char *addr_as_sent,
-                                const char *nonce, int64_t ts);
+int tun_msg_osaurus_signed_text(char *buf, size_t len, const char *addr_as_sent, const char *nonce,
+                                int64_t ts);
 
 /* A fresh nonce: 32 bytes from the CSPRNG as 64 lowercase hex + NUL. Returns 0 or -1. */
 int tun_msg_nonce_new(char out[TUN_NONCE_HEX_LEN + 1]);

@@ -19,17 +19,17 @@
 
 /* The worked example of PROTOCOL.md section 13. */
 #define ADDR_L "0x2c7536e3605d9c16a7a3d7b1898e529396a65c23"
-#define ADDR_C "0x2c7536E3605D9C16a7a3D7b1898e529396a65c23"  /* EIP-55 */
+#define ADDR_C "0x2c7536E3605D9C16a7a3D7b1898e529396a65c23"      /* EIP-55 */
 #define ADDR_BADSUM "0x2c7536e3605D9C16a7a3D7b1898e529396a65c23" /* one letter off */
 #define ADDR_U "0x2C7536E3605D9C16A7A3D7B1898E529396A65C23"
 #define ADDR2 "0x7e5f4552091a69125d5dfcb7b8c2659029395bdf" /* private key 1 */
 #define NONCE "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 #define TS 1767225600
-#define SIG_NATIVE                                                                             \
-    "0xda2773d296baf42e00321949b65a7c1817f1f52a4435845a5158a289e74f90c71752c3829484db11eb08dc" \
+#define SIG_NATIVE                                                                                 \
+    "0xda2773d296baf42e00321949b65a7c1817f1f52a4435845a5158a289e74f90c71752c3829484db11eb08dc"     \
     "2fc0ff9b9168cb1d7a41244013fec639e7fc1a0f601c"
-#define SIG_OSR                                                                                \
-    "0xb1fbdc97a5fb4194db6e5a560154c85aaecbd9ff2bd8370922dcc71b1c4a702a62b7cfbddfc85e0a6cbefc" \
+#define SIG_OSR                                                                                    \
+    "0xb1fbdc97a5fb4194db6e5a560154c85aaecbd9ff2bd8370922dcc71b1c4a702a62b7cfbddfc85e0a6cbefc"     \
     "d1c36c4cf55253043925ffee984e300945aaebaf751b"
 #define INST "4d6f3a0e-5b1c-4e2a-9d7f-0c1b2a3d4e5f"
 #define AGENT(addr, sig) "{\"address\":\"" addr "\",\"signature\":\"" sig "\"}"
@@ -79,8 +79,8 @@ static void expect_err(const char *json, enum tun_mode mode, enum tun_err want)
     int rv = dec(json, mode, &code);
 
     if (rv != (int)want)
-        print_error("got %d (%s), want %s, for %.200s\n", rv, code ? code : "-",
-                    tun_err_code(want), json);
+        print_error("got %d (%s), want %s, for %.200s\n", rv, code ? code : "-", tun_err_code(want),
+                    json);
     assert_int_equal(rv, want);
     assert_non_null(code);
     assert_string_equal(code, tun_err_code(want));
@@ -95,8 +95,8 @@ static void expect_auth_err(const char *json, enum tun_mode mode, enum tun_err w
     tun_msg_clear(ma);
     rv = tun_msg_decode_auth(json, strlen(json), mode, ma, &code);
     if (rv != (int)want)
-        print_error("got %d (%s), want %s, for %.200s\n", rv, code ? code : "-",
-                    tun_err_code(want), json);
+        print_error("got %d (%s), want %s, for %.200s\n", rv, code ? code : "-", tun_err_code(want),
+                    json);
     assert_int_equal(rv, want);
     assert_string_equal(code, tun_err_code(want));
     tun_msg_clear(ma);
@@ -144,10 +144,7 @@ static void sb_add(struct sb *b, const char *s, size_t n)
     b->p[b->len] = '\0';
 }
 
-static void sb_cat(struct sb *b, const char *s)
-{
-    sb_add(b, s, strlen(s));
-}
+static void sb_cat(struct sb *b, const char *s) { sb_add(b, s, strlen(s)); }
 
 static void sb_rep(struct sb *b, const char *s, size_t times)
 {
@@ -194,7 +191,7 @@ static void test_err_table(void **state)
     assert_string_equal(tun_err_code(TUN_E_TIMESTAMP_OUT_OF_RANGE), "timestamp_out_of_range");
     assert_int_equal(tun_err_from_code("already_registered", 18), TUN_E_OTHER);
     assert_int_equal(tun_err_from_code("invalid_json", 11), TUN_E_OTHER); /* prefix only */
-    assert_string_equal(tun_err_code((enum tun_err)-99), "internal_error");
+    assert_string_equal(tun_err_code((enum tun_err) - 99), "internal_error");
     assert_string_equal(tun_err_code((enum tun_err)5), "internal_error");
 }
 
@@ -232,8 +229,7 @@ static void test_err_for_mode(void **state)
     assert_int_equal(tun_err_for_mode(TUN_E_INVALID_JSON, O, TUN_MSG_ADD_AGENT), TUN_E_NONE);
     assert_int_equal(tun_err_for_mode(TUN_E_UNKNOWN_TYPE, O, TUN_MSG_NONE), TUN_E_NONE);
     assert_int_equal(tun_err_for_mode(TUN_E_UNEXPECTED_MESSAGE, O, TUN_MSG_AUTH_OK), TUN_E_NONE);
-    assert_int_equal(tun_err_for_mode(TUN_E_INVALID_ADDRESS, O, TUN_MSG_REMOVE_AGENT),
-                     TUN_E_NONE);
+    assert_int_equal(tun_err_for_mode(TUN_E_INVALID_ADDRESS, O, TUN_MSG_REMOVE_AGENT), TUN_E_NONE);
     assert_int_equal(tun_err_for_mode(TUN_E_RATE_LIMITED, O, TUN_MSG_REQUEST_CHALLENGE),
                      TUN_E_RATE_LIMITED);
     assert_int_equal(tun_err_for_mode(TUN_E_RELAY_RESTARTING, O, TUN_MSG_NONE),
@@ -275,8 +271,8 @@ static void test_rt_challenge(void **state)
     expect_err("{\"type\":\"challenge\",\"nonce\":\"ABC\",\"expires_in\":30}", TUN_MODE_NATIVE,
                TUN_E_INVALID_NONCE);
     expect_err("{\"type\":\"challenge\",\"expires_in\":30}", TUN_MODE_NATIVE, TUN_E_INVALID_JSON);
-    expect_err("{\"type\":\"challenge\",\"nonce\":\"" NONCE "\",\"expires_in\":0}",
-               TUN_MODE_NATIVE, TUN_E_INVALID_JSON);
+    expect_err("{\"type\":\"challenge\",\"nonce\":\"" NONCE "\",\"expires_in\":0}", TUN_MODE_NATIVE,
+               TUN_E_INVALID_JSON);
     /* Integer-valued numbers in other notations are accepted. */
     expect_ok("{\"type\":\"challenge\",\"nonce\":\"" NONCE "\",\"expires_in\":3e1}",
               TUN_MODE_NATIVE, TUN_MSG_CHALLENGE);
@@ -329,7 +325,7 @@ static void test_rt_auth_osaurus(void **state)
 {
     /* The address is kept exactly as sent: Osaurus signs that form. */
     expect_ok(AUTH_HEAD "\"agents\":[" AGENT(ADDR_C, SIG_OSR) "],\"features\":[\"base64\","
-                        "\"zstd\"]}",
+                                                              "\"zstd\"]}",
               TUN_MODE_OSAURUS, TUN_MSG_AUTH);
     assert_string_equal(ma->auth.agents[0].addr_str, ADDR_C);
     assert_string_equal(ma->auth.instance, "");
@@ -341,8 +337,9 @@ static void test_rt_auth_osaurus(void **state)
     free(s);
 
     /* Osaurus mode ignores malformed optional extensions; native refuses them. */
-    const char *odd = AUTH_HEAD "\"instance\":7,\"features\":\"base64\",\"agents\":[{\"address\":\"" ADDR_C
-                                "\",\"signature\":\"" SIG_OSR "\",\"response_timeout\":-1}]}";
+    const char *odd =
+        AUTH_HEAD "\"instance\":7,\"features\":\"base64\",\"agents\":[{\"address\":\"" ADDR_C
+                  "\",\"signature\":\"" SIG_OSR "\",\"response_timeout\":-1}]}";
     expect_ok(odd, TUN_MODE_OSAURUS, TUN_MSG_AUTH);
     assert_string_equal(ma->auth.instance, "");
     assert_int_equal(ma->auth.features, 0);
@@ -414,8 +411,7 @@ static void test_rt_auth_ok(void **state)
     expect_err("{\"type\":\"auth_ok\",\"agents\":[],\"rejected\":[{\"address\":\"" ADDR_L
                "\",\"error\":\"x\",\"error\":\"y\"}]}",
                TUN_MODE_OSAURUS, TUN_E_INVALID_JSON);
-    expect_err("{\"type\":\"auth_ok\",\"agents\":[],\"rejected\":[{\"address\":\"" ADDR_L
-               "\"}]}",
+    expect_err("{\"type\":\"auth_ok\",\"agents\":[],\"rejected\":[{\"address\":\"" ADDR_L "\"}]}",
                TUN_MODE_OSAURUS, TUN_E_INVALID_JSON);
     expect_err("{\"type\":\"auth_ok\",\"agents\":[],\"rejected\":{}}", TUN_MODE_OSAURUS,
                TUN_E_INVALID_JSON);
@@ -464,8 +460,7 @@ static void test_rt_errors(void **state)
 
     expect_err("{\"type\":\"error\"}", TUN_MODE_NATIVE, TUN_E_INVALID_JSON);
     expect_err("{\"type\":\"error\",\"error\":5}", TUN_MODE_NATIVE, TUN_E_INVALID_JSON);
-    expect_err("{\"type\":\"error\",\"error\":\"has space\"}", TUN_MODE_NATIVE,
-               TUN_E_INVALID_JSON);
+    expect_err("{\"type\":\"error\",\"error\":\"has space\"}", TUN_MODE_NATIVE, TUN_E_INVALID_JSON);
     expect_err("{\"type\":\"error\",\"error\":\"x\",\"message\":1}", TUN_MODE_NATIVE,
                TUN_E_INVALID_JSON);
     expect_err("{\"type\":\"error\",\"error\":\"x\",\"address\":\"0x12\"}", TUN_MODE_NATIVE,
@@ -517,9 +512,9 @@ static void test_rt_control(void **state)
     memcpy(m.add_agent.nonce, NONCE, sizeof(NONCE));
     m.add_agent.timestamp = TS + 30;
     s = roundtrip(&m);
-    assert_string_equal(s, "{\"type\":\"add_agent\",\"address\":\"" ADDR_L "\",\"signature\":\"" SIG_NATIVE
-                           "\",\"response_timeout\":900,\"nonce\":\"" NONCE
-                           "\",\"timestamp\":1767225630}");
+    assert_string_equal(
+        s, "{\"type\":\"add_agent\",\"address\":\"" ADDR_L "\",\"signature\":\"" SIG_NATIVE
+           "\",\"response_timeout\":900,\"nonce\":\"" NONCE "\",\"timestamp\":1767225630}");
     assert_int_equal(mb->add_agent.timestamp, TS + 30);
     assert_int_equal(mb->add_agent.agent.response_timeout_s, 900);
     assert_string_equal(mb->add_agent.agent.addr_str, ADDR_L);
@@ -577,8 +572,7 @@ static void test_rt_control(void **state)
     expect_ok("{\"type\":\"draining\",\"grace\":0}", TUN_MODE_NATIVE, TUN_MSG_DRAINING);
     expect_err("{\"type\":\"draining\"}", TUN_MODE_NATIVE, TUN_E_INVALID_JSON);
     expect_err("{\"type\":\"draining\",\"grace\":-1}", TUN_MODE_NATIVE, TUN_E_INVALID_JSON);
-    expect_err("{\"type\":\"draining\",\"grace\":4294967296}", TUN_MODE_NATIVE,
-               TUN_E_INVALID_JSON);
+    expect_err("{\"type\":\"draining\",\"grace\":4294967296}", TUN_MODE_NATIVE, TUN_E_INVALID_JSON);
 
     tun_msg_init(&m, TUN_MSG_PING, TUN_MODE_OSAURUS);
     m.ping.has_ts = true;
@@ -601,15 +595,14 @@ static void test_rt_control(void **state)
 static void test_add_remove_malformed(void **state)
 {
     const enum tun_mode N = TUN_MODE_NATIVE, O = TUN_MODE_OSAURUS;
-#define ADD(addr, sig, nonce, extra)                                                           \
-    "{\"type\":\"add_agent\",\"address\":\"" addr "\",\"signature\":\"" sig "\",\"nonce\":\"" nonce \
-    "\"" extra "}"
+#define ADD(addr, sig, nonce, extra)                                                               \
+    "{\"type\":\"add_agent\",\"address\":\"" addr "\",\"signature\":\"" sig                        \
+    "\",\"nonce\":\"" nonce "\"" extra "}"
 
     expect_ok(ADD(ADDR_C, SIG_OSR, NONCE, ",\"timestamp\":1767225600"), O, TUN_MSG_ADD_AGENT);
     assert_string_equal(ma->add_agent.agent.addr_str, ADDR_C);
     expect_err(ADD(ADDR_C, SIG_OSR, NONCE, ""), N, TUN_E_INVALID_JSON);
-    expect_err(ADD(ADDR_C, SIG_OSR, NONCE, ",\"timestamp\":\"1767225600\""), N,
-               TUN_E_INVALID_JSON);
+    expect_err(ADD(ADDR_C, SIG_OSR, NONCE, ",\"timestamp\":\"1767225600\""), N, TUN_E_INVALID_JSON);
     expect_err("{\"type\":\"add_agent\",\"signature\":\"" SIG_OSR "\",\"nonce\":\"" NONCE
                "\",\"timestamp\":1}",
                N, TUN_E_INVALID_JSON);
@@ -636,7 +629,8 @@ static void test_add_remove_malformed(void **state)
 static void test_auth_malformed(void **state)
 {
     const enum tun_mode N = TUN_MODE_NATIVE, O = TUN_MODE_OSAURUS;
-    const char *ok = AUTH_HEAD "\"instance\":\"" INST "\",\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}";
+    const char *ok =
+        AUTH_HEAD "\"instance\":\"" INST "\",\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}";
     char buf[1024];
 
     expect_ok(ok, N, TUN_MSG_AUTH);
@@ -650,30 +644,30 @@ static void test_auth_malformed(void **state)
     expect_auth_err("{\"nonce\":\"" NONCE "\"}", N, TUN_E_EXPECTED_AUTH_FRAME);
     expect_auth_err("{\"type\":\"add_agent\"}", N, TUN_E_EXPECTED_AUTH_FRAME);
     /* Missing members and wrong types. */
-    expect_auth_err("{\"type\":\"auth\",\"timestamp\":1,\"instance\":\"" INST "\",\"agents\":[" AGENT(
-                        ADDR_L, SIG_NATIVE) "]}",
+    expect_auth_err("{\"type\":\"auth\",\"timestamp\":1,\"instance\":\"" INST
+                    "\",\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}",
                     N, TUN_E_EXPECTED_AUTH_FRAME);
     expect_auth_err("{\"type\":\"auth\",\"nonce\":\"" NONCE "\",\"instance\":\"" INST
                     "\",\"agents\":[]}",
                     N, TUN_E_EXPECTED_AUTH_FRAME);
-    expect_auth_err("{\"type\":\"auth\",\"nonce\":\"" NONCE "\",\"timestamp\":1,\"instance\":\"" INST
-                    "\"}",
+    expect_auth_err("{\"type\":\"auth\",\"nonce\":\"" NONCE
+                    "\",\"timestamp\":1,\"instance\":\"" INST "\"}",
                     N, TUN_E_EXPECTED_AUTH_FRAME);
     expect_auth_err(AUTH_HEAD "\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}", N,
                     TUN_E_EXPECTED_AUTH_FRAME); /* native needs instance */
     expect_auth_err(AUTH_HEAD "\"instance\":\"short\",\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}",
                     N, TUN_E_EXPECTED_AUTH_FRAME);
-    expect_auth_err(AUTH_HEAD "\"instance\":\"has_underscore\",\"agents\":[" AGENT(ADDR_L,
-                                                                                  SIG_NATIVE) "]}",
+    expect_auth_err(AUTH_HEAD
+                    "\"instance\":\"has_underscore\",\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}",
                     N, TUN_E_EXPECTED_AUTH_FRAME);
-    snprintf(buf, sizeof(buf), AUTH_HEAD "\"instance\":\"%065d\",\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}",
-             0);
+    snprintf(buf, sizeof(buf),
+             AUTH_HEAD "\"instance\":\"%065d\",\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}", 0);
     expect_auth_err(buf, N, TUN_E_EXPECTED_AUTH_FRAME);
-    snprintf(buf, sizeof(buf), AUTH_HEAD "\"instance\":\"%064d\",\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}",
-             0);
+    snprintf(buf, sizeof(buf),
+             AUTH_HEAD "\"instance\":\"%064d\",\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}", 0);
     expect_ok(buf, N, TUN_MSG_AUTH);
-    const char *ts_bad[] = {"\"1767225600\"", "-1", "1.5", "9007199254740992", "1e300", "null",
-                            "true"};
+    const char *ts_bad[] = {"\"1767225600\"", "-1",   "1.5", "9007199254740992",
+                            "1e300",          "null", "true"};
     for (size_t i = 0; i < sizeof(ts_bad) / sizeof(ts_bad[0]); i++) {
         snprintf(buf, sizeof(buf),
                  "{\"type\":\"auth\",\"nonce\":\"" NONCE "\",\"timestamp\":%s,\"instance\":\"" INST
@@ -695,20 +689,22 @@ static void test_auth_malformed(void **state)
                     TUN_E_EXPECTED_AUTH_FRAME);
     expect_auth_err(AUTH_HEAD "\"agents\":[{\"address\":\"" ADDR_L "\",\"signature\":7}]}", O,
                     TUN_E_EXPECTED_AUTH_FRAME);
-    expect_auth_err(AUTH_HEAD "\"instance\":\"" INST "\",\"features\":[1],\"agents\":[" AGENT(
-                        ADDR_L, SIG_NATIVE) "]}",
+    expect_auth_err(AUTH_HEAD "\"instance\":\"" INST
+                              "\",\"features\":[1],\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}",
                     N, TUN_E_EXPECTED_AUTH_FRAME);
     /* Counts. */
     expect_auth_err(AUTH_HEAD "\"instance\":\"" INST "\",\"agents\":[]}", N, TUN_E_NO_AGENTS);
     expect_auth_err(AUTH_HEAD "\"agents\":[]}", O, TUN_E_NO_AGENTS);
     /* Nonce shape: uppercase, short, non-hex, number. */
-    expect_auth_err("{\"type\":\"auth\",\"nonce\":\"9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08\","
+    expect_auth_err("{\"type\":\"auth\",\"nonce\":"
+                    "\"9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08\","
                     "\"timestamp\":1,\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}",
                     O, TUN_E_INVALID_NONCE);
     expect_auth_err("{\"type\":\"auth\",\"nonce\":\"9f86\",\"timestamp\":1,\"agents\":[" AGENT(
                         ADDR_L, SIG_NATIVE) "]}",
                     O, TUN_E_INVALID_NONCE);
-    expect_auth_err("{\"type\":\"auth\",\"nonce\":\"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a0g\","
+    expect_auth_err("{\"type\":\"auth\",\"nonce\":"
+                    "\"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a0g\","
                     "\"timestamp\":1,\"agents\":[" AGENT(ADDR_L, SIG_NATIVE) "]}",
                     O, TUN_E_INVALID_NONCE);
     expect_auth_err("{\"type\":\"auth\",\"nonce\":5,\"timestamp\":1,\"agents\":[" AGENT(
@@ -716,15 +712,18 @@ static void test_auth_malformed(void **state)
                     O, TUN_E_EXPECTED_AUTH_FRAME);
     /* Addresses: bad checksum, length, hex, prefix. Native invalid_address, Osaurus
      * expected_auth_frame. */
-    const char *bad_addr[] = {ADDR_BADSUM, "0x2c7536e3605d9c16a7a3d7b1898e529396a65c2",
+    const char *bad_addr[] = {ADDR_BADSUM,
+                              "0x2c7536e3605d9c16a7a3d7b1898e529396a65c2",
                               "0x2c7536e3605d9c16a7a3d7b1898e529396a65c233",
                               "0x2c7536e3605d9c16a7a3d7b1898e529396a65cZZ",
                               "002c7536e3605d9c16a7a3d7b1898e529396a65c23",
-                              "0X2c7536e3605d9c16a7a3d7b1898e529396a65c23", ""};
+                              "0X2c7536e3605d9c16a7a3d7b1898e529396a65c23",
+                              ""};
     for (size_t i = 0; i < sizeof(bad_addr) / sizeof(bad_addr[0]); i++) {
         snprintf(buf, sizeof(buf),
-                 AUTH_HEAD "\"instance\":\"" INST "\",\"agents\":[" AGENT(ADDR2, SIG_NATIVE) ","
-                           "{\"address\":\"%s\",\"signature\":\"" SIG_NATIVE "\"}]}",
+                 AUTH_HEAD "\"instance\":\"" INST "\",\"agents\":[" AGENT(
+                     ADDR2, SIG_NATIVE) ","
+                                        "{\"address\":\"%s\",\"signature\":\"" SIG_NATIVE "\"}]}",
                  bad_addr[i]);
         expect_auth_err(buf, N, TUN_E_INVALID_ADDRESS);
         expect_auth_err(buf, O, TUN_E_EXPECTED_AUTH_FRAME);
@@ -753,14 +752,17 @@ static void test_auth_malformed(void **state)
         expect_auth_err(buf, O, TUN_E_SIGNATURE_VERIFICATION_FAILED);
     }
     /* Upper-case hex signatures are a valid shape. */
-    expect_ok(AUTH_HEAD "\"agents\":[" AGENT(ADDR_L, "0xDA2773D296BAF42E00321949B65A7C1817F1F52A4435845A5158A289E74F90C71752C3829484DB11EB08DC2FC0FF9B9168CB1D7A41244013FEC639E7FC1A0F601C") "]}",
+    expect_ok(AUTH_HEAD "\"agents\":[" AGENT(
+                  ADDR_L, "0xDA2773D296BAF42E00321949B65A7C1817F1F52A4435845A5158A289E74F90C71752C3"
+                          "829484DB11EB08DC2FC0FF9B9168CB1D7A41244013FEC639E7FC1A0F601C") "]}",
               O, TUN_MSG_AUTH);
     /* Order of checks: address errors come before signature errors, even later in the
      * list; a bad nonce before both. */
     expect_auth_err(AUTH_HEAD "\"agents\":[" AGENT(ADDR_L, "0x12") "," AGENT("0x12", SIG_OSR) "]}",
                     O, TUN_E_EXPECTED_AUTH_FRAME);
-    expect_auth_err(AUTH_HEAD "\"instance\":\"" INST "\",\"agents\":[" AGENT(ADDR_L, "0x12") "," AGENT(
-                        "0x12", SIG_OSR) "]}",
+    expect_auth_err(AUTH_HEAD
+                    "\"instance\":\"" INST
+                    "\",\"agents\":[" AGENT(ADDR_L, "0x12") "," AGENT("0x12", SIG_OSR) "]}",
                     N, TUN_E_INVALID_ADDRESS);
     expect_auth_err("{\"type\":\"auth\",\"nonce\":\"x\",\"timestamp\":1,\"agents\":[" AGENT(
                         "0x12", SIG_OSR) "]}",
@@ -918,9 +920,9 @@ static void test_size_limits(void **state)
     expect_auth_err(b.p, TUN_MODE_OSAURUS, TUN_E_MESSAGE_TOO_LARGE);
     /* The codec refuses oversized text before looking at it. */
     tun_msg_clear(ma);
-    assert_int_equal(tun_msg_decode("{}", (size_t)TUN_OSR_MAX_FRAME_BYTES + 1, TUN_MODE_OSAURUS,
-                                    ma, NULL),
-                     TUN_E_MESSAGE_TOO_LARGE);
+    assert_int_equal(
+        tun_msg_decode("{}", (size_t)TUN_OSR_MAX_FRAME_BYTES + 1, TUN_MODE_OSAURUS, ma, NULL),
+        TUN_E_MESSAGE_TOO_LARGE);
     free(b.p);
 
     /* Fixed-size fields: region 64, url 320. */
@@ -1065,7 +1067,8 @@ static void test_rt_response_frames(void **state)
     m.type = TUN_MSG_STREAM_CHUNK;
     m.http.body = IOV_LIT("data: x\n\n");
     s = roundtrip(&m);
-    assert_string_equal(s, "{\"type\":\"stream_chunk\",\"id\":\"req_abc123\",\"data\":\"data: x\\n\\n\"}");
+    assert_string_equal(
+        s, "{\"type\":\"stream_chunk\",\"id\":\"req_abc123\",\"data\":\"data: x\\n\\n\"}");
     assert_int_equal(mb->http.body.len, 9);
     free(s);
     m.http.base64 = true;
@@ -1112,8 +1115,9 @@ static void test_response_violations(void **state)
     const enum tun_mode O = TUN_MODE_OSAURUS;
     const enum tun_err B = TUN_E_BAD_HOST_RESPONSE;
     const char *code = NULL;
-#define RESP(status, headers) \
-    "{\"type\":\"response\",\"id\":\"r1\",\"status\":" status ",\"headers\":" headers ",\"body\":\"\"}"
+#define RESP(status, headers)                                                                      \
+    "{\"type\":\"response\",\"id\":\"r1\",\"status\":" status ",\"headers\":" headers              \
+    ",\"body\":\"\"}"
 
     expect_ok(RESP("599", "{}"), O, TUN_MSG_RESPONSE);
     expect_ok(RESP("200", "{}"), O, TUN_MSG_RESPONSE);
@@ -1148,12 +1152,14 @@ static void test_response_violations(void **state)
     expect_err("{\"type\":\"response\",\"id\":\"r1\",\"status\":200,\"headers\":{},\"body\":\"A\","
                "\"bodyEncoding\":\"base64\"}",
                O, B);
-    expect_err("{\"type\":\"response\",\"id\":\"r1\",\"status\":200,\"headers\":{},\"body\":\"A=B=\","
-               "\"bodyEncoding\":\"base64\"}",
-               O, B);
-    expect_err("{\"type\":\"response\",\"id\":\"r1\",\"status\":200,\"headers\":{},\"body\":\"AB*=\","
-               "\"bodyEncoding\":\"base64\"}",
-               O, B);
+    expect_err(
+        "{\"type\":\"response\",\"id\":\"r1\",\"status\":200,\"headers\":{},\"body\":\"A=B=\","
+        "\"bodyEncoding\":\"base64\"}",
+        O, B);
+    expect_err(
+        "{\"type\":\"response\",\"id\":\"r1\",\"status\":200,\"headers\":{},\"body\":\"AB*=\","
+        "\"bodyEncoding\":\"base64\"}",
+        O, B);
     expect_err("{\"type\":\"stream_chunk\",\"id\":\"r1\"}", O, B);
     expect_err("{\"type\":\"stream_end\"}", O, B);
     expect_err("{\"type\":\"stream_end\",\"id\":\"\"}", O, B);
@@ -1287,8 +1293,9 @@ static void test_encode_refusals(void **state)
     /* \r \t escapes; U+10FFFF (F4 8F BF BF) is kept, F4 90 is not UTF-8. */
     strcpy(m.error.message, "\r\t\xf4\x8f\xbf\xbf\xf4\x90\x80\x80");
     s = tun_msg_encode(&m, &len);
-    assert_string_equal(s, "{\"type\":\"error\",\"error\":\"x\",\"message\":"
-                           "\"\\r\\t\xf4\x8f\xbf\xbf\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\"}");
+    assert_string_equal(
+        s, "{\"type\":\"error\",\"error\":\"x\",\"message\":"
+           "\"\\r\\t\xf4\x8f\xbf\xbf\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\"}");
     free(s);
 }
 
@@ -1315,11 +1322,10 @@ static void test_signed_texts(void **state)
     assert_int_equal(id_verify(osr, strlen(osr), SIG_OSR, strlen(SIG_OSR), addr), ID_OK);
     assert_int_not_equal(id_verify(osr, strlen(osr), SIG_NATIVE, strlen(SIG_NATIVE), addr), ID_OK);
 
-    assert_int_equal(tun_msg_native_signed_text(buf, sizeof(buf), "localhost", addr, NONCE, 0), 
+    assert_int_equal(tun_msg_native_signed_text(buf, sizeof(buf), "localhost", addr, NONCE, 0),
                      (int)strlen("tunnel-gateway:v1:localhost:" ADDR_L ":" NONCE ":0"));
-    assert_int_equal(tun_msg_native_signed_text(buf, sizeof(buf), "localhost:8443", addr, NONCE,
-                                                TS),
-                     -1);
+    assert_int_equal(
+        tun_msg_native_signed_text(buf, sizeof(buf), "localhost:8443", addr, NONCE, TS), -1);
     assert_int_equal(tun_msg_native_signed_text(buf, sizeof(buf), "", addr, NONCE, TS), -1);
     assert_int_equal(tun_msg_native_signed_text(buf, sizeof(buf), "a b", addr, NONCE, TS), -1);
     assert_int_equal(tun_msg_native_signed_text(buf, sizeof(buf), "localhost", addr, "ABC", TS),
