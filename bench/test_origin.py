@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Checks tunnel-bench-origin over raw sockets: every route, pipelining,
 Expect: 100-continue, chunked uploads and the SSE timestamps.
-Usage: test_origin.py PATH/TO/tunnel-bench-origin (meson test suite 'bench')."""
+With a second argument, also runs the SSE load client tunnel-bench-sse
+against it. Usage: test_origin.py ORIGIN [SSE_CLIENT] (meson test suite 'bench')."""
 import json
 import re
 import socket
@@ -147,12 +148,36 @@ def test_sse(port):
     s.close()
 
 
+def test_sse_client(port, client):
+    """tunnel-bench-sse counts every event and measures plausible delays."""
+    r = subprocess.run([client, "--url", "http://127.0.0.1:%d/sse" % port, "--streams", "20",
+                        "--events", "10", "--interval-ms", "10", "--timeout", "20"],
+                       capture_output=True, text=True, timeout=TIMEOUT_S * 3)
+    check(r.returncode == 0, "sse client exit %d: %s" % (r.returncode, r.stderr))
+    d = json.loads(r.stdout)
+    check(d["events_expected"] == 200 and d["events_received"] == 200 and d["lost"] == 0,
+          "sse client counts %r" % d)
+    check(d["errors"] == [], "sse client errors %r" % d["errors"])
+    check(0 <= d["latency_ms"]["p50"] <= d["latency_ms"]["p99"] <= d["latency_ms"]["max"] < 1000,
+          "sse latency %r" % d["latency_ms"])
+    check(0 <= d["ttfb_ms"]["p50"] < 1000, "sse ttfb %r" % d["ttfb_ms"])
+    r = subprocess.run([client, "--url", "http://127.0.0.1:%d/nope" % port, "--streams", "2",
+                        "--events", "1", "--timeout", "20"],
+                       capture_output=True, text=True, timeout=TIMEOUT_S * 3)
+    d = json.loads(r.stdout)
+    check(d["lost"] == 2 and "status 404" in d["errors"], "sse client on 404: %r" % d)
+
+
 def main():
-    if len(sys.argv) != 2:
-        print("usage: test_origin.py ORIGIN_BINARY", file=sys.stderr)
+    if len(sys.argv) not in (2, 3):
+        print("usage: test_origin.py ORIGIN [SSE_CLIENT]", file=sys.stderr)
         return 2
     proc, port = start(sys.argv[1])
     tests = [test_routes, test_1g_streams, test_pipelining, test_sink, test_sse]
+    if len(sys.argv) == 3:
+        client = sys.argv[2]
+        tests.append(lambda p: test_sse_client(p, client))
+        tests[-1].__name__ = "test_sse_client"
     failed = 0
     try:
         for t in tests:
