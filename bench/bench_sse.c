@@ -32,21 +32,21 @@
 
 #define SSE_MAX_STREAMS 10000u
 #define SSE_MAX_EVENTS 100000u
-#define SSE_LINE_MAX 4096u    /* one event's bytes; longer ones are skipped */
+#define SSE_LINE_MAX 4096u /* one event's bytes; longer ones are skipped */
 #define SSE_HOST_MAX 256u
 #define SSE_PATH_MAX 1024u
 #define SSE_ERRORS_KEPT 5u
 #define SSE_ERROR_LEN 160u
 
 struct sse_cfg {
-    char host[SSE_HOST_MAX];      /* URL host: SNI, Host header, certificate name */
-    uint16_t port;                /* URL port */
-    char path[SSE_PATH_MAX];      /* URL path, e.g. /sse */
-    bool tls;                     /* https */
-    struct sockaddr_in dial;      /* where to connect (URL host or --connect) */
-    const char *cacert;           /* CA file; NULL: no verification */
+    char host[SSE_HOST_MAX]; /* URL host: SNI, Host header, certificate name */
+    uint16_t port;           /* URL port */
+    char path[SSE_PATH_MAX]; /* URL path, e.g. /sse */
+    bool tls;                /* https */
+    struct sockaddr_in dial; /* where to connect (URL host or --connect) */
+    const char *cacert;      /* CA file; NULL: no verification */
     uint64_t streams;
-    uint64_t events;              /* per stream */
+    uint64_t events; /* per stream */
     uint64_t interval_ms;
     uint64_t timeout_s;
 };
@@ -54,36 +54,36 @@ struct sse_cfg {
 struct sse_stream;
 
 struct sse_ctx {
-    const struct sse_cfg *cfg;
-    struct event_base *base;        /* owned */
-    SSL_CTX *ssl_ctx;               /* owned; NULL for http */
-    struct event *timeout_ev;       /* owned */
-    http_parser_settings settings;
-    struct sse_stream *streams;     /* owned; cfg->streams entries */
-    double *lat_ms;                 /* owned; one per event received */
-    size_t nlat;
-    double *ttfb_ms;                /* owned; one per stream that answered */
-    size_t nttfb;
-    uint64_t received;              /* events, all streams */
-    uint64_t finished;              /* streams done, well or not */
-    char errors[SSE_ERRORS_KEPT][SSE_ERROR_LEN];
-    size_t nerrors;                 /* errors seen (only the first few kept) */
+    const struct sse_cfg *cfg;                   /* borrowed; immutable */
+    struct event_base *base;                     /* owned */
+    SSL_CTX *ssl_ctx;                            /* owned; NULL for http */
+    struct event *timeout_ev;                    /* owned */
+    http_parser_settings settings;               /* callbacks shared by every stream */
+    struct sse_stream *streams;                  /* owned; cfg->streams entries */
+    double *lat_ms;                              /* owned; one per event received */
+    size_t nlat;                                 /* entries in lat_ms */
+    double *ttfb_ms;                             /* owned; one per stream that answered */
+    size_t nttfb;                                /* entries in ttfb_ms */
+    uint64_t received;                           /* events, all streams */
+    uint64_t finished;                           /* streams done, well or not */
+    char errors[SSE_ERRORS_KEPT][SSE_ERROR_LEN]; /* first errors, for the report */
+    size_t nerrors;                              /* errors seen (only the first few kept) */
 };
 
 /* One SSE stream; owned by the ctx's array. */
 struct sse_stream {
-    struct sse_ctx *ctx;
-    struct bufferevent *bev;        /* owned; NULL before start and after finish */
-    struct event *start_ev;         /* owned; staggered start */
-    http_parser parser;
-    uint64_t t_req_us;              /* request written (CLOCK_REALTIME us) */
-    uint64_t now_us;                /* arrival time of the bytes being parsed */
-    bool got_first_byte;
-    bool finished;
-    uint64_t received;              /* events on this stream */
-    char line[SSE_LINE_MAX];        /* event being assembled */
-    size_t line_len;
-    bool line_overflow;
+    struct sse_ctx *ctx;     /* borrowed back-pointer */
+    struct bufferevent *bev; /* owned; NULL before start and after finish */
+    struct event *start_ev;  /* owned; staggered start */
+    http_parser parser;      /* response parser (decodes chunked) */
+    uint64_t t_req_us;       /* request written (CLOCK_REALTIME us) */
+    uint64_t now_us;         /* arrival time of the bytes being parsed */
+    bool got_first_byte;     /* ttfb recorded */
+    bool finished;           /* counted in ctx->finished; bev freed */
+    uint64_t received;       /* events on this stream */
+    char line[SSE_LINE_MAX]; /* event being assembled */
+    size_t line_len;         /* bytes in line */
+    bool line_overflow;      /* event longer than line: skipped */
 };
 
 static uint64_t now_realtime_us(void)
@@ -207,8 +207,7 @@ static void on_read(struct bufferevent *bev, void *arg)
         }
         if (err != HPE_OK) {
             /* A refused status was reported by on_headers_complete already. */
-            stream_finish(s, err == HPE_CB_headers_complete ? NULL
-                                                            : http_errno_description(err));
+            stream_finish(s, err == HPE_CB_headers_complete ? NULL : http_errno_description(err));
             return;
         }
     }
@@ -339,8 +338,8 @@ static void print_result(struct sse_ctx *ctx)
 {
     const struct sse_cfg *cfg = ctx->cfg;
     uint64_t expected = cfg->streams * cfg->events;
-    printf("{\"streams\":%" PRIu64 ",\"events_expected\":%" PRIu64
-           ",\"events_received\":%" PRIu64 ",\"lost\":%" PRIu64 ",\"errors_total\":%zu,"
+    printf("{\"streams\":%" PRIu64 ",\"events_expected\":%" PRIu64 ",\"events_received\":%" PRIu64
+           ",\"lost\":%" PRIu64 ",\"errors_total\":%zu,"
            "\"errors\":[",
            cfg->streams, expected, ctx->received,
            expected > ctx->received ? expected - ctx->received : 0, ctx->nerrors);
@@ -471,8 +470,7 @@ static int parse_args(int argc, char **argv, struct sse_cfg *cfg)
         dial = defdial;
     }
     if (parse_dial(dial, &cfg->dial) != 0) {
-        fprintf(stderr, "tunnel-bench-sse: cannot dial %s (want IPv4:PORT, or --connect)\n",
-                dial);
+        fprintf(stderr, "tunnel-bench-sse: cannot dial %s (want IPv4:PORT, or --connect)\n", dial);
         return -1;
     }
     return 0;
@@ -531,8 +529,8 @@ static int ctx_init(struct sse_ctx *ctx, const struct sse_cfg *cfg)
     ctx->lat_ms = calloc(cfg->streams * cfg->events, sizeof(*ctx->lat_ms));
     ctx->ttfb_ms = calloc(cfg->streams, sizeof(*ctx->ttfb_ms));
     ctx->timeout_ev = ctx->base != NULL ? evtimer_new(ctx->base, on_timeout, ctx) : NULL;
-    if (ctx->base == NULL || ctx->streams == NULL || ctx->lat_ms == NULL ||
-        ctx->ttfb_ms == NULL || ctx->timeout_ev == NULL)
+    if (ctx->base == NULL || ctx->streams == NULL || ctx->lat_ms == NULL || ctx->ttfb_ms == NULL ||
+        ctx->timeout_ev == NULL)
         return -1;
     if (cfg->tls) {
         ctx->ssl_ctx = make_ssl_ctx(cfg);
