@@ -1291,8 +1291,9 @@ int ws_client_parse_response(struct evbuffer *in, const char *key, const char *s
             ws_set_err(err, errlen, "response head too large");
             return -1;
         }
-        /* Incomplete: still refuse early what is not HTTP at all. */
-        he = ws_resp_parse(in, len, &p, &r);
+        /* Incomplete: still refuse early what is not HTTP at all (from the
+         * first bytes only, so a server trickling bytes costs little). */
+        he = ws_resp_parse(in, len < 256 ? len : 256, &p, &r);
         if (he != HPE_OK) {
             ws_set_err(err, errlen, "bad HTTP response: %s", http_errno_description(he));
             return -1;

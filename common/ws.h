@@ -75,9 +75,10 @@ struct ws_callbacks {
  * unmasked ones (RFC 6455 section 5.3). max_text caps an assembled text
  * message (bytes, > 0). cb is copied. Takes ownership of bev (which should be
  * BEV_OPT_CLOSE_ON_FREE), also on failure; replaces its callbacks and
- * watermarks. Bytes already in bev's input (read past the HTTP upgrade) are
- * processed from the loop, as is everything else. Returns NULL if out of
- * memory. */
+ * watermarks (a bufferevent timeout, if the owner sets one, ends the
+ * connection with 1006; use ws_last_rx_ms() instead). Bytes already in bev's
+ * input (read past the HTTP upgrade) are processed from the loop, as is
+ * everything else. Returns NULL if out of memory. */
 struct ws_conn *ws_conn_new(struct event_base *base, struct bufferevent *bev, bool client_role,
                             size_t max_text, const struct ws_callbacks *cb, void *arg);
 
@@ -154,7 +155,9 @@ int ws_client_request(struct evbuffer *out, const char *host_port, const char *p
                       const char *key, const char *subprotocol, const char *extra_headers);
 
 /* Checks the server's answer to ws_client_request() at the head of in.
- * Returns 1 while more bytes are needed (nothing drained); 0 when it is a
+ * Returns 1 while more bytes are needed (nothing drained; also while the
+ * Content-Length body of a non-101 answer, up to 4 KiB, is incomplete: at EOF
+ * the caller reports *status itself if it is not 0); 0 when it is a
  * valid 101 (Upgrade: websocket, Connection: upgrade, Sec-WebSocket-Accept
  * matching key, Sec-WebSocket-Protocol equal to subprotocol, or absent when
  * subprotocol is NULL, no extensions): exactly the response head is drained
