@@ -39,8 +39,9 @@ struct ws_conn;
 /* Callbacks. Guarantees:
  * 1. They are only ever invoked from the event loop (ws's bufferevent, timer
  *    or deferred callbacks), never from inside a ws_* call; a bufferevent
- *    callback that libevent runs synchronously inside one (OpenSSL and pair
- *    bufferevents do) is deferred to the loop.
+ *    callback that libevent runs synchronously inside one (OpenSSL and
+ *    filter bufferevents do, unless BEV_OPT_DEFER_CALLBACKS) is deferred to
+ *    the loop.
  * 2. Inside any of them the owner may call every ws_* function on any
  *    connection, including ws_close() and ws_free() on this one: ws_free()
  *    then only marks the connection, and it is freed when the stack unwinds;
@@ -88,8 +89,9 @@ void ws_free(struct ws_conn *ws);
 
 /* Send one complete message as a single frame. Text must be valid UTF-8.
  * Never blocks: the bytes are queued in the output; the owner watches
- * ws_is_writable(). Return 0, or -1 if closing/closed, invalid UTF-8 or out of
- * memory (nothing was queued). */
+ * ws_is_writable(). Return 0, or -1 if closing/closed or invalid UTF-8
+ * (nothing was queued), or out of memory (the frame may be cut: the
+ * connection is then lost and on_close follows). */
 int ws_send_text(struct ws_conn *ws, const char *data, size_t len);
 int ws_send_binary(struct ws_conn *ws, const void *data, size_t len);
 
