@@ -1,0 +1,301 @@
+"""tunnel-agent run: behaviours of the daemon itself, against the real gateway.
+Start-up with the gateway down (backoff), reconnect after a gateway restart,
+kill -9 and restart (stale control socket, settings kept), a second daemon
+refused, enable/disable on a running daemon, the in-flight cap (503
+host_busy), the response timeout (504), an unreachable local API (502),
+SIGTERM letting an in-flight response finish, status fields."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+from helpers_daemon import FixedGateway, agent_state, curl, log_values, wait_state
+from local_api import LocalApi
+from tunnel_env import Agent, Gateway, free_port, wait_for
+
+
+@pytest.fixture
+def api():
+    a = LocalApi()
+    # ThreadingHTTPServer listens with a backlog of 5: a burst of 64 connects
+    # would be reset by the kernel, which is not what these tests are about
+    a.server.socket.listen(512)
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def procs():
+    """Processes to stop at the end, whatever happened."""
+    live = []
+    yield live
+    for p in reversed(live):
+        try:
+            p.stop(signal.SIGKILL)
+        except Exception:
+            pass
+
+
+def test_gateway_down_at_start_is_retried_with_backoff(build_dir, tmp_path, api, procs):
+    port = free_port()
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    # the CA file must exist for `run`: start the gateway once to create it
+    gw = FixedGateway(build_dir, tmp_path, port)
+    gw.stop()
+    proc = ag.run(gw)
+    procs.append(proc)
+    # nothing listens: the daemon keeps running and retries, 1 s doubling
+    wait_for(lambda: len(log_values(proc, "reconnect_in_ms", "ms")) >= 3, 15, "3 retries")
+    delays = [int(v) for v in log_values(proc, "reconnect_in_ms", "ms")]
+    assert 800 <= delays[0] <= 1200, delays
+    assert 1600 <= delays[1] <= 2400, delays
+    assert 3200 <= delays[2] <= 4800, delays
+    assert proc.p.poll() is None
+    assert agent_state(ag, "a")["state"] == "connecting"
+    st = ag.status()
+    assert st["daemon"] is True and "refused" in (st["gateway"]["error"] or "")
+    # the gateway comes up: connected within the current backoff (<= 8 s * 1.2)
+    gw = FixedGateway(build_dir, tmp_path, port)
+    procs.append(gw)
+    a = wait_state(ag, "a", "connected", 15)
+    assert a["last_probe_ms"] > 0 and a["url"].startswith(f"https://{addr}.localhost:")
+    st, body = curl(gw, addr, "/echo")
+    assert st == 200 and json.loads(body)["headers"]["x-tunnel-origin"] == ["public"]
+
+
+def test_reconnects_after_gateway_restart(build_dir, tmp_path, api, procs):
+    port = free_port()
+    gw = FixedGateway(build_dir, tmp_path, port)
+    procs.append(gw)
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    proc = ag.run(gw)
+    procs.append(proc)
+    wait_state(ag, "a", "connected", 20)
+    gw.stop(signal.SIGKILL)
+    proc.wait_log(r"event=tunnel_down", timeout=10)
+    wait_state(ag, "a", "connecting", 5)
+    gw2 = FixedGateway(build_dir, tmp_path, port)
+    procs.append(gw2)
+    t0 = time.monotonic()
+    wait_state(ag, "a", "connected", 15)
+    assert time.monotonic() - t0 < 10
+    st, body = curl(gw2, addr, "/echo")
+    assert st == 200
+
+
+def test_kill9_restart_stale_socket_and_second_daemon(build_dir, tmp_path, api, procs):
+    gw = Gateway(build_dir, tmp_path)
+    procs.append(gw)
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    ag.new("off", api.url, enable=False)
+    proc = ag.run(gw)
+    procs.append(proc)
+    wait_state(ag, "a", "connected", 20)
+    sock = ag.home / "agent.sock"
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(ag.home).st_mode) == 0o700
+
+    # a second daemon on the same home refuses to start
+    r = subprocess.run([str(ag.exe), "--home", str(ag.home), "run"], capture_output=True,
+                       text=True, timeout=15, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and "another tunnel-agent daemon" in r.stderr
+    assert wait_state(ag, "a", "connected", 1)  # the first one is undisturbed
+
+    proc.stop(signal.SIGKILL)
+    assert sock.exists()  # left behind by the killed daemon
+    st = ag.status()
+    assert st["daemon"] is False and agent_state(ag, "a")["state"] == "disconnected"
+
+    # the stale socket is replaced; gateway and CA file were remembered
+    proc2 = Proc_run(ag)
+    procs.append(proc2)
+    a = wait_state(ag, "a", "connected", 20)
+    assert a["enabled"] is True
+    assert agent_state(ag, "off")["enabled"] is False
+    assert agent_state(ag, "off")["state"] == "disconnected"
+    st, _ = curl(gw, addr, "/echo")
+    assert st == 200
+
+
+def Proc_run(ag):
+    """`run` with no options: everything from agents.json."""
+    from tunnel_env import Proc
+    return Proc([ag.exe, "--home", ag.home, "run", "--log-level", "debug"],
+                ag.tmp / f"{ag.name}-2.log")
+
+
+def test_enable_disable_on_running_daemon(build_dir, tmp_path, api, procs):
+    gw = Gateway(build_dir, tmp_path)
+    procs.append(gw)
+    ag = Agent(build_dir, tmp_path)
+    a1 = ag.new("one", api.url)
+    a2 = ag.new("two", api.url)
+    proc = ag.run(gw)
+    procs.append(proc)
+    ag.wait_connected(timeout=20)
+
+    # a request in flight on "one" while "two" is disabled and enabled again
+    done = {}
+
+    def slow():
+        done["r"] = curl(gw, a1, "/sse?n=10&interval_ms=300")
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.5)
+
+    t0 = time.monotonic()
+    ag.cli("disable", "two")
+    assert agent_state(ag, "two")["state"] == "disconnected"
+
+    def offline():
+        st, body = curl(gw, a2, "/echo")
+        return st == 502 and json.loads(body)["error"] == "agent_offline"
+    wait_for(offline, 2, "two offline")
+    assert time.monotonic() - t0 < 2.5
+
+    t0 = time.monotonic()
+    ag.cli("enable", "two", "--yes")
+    wait_state(ag, "two", "connected", 2)
+    assert time.monotonic() - t0 < 2.5
+    st, _ = curl(gw, a2, "/echo")
+    assert st == 200
+
+    t.join(20)
+    st, body = done["r"]
+    assert st == 200 and body.count(b"data:") == 10  # "one" was not disturbed
+
+    # settings changes apply to new requests
+    ag.cli("set", "one", "--id-header", "X-Osaurus-Agent-Id", "--preserve-host")
+    st, body = curl(gw, a1, "/echo", "-H", "X-Osaurus-Agent-Id: spoofed")
+    h = json.loads(body)["headers"]
+    assert h["x-osaurus-agent-id"] != ["spoofed"] and len(h["x-osaurus-agent-id"][0]) == 36
+    assert h["host"] == [f"{a1}.localhost:{gw.port}"]
+    assert "x-agent-id" not in h
+
+
+def test_max_inflight_answers_host_busy_at_once(build_dir, tmp_path, api, procs):
+    gw = Gateway(build_dir, tmp_path)
+    procs.append(gw)
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    ag.cli("set", "a", "--max-inflight", "64")
+    proc = ag.run(gw)
+    procs.append(proc)
+    wait_state(ag, "a", "connected", 20)
+
+    n = 200
+    cfg = "next\n".join(
+        f'url = "https://{addr}.localhost:{gw.port}/sse?n=4&interval_ms=500&i={i}"\n'
+        f'cacert = "{gw.ca}"\nhttp2\nsilent\nshow-error\n'  # "next" resets options
+        f'output = "/dev/null"\nwrite-out = "%{{http_code}} %{{time_total}}\\n"\n'
+        for i in range(n))
+    (tmp_path / "many.cfg").write_text(cfg)
+    r = subprocess.run(["curl", "-sS", "--http2", "--cacert", str(gw.ca), "-Z",
+                        "--parallel-max", str(n), "-K", str(tmp_path / "many.cfg")],
+                       capture_output=True, text=True, timeout=120)
+    lines = [l.split() for l in r.stdout.splitlines() if l.strip()]
+    codes = [int(c) for c, _ in lines]
+    assert len(codes) == n, r.stderr[-2000:]
+    assert codes.count(200) == 64, sorted(set(codes))
+    assert codes.count(503) == n - 64
+    busy_times = [float(t) for c, t in lines if c == "503"]
+    ok_times = [float(t) for c, t in lines if c == "200"]
+    assert max(busy_times) < min(ok_times)  # refused at once, not queued
+    st, body = curl(gw, addr, "/sse?n=1&interval_ms=1")
+    assert st == 200
+    a = agent_state(ag, "a")
+    assert a["inflight"] == 0 and a["requests"] >= n
+
+
+def test_busy_body_is_host_busy_json(build_dir, tmp_path, api, procs):
+    gw = Gateway(build_dir, tmp_path)
+    procs.append(gw)
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    ag.cli("set", "a", "--max-inflight", "1")
+    procs.append(ag.run(gw))
+    wait_state(ag, "a", "connected", 20)
+    t = threading.Thread(target=curl, args=(gw, addr, "/sse?n=3&interval_ms=400"))
+    t.start()
+    wait_for(lambda: agent_state(ag, "a")["inflight"] == 1, 5, "one in flight")
+    st, body = curl(gw, addr, "/echo")
+    assert st == 503 and json.loads(body)["error"] == "host_busy"
+    t.join(10)
+
+
+def test_response_timeout_and_unreachable(build_dir, tmp_path, api, procs):
+    gw = Gateway(build_dir, tmp_path)
+    procs.append(gw)
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    ag.cli("set", "a", "--response-timeout", "1")
+    dead = ag.new("dead", f"http://127.0.0.1:{free_port()}")
+    procs.append(ag.run(gw))
+    ag.wait_connected(timeout=20)
+
+    t0 = time.monotonic()
+    st, body = curl(gw, addr, "/hold?id=t1")
+    took = time.monotonic() - t0
+    assert st == 504 and json.loads(body)["error"] == "gateway_timeout"
+    assert 0.9 <= took < 4
+    # the local API saw its request aborted
+    wait_for(lambda: "t1" in api.state.closed, 3, "hold closed")
+
+    st, body = curl(gw, dead, "/x")
+    assert st == 502 and json.loads(body)["error"] == "local_unreachable"
+
+    # a response that has started is never cut for being quiet
+    st, body = curl(gw, addr, "/sse?n=2&interval_ms=1500")
+    assert st == 200 and body.count(b"data:") == 2
+
+
+def test_sigterm_lets_inflight_finish(build_dir, tmp_path, api, procs):
+    gw = Gateway(build_dir, tmp_path)
+    procs.append(gw)
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    proc = ag.run(gw)
+    procs.append(proc)
+    wait_state(ag, "a", "connected", 20)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", curl(gw, addr, "/sse?n=6&interval_ms=300")))
+    t.start()
+    wait_for(lambda: agent_state(ag, "a")["inflight"] == 1, 5, "in flight")
+    os.kill(proc.pid(), signal.SIGTERM)
+    proc.wait_log(r"event=shutting_down", 5)
+    # new requests are no longer served by this agent
+    st, body = curl(gw, addr, "/echo")
+    assert st == 502
+    t.join(15)
+    st, body = out["r"]
+    assert st == 200 and body.count(b"data:") == 6
+    assert proc.p.wait(10) == 0
+    assert not (ag.home / "agent.sock").exists()
+
+
+def test_status_reports_probe_and_requests(build_dir, tmp_path, api, procs):
+    gw = Gateway(build_dir, tmp_path)
+    procs.append(gw)
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    procs.append(ag.run(gw))
+    a = wait_state(ag, "a", "connected", 20)
+    assert a["probe_rtt_ms"] >= 0 and a["last_probe_ms"] > (time.time() - 60) * 1000
+    assert a["url"] == f"https://{addr}.localhost:{gw.port}"
+    assert a["error"] is None
+    before = api.state.requests
+    for _ in range(3):
+        assert curl(gw, addr, "/echo")[0] == 200
+    assert agent_state(ag, "a")["requests"] >= 3
+    assert api.state.requests == before + 3  # the probe never reaches the local API
+    r = ag.cli("status")
+    assert "connected" in r.stdout and "daemon: running" in r.stdout
