@@ -7,6 +7,7 @@ SIGTERM letting an in-flight response finish, status fields."""
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -32,14 +33,19 @@ def api():
 
 @pytest.fixture
 def procs():
-    """Processes to stop at the end, whatever happened."""
+    """Processes to stop at the end (SIGTERM, so that sanitizer builds run
+    their leak check), whatever happened; then no sanitizer report may
+    appear in an agent's log."""
     live = []
     yield live
     for p in reversed(live):
         try:
-            p.stop(signal.SIGKILL)
+            p.stop(signal.SIGTERM)
         except Exception:
             pass
+    bad = [p.log_path.name for p in live if p.log_path.name.startswith("agent")
+           and re.search(r"Sanitizer|runtime error", p.text())]
+    assert not bad, bad
 
 
 def test_gateway_down_at_start_is_retried_with_backoff(build_dir, tmp_path, api, procs):
