@@ -16,7 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cjson/cJSON.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
@@ -33,13 +32,12 @@
 #include "id.h"
 #include "log.h"
 #include "tls.h"
+#include "tun_msg.h"
 #include "util.h"
 #include "ws.h"
 
 #define TUN_DIAL_TIMEOUT_MS 10000u
 #define TUN_AUTH_TIMEOUT_MS 20000u     /* dial to auth_ok */
-#define TUN_MAX_TEXT (64u * 1024u)     /* control message cap (PROTOCOL.md 2.2) */
-#define TUN_MAX_AGENTS 50              /* per auth frame */
 #define TUN_MSG_CHUNK (64u * 1024u)    /* binary message size */
 #define TUN_MAX_STREAMS 1024
 #define TUN_STREAM_WINDOW (1u << 20)   /* 1 MiB per stream */
@@ -200,150 +198,117 @@ bool ag_tun_serves(const struct ag_tun *t, const char *addr)
     return r != NULL && r->active;
 }
 
-/* ---- control messages (JSON) ----------------------------------------------- */
+/* ---- control messages (common/tun_msg) -------------------------------------- */
 
-static int send_json(struct ag_tun *t, cJSON *o)
+static int send_msg(struct ag_tun *t, const struct tun_msg *m)
 {
-    char *text;
+    size_t len = 0;
+    char *text = tun_msg_encode(m, &len);
     int rc = -1;
 
-    if (o == NULL)
-        return -1;
-    text = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
     if (text == NULL)
         return -1;
     if (t->ws != NULL)
-        rc = ws_send_text(t->ws, text, strlen(text));
+        rc = ws_send_text(t->ws, text, len);
     free(text);
     return rc;
 }
 
-static int send_simple(struct ag_tun *t, const char *type, const char *addr)
+static int send_request_challenge(struct ag_tun *t)
 {
-    cJSON *o = cJSON_CreateObject();
+    struct tun_msg m;
 
-    if (o == NULL || cJSON_AddStringToObject(o, "type", type) == NULL ||
-        (addr != NULL && cJSON_AddStringToObject(o, "address", addr) == NULL)) {
-        cJSON_Delete(o);
-        return -1;
-    }
-    return send_json(t, o);
+    tun_msg_init(&m, TUN_MSG_REQUEST_CHALLENGE, TUN_MODE_NATIVE);
+    return send_msg(t, &m);
 }
 
-/* Signs the native text (PROTOCOL.md 4.3) into sig. Returns 0 or -1. */
-static int sign_reg(const struct ag_tun *t, const struct ag_agt *a, const char *nonce,
-                    int64_t ts, char sig[ID_SIG_STR_LEN + 1])
+static int send_remove(struct ag_tun *t, const char *addr)
 {
-    char text[512];
-    uint8_t raw[ID_SIG_LEN];
-    int n = util_snprintf(text, sizeof(text), "tunnel-gateway:v1:%s:%s:%s:%" PRId64,
-                          t->ctx->domain, a->cfg.address, nonce, ts);
+    struct tun_msg m;
 
+    tun_msg_init(&m, TUN_MSG_REMOVE_AGENT, TUN_MODE_NATIVE);
+    if (id_addr_parse(addr, strlen(addr), m.remove_agent.addr) != ID_OK)
+        return -1;
+    return send_msg(t, &m);
+}
+
+/* Fills one registration entry: address and the signature of the native text
+ * (PROTOCOL.md 4.3) over nonce and ts. Returns 0 or -1. */
+static int fill_reg(const struct ag_tun *t, struct tun_msg_agent_auth *e, const struct ag_agt *a,
+                    const char *nonce, int64_t ts)
+{
+    char text[TUN_SIGNED_TEXT_MAX];
+    uint8_t raw[ID_SIG_LEN];
+    int n;
+
+    memset(e, 0, sizeof(*e));
+    if (id_addr_parse(a->cfg.address, strlen(a->cfg.address), e->addr) != ID_OK)
+        return -1;
+    n = tun_msg_native_signed_text(text, sizeof(text), t->ctx->domain, e->addr, nonce, ts);
     if (n < 0 || id_sign(&a->key, text, (size_t)n, raw) != ID_OK)
         return -1;
-    id_sig_to_str(raw, sig);
+    id_sig_to_str(raw, e->sig);
+    e->response_timeout_s = a->cfg.response_timeout_s;
     return 0;
 }
 
-/* Adds address/signature[/response_timeout] of a to o. */
-static int add_reg_fields(const struct ag_tun *t, cJSON *o, const struct ag_agt *a,
-                          const char *nonce, int64_t ts)
+/* Our agent for a decoded address; out gets the lowercase form. */
+static struct ag_agt *msg_agent(struct ag_tun *t, const uint8_t addr[ID_ADDR_LEN],
+                                char out[ID_ADDR_STR_LEN + 1])
 {
-    char sig[ID_SIG_STR_LEN + 1];
-
-    if (sign_reg(t, a, nonce, ts, sig) != 0)
-        return -1;
-    if (cJSON_AddStringToObject(o, "address", a->cfg.address) == NULL ||
-        cJSON_AddStringToObject(o, "signature", sig) == NULL)
-        return -1;
-    if (a->cfg.response_timeout_s > 0 &&
-        cJSON_AddNumberToObject(o, "response_timeout", a->cfg.response_timeout_s) == NULL)
-        return -1;
-    return 0;
-}
-
-static const char *json_str(const cJSON *o, const char *name)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-
-    return cJSON_IsString(v) ? v->valuestring : NULL;
-}
-
-static bool nonce_ok(const char *n)
-{
-    if (n == NULL || strlen(n) != 64)
-        return false;
-    for (size_t i = 0; i < 64; i++)
-        if (!((n[i] >= '0' && n[i] <= '9') || (n[i] >= 'a' && n[i] <= 'f')))
-            return false;
-    return true;
-}
-
-/* The agent of a message's address member, if it is one of ours. */
-static struct ag_agt *msg_agent(struct ag_tun *t, const char *addr, char out[ID_ADDR_STR_LEN + 1])
-{
-    uint8_t raw[ID_ADDR_LEN];
-
-    out[0] = '\0';
-    if (addr == NULL || id_addr_parse(addr, strlen(addr), raw) != ID_OK)
-        return NULL;
-    id_addr_to_str(raw, out);
+    id_addr_to_str(addr, out);
     return ag_ctx_find_addr(t->ctx, out);
+}
+
+static void tun_fail(struct ag_tun *t, int code, const char *reason, const char *why)
+{
+    (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "%s", why);
+    ws_close(t->ws, code, reason);
+    t->state = TUN_ST_CLOSING;
 }
 
 static void send_auth(struct ag_tun *t, const char *nonce)
 {
     struct ag_ctx *ctx = t->ctx;
+    struct tun_msg *m = calloc(1, sizeof(*m));
     int64_t ts = util_unix_time();
-    cJSON *o = cJSON_CreateObject();
-    cJSON *arr;
-    size_t n = 0;
+    struct tun_msg_auth *au;
 
-    if (o == NULL || cJSON_AddStringToObject(o, "type", "auth") == NULL ||
-        cJSON_AddStringToObject(o, "nonce", nonce) == NULL ||
-        cJSON_AddNumberToObject(o, "timestamp", (double)ts) == NULL ||
-        cJSON_AddStringToObject(o, "instance", ctx->instance) == NULL)
-        goto fail_o;
-    arr = cJSON_AddArrayToObject(o, "agents");
-    if (arr == NULL)
-        goto fail_o;
-    for (struct ag_agt *a = ctx->agents; a != NULL && n < TUN_MAX_AGENTS; a = a->next) {
-        cJSON *e;
+    if (m == NULL) {
+        tun_fail(t, WS_CLOSE_INTERNAL, "internal_error", "out of memory");
+        return;
+    }
+    tun_msg_init(m, TUN_MSG_AUTH, TUN_MODE_NATIVE);
+    au = &m->auth;
+    memcpy(au->nonce, nonce, sizeof(au->nonce));
+    au->timestamp = ts;
+    (void)util_snprintf(au->instance, sizeof(au->instance), "%s", ctx->instance);
+    for (struct ag_agt *a = ctx->agents; a != NULL && au->n_agents < TUN_MAX_AGENTS; a = a->next) {
         struct tun_reg *r;
 
         if (!ag_agt_wanted(a))
             continue;
         r = reg_get(t, a->cfg.address);
-        e = cJSON_CreateObject();
-        if (r == NULL || e == NULL || !cJSON_AddItemToArray(arr, e)) {
-            cJSON_Delete(e);
-            goto fail_o;
+        if (r == NULL || fill_reg(t, &au->agents[au->n_agents], a, nonce, ts) != 0) {
+            LOG_ERROR(ctx->log, "auth_entry_failed", LOG_S("addr", a->cfg.address));
+            continue;
         }
-        if (add_reg_fields(t, e, a, nonce, ts) != 0)
-            goto fail_o;
         r->pending = REG_IN_AUTH;
-        n++;
+        au->n_agents++;
     }
-    if (n == 0) {
-        cJSON_Delete(o);
-        ws_close(t->ws, WS_CLOSE_NORMAL, "no agents");
-        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "no enabled agents");
-        t->state = TUN_ST_CLOSING;
+    if (au->n_agents == 0) {
+        free(m);
+        tun_fail(t, WS_CLOSE_NORMAL, "no agents", "no enabled agents");
         return;
     }
-    if (send_json(t, o) != 0)
-        goto fail_send;
+    if (send_msg(t, m) != 0) {
+        free(m);
+        tun_fail(t, WS_CLOSE_INTERNAL, "internal_error", "cannot send the auth message");
+        return;
+    }
     t->auth_sent = true;
-    LOG_DEBUG(ctx->log, "auth_sent", LOG_U("tun", t->id), LOG_U("agents", n));
-    return;
-
-fail_o:
-    cJSON_Delete(o);
-fail_send:
-    (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "cannot build the auth message");
-    ws_close(t->ws, WS_CLOSE_INTERNAL, "internal_error");
-    t->state = TUN_ST_CLOSING;
+    LOG_DEBUG(ctx->log, "auth_sent", LOG_U("tun", t->id), LOG_U("agents", au->n_agents));
+    free(m);
 }
 
 /* Asks for a challenge if some registration waits for one. */
@@ -355,7 +320,7 @@ static void adds_kick(struct ag_tun *t)
         return;
     for (size_t i = 0; i < t->nregs; i++) {
         if (t->regs[i].pending == REG_WANT_ADD && t->regs[i].retry_at_ms <= now) {
-            if (send_simple(t, "request_challenge", NULL) == 0)
+            if (send_request_challenge(t) == 0)
                 t->challenge_wanted = true;
             return;
         }
@@ -371,7 +336,7 @@ static void on_add_challenge(struct ag_tun *t, const char *nonce)
     for (size_t i = 0; i < t->nregs; i++) {
         struct tun_reg *r = &t->regs[i];
         struct ag_agt *a;
-        cJSON *o;
+        struct tun_msg m;
         int64_t ts = util_unix_time();
 
         if (r->pending != REG_WANT_ADD || r->retry_at_ms > now)
@@ -381,17 +346,14 @@ static void on_add_challenge(struct ag_tun *t, const char *nonce)
             r->pending = REG_NONE;
             continue;
         }
-        o = cJSON_CreateObject();
-        if (o == NULL || cJSON_AddStringToObject(o, "type", "add_agent") == NULL ||
-            add_reg_fields(t, o, a, nonce, ts) != 0 ||
-            cJSON_AddStringToObject(o, "nonce", nonce) == NULL ||
-            cJSON_AddNumberToObject(o, "timestamp", (double)ts) == NULL) {
-            cJSON_Delete(o);
+        tun_msg_init(&m, TUN_MSG_ADD_AGENT, TUN_MODE_NATIVE);
+        memcpy(m.add_agent.nonce, nonce, sizeof(m.add_agent.nonce));
+        m.add_agent.timestamp = ts;
+        if (fill_reg(t, &m.add_agent.agent, a, nonce, ts) != 0 || send_msg(t, &m) != 0) {
             r->retry_at_ms = now + TUN_ADD_RETRY_MS;
             break;
         }
-        if (send_json(t, o) == 0)
-            r->pending = REG_ADDING;
+        r->pending = REG_ADDING;
         LOG_DEBUG(t->ctx->log, "add_agent_sent", LOG_U("tun", t->id), LOG_S("addr", r->addr));
         break;
     }
@@ -404,76 +366,61 @@ static void reg_accepted(struct ag_tun *t, struct tun_reg *r, struct ag_agt *a, 
     r->pending = REG_NONE;
     if (a == NULL || !ag_agt_wanted(a)) {
         r->active = false;
-        send_simple(t, "remove_agent", r->addr);
+        send_remove(t, r->addr);
         return;
     }
     r->active = true;
-    ag_daemon_on_agent_online(t->ctx, t, a, url != NULL ? url : "");
+    ag_daemon_on_agent_online(t->ctx, t, a, url);
 }
 
-static bool code_is_transient(const char *code)
+/* PROTOCOL.md 4.7: retried with the normal backoff. */
+static bool err_is_transient(enum tun_err e)
 {
-    return strcmp(code, "invalid_nonce") == 0 || strcmp(code, "auth_timeout") == 0 ||
-           strcmp(code, "timestamp_out_of_range") == 0 || strcmp(code, "rate_limited") == 0 ||
-           strcmp(code, "max_agents_reached") == 0 || strcmp(code, "internal_error") == 0;
+    return e == TUN_E_INVALID_NONCE || e == TUN_E_AUTH_TIMEOUT ||
+           e == TUN_E_TIMESTAMP_OUT_OF_RANGE || e == TUN_E_RATE_LIMITED ||
+           e == TUN_E_MAX_AGENTS_REACHED || e == TUN_E_INTERNAL_ERROR;
 }
 
 static int h2_start(struct ag_tun *t);
 
-static void on_auth_ok(struct ag_tun *t, const cJSON *m)
+static void on_auth_ok(struct ag_tun *t, const struct tun_msg_auth_ok *ok)
 {
-    const cJSON *agents = cJSON_GetObjectItemCaseSensitive(m, "agents");
-    const cJSON *rejected = cJSON_GetObjectItemCaseSensitive(m, "rejected");
-    const cJSON *pi = cJSON_GetObjectItemCaseSensitive(m, "ping_interval");
-    const cJSON *e;
     char addr[ID_ADDR_STR_LEN + 1];
-    size_t nacc = 0;
 
-    t->ping_s = TUN_DEFAULT_PING_S;
-    if (cJSON_IsNumber(pi) && pi->valuedouble >= 1 && pi->valuedouble <= 3600)
-        t->ping_s = (uint32_t)pi->valuedouble;
+    t->ping_s = ok->ping_interval_s >= 1 && ok->ping_interval_s <= 3600 ? ok->ping_interval_s
+                                                                         : TUN_DEFAULT_PING_S;
     t->state = TUN_ST_UP;
     t->up_ms = util_mono_ms();
     t->next_ping_ms = t->up_ms + (uint64_t)t->ping_s * 1000u;
     if (h2_start(t) != 0) {
-        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "cannot start HTTP/2");
-        ws_close(t->ws, WS_CLOSE_INTERNAL, "internal_error");
-        t->state = TUN_ST_CLOSING;
+        tun_fail(t, WS_CLOSE_INTERNAL, "internal_error", "cannot start HTTP/2");
         return;
     }
-    LOG_INFO(t->ctx->log, "auth_ok", LOG_U("tun", t->id),
-             LOG_U("agents", cJSON_GetArraySize(agents)), LOG_S("region", json_str(m, "region")),
+    LOG_INFO(t->ctx->log, "auth_ok", LOG_U("tun", t->id), LOG_U("agents", ok->n_agents),
+             LOG_U("rejected", ok->n_rejected), LOG_S("region", ok->region),
              LOG_U("ping_interval", t->ping_s));
     ag_daemon_on_tun_up(t->ctx, t);
-    cJSON_ArrayForEach(e, agents)
-    {
-        struct ag_agt *a = msg_agent(t, json_str(e, "address"), addr);
-        struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
-        if (r == NULL)
-            continue;
-        reg_accepted(t, r, a, json_str(e, "url"));
-        nacc++;
+    for (size_t i = 0; i < ok->n_agents; i++) {
+        struct ag_agt *a = msg_agent(t, ok->agents[i].addr, addr);
+        struct tun_reg *r = reg_find(t, addr);
+        if (r != NULL)
+            reg_accepted(t, r, a, ok->agents[i].url);
     }
-    cJSON_ArrayForEach(e, rejected)
-    {
-        struct ag_agt *a = msg_agent(t, json_str(e, "address"), addr);
-        struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
-        const char *code = json_str(e, "error");
-        if (code == NULL)
-            code = json_str(e, "reason");
-        if (code == NULL)
-            code = "rejected";
+    for (size_t i = 0; i < ok->n_rejected; i++) {
+        const struct tun_msg_rejected *rj = &ok->rejected[i];
+        struct ag_agt *a = msg_agent(t, rj->addr, addr);
+        struct tun_reg *r = reg_find(t, addr);
         LOG_WARN(t->ctx->log, "agent_rejected", LOG_U("tun", t->id), LOG_S("addr", addr),
-                 LOG_S("err", code));
+                 LOG_S("err", rj->error));
         if (r == NULL)
             continue;
         r->active = false;
         r->pending = REG_NONE;
-        if (code_is_transient(code)) {
+        if (err_is_transient(rj->err)) {
             r->pending = REG_WANT_ADD;
             r->retry_at_ms = util_mono_ms() + TUN_ADD_RETRY_MS;
         } else if (a != NULL) {
-            ag_daemon_on_agent_refused(t->ctx, t, a, code, json_str(e, "message"));
+            ag_daemon_on_agent_refused(t->ctx, t, a, rj->error, NULL);
         }
     }
     /* listed in auth but in neither list, or wanted since: add them now */
@@ -485,24 +432,21 @@ static void on_auth_ok(struct ag_tun *t, const cJSON *m)
         if (!ag_agt_wanted(a) || ag_tun_serves(t, a->cfg.address))
             continue;
         r = reg_get(t, a->cfg.address);
-        if (r != NULL && r->pending == REG_NONE && !a->stopped)
+        if (r != NULL && r->pending == REG_NONE)
             r->pending = REG_WANT_ADD;
     }
-    (void)nacc;
     adds_kick(t);
 }
 
-static void on_error_msg(struct ag_tun *t, const cJSON *m)
+static void on_error_msg(struct ag_tun *t, const struct tun_msg_error *e)
 {
-    const char *code = json_str(m, "error");
-    char addr[ID_ADDR_STR_LEN + 1];
-    struct ag_agt *a = msg_agent(t, json_str(m, "address"), addr);
-    struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
+    char addr[ID_ADDR_STR_LEN + 1] = "";
+    struct ag_agt *a = e->has_addr ? msg_agent(t, e->addr, addr) : NULL;
+    struct tun_reg *r = e->has_addr ? reg_find(t, addr) : NULL;
 
-    if (code == NULL)
-        code = "error";
-    LOG_WARN(t->ctx->log, "gateway_error", LOG_U("tun", t->id), LOG_S("err", code),
-             LOG_S("addr", addr[0] != '\0' ? addr : NULL), LOG_S("message", json_str(m, "message")));
+    LOG_WARN(t->ctx->log, "gateway_error", LOG_U("tun", t->id), LOG_S("err", e->code),
+             LOG_S("addr", e->has_addr ? addr : NULL),
+             LOG_S("message", e->message[0] != '\0' ? e->message : NULL));
     if (r == NULL) {
         /* no address: a failed add we cannot pin down, or a rate limit */
         for (size_t i = 0; i < t->nregs; i++)
@@ -510,18 +454,19 @@ static void on_error_msg(struct ag_tun *t, const cJSON *m)
                 t->regs[i].pending = REG_WANT_ADD;
                 t->regs[i].retry_at_ms = util_mono_ms() + TUN_ADD_RETRY_MS;
             }
-        if (strcmp(code, "invalid_nonce") == 0 || strcmp(code, "rate_limited") == 0)
+        if (e->err == TUN_E_INVALID_NONCE || e->err == TUN_E_RATE_LIMITED)
             t->challenge_wanted = false;
         return;
     }
     if (r->pending != REG_ADDING)
         return;
     r->pending = REG_NONE;
-    if (code_is_transient(code)) {
+    if (err_is_transient(e->err)) {
         r->pending = REG_WANT_ADD;
         r->retry_at_ms = util_mono_ms() + TUN_ADD_RETRY_MS;
     } else if (a != NULL) {
-        ag_daemon_on_agent_refused(t->ctx, t, a, code, json_str(m, "message"));
+        ag_daemon_on_agent_refused(t->ctx, t, a, e->code,
+                                   e->message[0] != '\0' ? e->message : NULL);
     }
 }
 
@@ -538,55 +483,79 @@ static void tun_start_draining(struct ag_tun *t, const char *why)
     tun_schedule_flush(t); /* closes at once if no stream is open */
 }
 
+static const char *reason_name(const struct tun_msg_agent_removed *r)
+{
+    switch (r->reason) {
+    case TUN_REASON_NONE:
+    case TUN_REASON_REMOVED:
+        return "removed";
+    case TUN_REASON_REPLACED:
+        return "replaced";
+    case TUN_REASON_SUPERSEDED:
+        return "superseded";
+    case TUN_REASON_NOT_ALLOWED:
+        return "not_allowed";
+    case TUN_REASON_OTHER:
+        break;
+    }
+    return r->reason_str[0] != '\0' ? r->reason_str : "superseded";
+}
+
 static void on_text(void *arg, const char *data, size_t len)
 {
     struct ag_tun *t = arg;
-    cJSON *m = cJSON_ParseWithLength(data, len);
-    const char *type = cJSON_IsObject(m) ? json_str(m, "type") : NULL;
+    struct tun_msg *m = malloc(sizeof(*m)); /* ~25 KiB: not on the stack */
+    const char *code = NULL;
+    char addr[ID_ADDR_STR_LEN + 1];
 
-    if (type == NULL) {
-        LOG_WARN(t->ctx->log, "tunnel_bad_message", LOG_U("tun", t->id), LOG_U("bytes", len));
-        goto out;
-    }
-    if (strcmp(type, "challenge") == 0) {
-        const char *nonce = json_str(m, "nonce");
-        if (!nonce_ok(nonce)) {
-            LOG_WARN(t->ctx->log, "tunnel_bad_message", LOG_U("tun", t->id),
-                     LOG_S("type", type));
-            goto out;
-        }
-        if (t->state == TUN_ST_AUTH && !t->auth_sent)
-            send_auth(t, nonce);
-        else if (t->state == TUN_ST_UP)
-            on_add_challenge(t, nonce);
-    } else if (strcmp(type, "auth_ok") == 0) {
-        if (t->state == TUN_ST_AUTH && t->auth_sent)
-            on_auth_ok(t, m);
-    } else if (strcmp(type, "auth_error") == 0) {
-        const char *code = json_str(m, "error");
-        const char *msg = json_str(m, "message");
-        char c[64];
-        if (t->state != TUN_ST_AUTH)
-            goto out;
-        (void)util_snprintf(c, sizeof(c), "%s", code != NULL ? code : "auth_error");
-        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "auth_error %s%s%s", c,
-                 msg != NULL ? ": " : "", msg != NULL ? msg : "");
-        cJSON_Delete(m);
-        tun_down(t, t->close_reason, c);
+    if (m == NULL)
         return;
-    } else if (strcmp(type, "agent_added") == 0) {
-        char addr[ID_ADDR_STR_LEN + 1];
-        struct ag_agt *a = msg_agent(t, json_str(m, "address"), addr);
-        struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
+    if (tun_msg_decode(data, len, TUN_MODE_NATIVE, m, &code) != 0) {
+        /* unknown types are ignored (PROTOCOL.md 3 rule 4); a bad known one is logged */
+        if (m->type != TUN_MSG_NONE)
+            LOG_WARN(t->ctx->log, "tunnel_bad_message", LOG_U("tun", t->id),
+                     LOG_S("type", tun_msg_type_name(m->type)), LOG_S("err", code));
+        else
+            LOG_DEBUG(t->ctx->log, "tunnel_unknown_message", LOG_U("tun", t->id),
+                      LOG_U("bytes", len));
+        free(m);
+        return;
+    }
+    switch (m->type) {
+    case TUN_MSG_CHALLENGE:
+        if (t->state == TUN_ST_AUTH && !t->auth_sent)
+            send_auth(t, m->challenge.nonce);
+        else if (t->state == TUN_ST_UP)
+            on_add_challenge(t, m->challenge.nonce);
+        break;
+    case TUN_MSG_AUTH_OK:
+        if (t->state == TUN_ST_AUTH && t->auth_sent)
+            on_auth_ok(t, &m->auth_ok);
+        break;
+    case TUN_MSG_AUTH_ERROR:
+        if (t->state != TUN_ST_AUTH)
+            break;
+        {
+            char c[TUN_CODE_MAX + 1];
+            memcpy(c, m->error.code, sizeof(c));
+            (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "auth_error %s%s%s",
+                                c, m->error.message[0] != '\0' ? ": " : "", m->error.message);
+            tun_msg_clear(m);
+            free(m);
+            tun_down(t, t->close_reason, c); /* t is freed */
+            return;
+        }
+    case TUN_MSG_AGENT_ADDED: {
+        struct ag_agt *a = msg_agent(t, m->agent_added.addr, addr);
+        struct tun_reg *r = reg_find(t, addr);
         if (t->state == TUN_ST_UP && r != NULL && r->pending == REG_ADDING)
-            reg_accepted(t, r, a, json_str(m, "url"));
-    } else if (strcmp(type, "agent_removed") == 0) {
-        char addr[ID_ADDR_STR_LEN + 1];
-        struct ag_agt *a = msg_agent(t, json_str(m, "address"), addr);
-        struct tun_reg *r = addr[0] != '\0' ? reg_find(t, addr) : NULL;
-        const char *reason = json_str(m, "reason");
-        if (reason == NULL)
-            reason = "removed";
+            reg_accepted(t, r, a, m->agent_added.url);
+        break;
+    }
+    case TUN_MSG_AGENT_REMOVED: {
+        struct ag_agt *a = msg_agent(t, m->agent_removed.addr, addr);
+        struct tun_reg *r = reg_find(t, addr);
+        const char *reason = reason_name(&m->agent_removed);
         if (r != NULL) {
             r->active = false;
             r->pending = REG_NONE;
@@ -595,15 +564,22 @@ static void on_text(void *arg, const char *data, size_t len)
                  LOG_S("reason", reason));
         if (a != NULL)
             ag_daemon_on_agent_removed(t->ctx, t, a, reason);
-    } else if (strcmp(type, "error") == 0) {
-        on_error_msg(t, m);
-    } else if (strcmp(type, "draining") == 0) {
-        tun_start_draining(t, "gateway draining");
-    } else {
-        LOG_DEBUG(t->ctx->log, "tunnel_unknown_message", LOG_U("tun", t->id), LOG_S("type", type));
+        break;
     }
-out:
-    cJSON_Delete(m);
+    case TUN_MSG_ERROR:
+        on_error_msg(t, &m->error);
+        break;
+    case TUN_MSG_DRAINING:
+        tun_start_draining(t, "gateway draining");
+        break;
+    default:
+        /* a known type in the wrong direction: ignored (PROTOCOL.md 3 rule 5) */
+        LOG_DEBUG(t->ctx->log, "tunnel_unexpected_message", LOG_U("tun", t->id),
+                  LOG_S("type", tun_msg_type_name(m->type)));
+        break;
+    }
+    tun_msg_clear(m);
+    free(m);
 }
 
 /* ---- streams ------------------------------------------------------------- */
@@ -1297,7 +1273,7 @@ static void up_on_read(struct bufferevent *bev, void *arg)
         tun_down(t, why, NULL);
         return;
     }
-    t->ws = ws_conn_new(t->ctx->base, bev, true, TUN_MAX_TEXT, &tun_ws_cbs, t);
+    t->ws = ws_conn_new(t->ctx->base, bev, true, TUN_CTL_MAX_BYTES, &tun_ws_cbs, t);
     t->bev = NULL; /* the WebSocket owns it now, also on failure */
     if (t->ws == NULL) {
         tun_down(t, "out of memory", NULL);
@@ -1476,7 +1452,7 @@ void ag_tun_unregister(struct ag_tun *t, struct ag_agt *a)
         return;
     if (r->active || r->pending == REG_ADDING) {
         if (t->ws != NULL && t->state != TUN_ST_CLOSING)
-            send_simple(t, "remove_agent", r->addr);
+            send_remove(t, r->addr);
     }
     r->active = false;
     if (r->pending != REG_IN_AUTH) /* auth_ok will remove it (reg_accepted) */
