@@ -54,23 +54,23 @@ enum osr_rq_state {
 };
 
 struct osr_req {
-    struct gw_osr *osr;          /* owner */
-    struct gw_req *req;          /* borrowed; NULL once detached */
-    char id[OSR_ID_LEN + 1];     /* the `request` frame's id */
+    struct gw_osr *osr;      /* owner */
+    struct gw_req *req;      /* borrowed; NULL once detached */
+    char id[OSR_ID_LEN + 1]; /* the `request` frame's id */
     enum osr_rq_state state;
-    struct evbuffer *body;       /* OSR_RQ_BODY: body collected so far; NULL after */
-    size_t unsent;               /* streamed bytes handed to the front end, not yet consumed */
-    bool no_body;                /* HEAD, 204, 205, 304: response bytes are not relayed */
-    struct osr_req *next;        /* bucket chain */
+    struct evbuffer *body; /* OSR_RQ_BODY: body collected so far; NULL after */
+    size_t unsent;         /* streamed bytes handed to the front end, not yet consumed */
+    bool no_body;          /* HEAD, 204, 205, 304: response bytes are not relayed */
+    struct osr_req *next;  /* bucket chain */
 };
 
 struct gw_osr {
-    struct gw_tun *tun;                      /* owner */
-    struct osr_req *buckets[OSR_BUCKETS];    /* id table, chained */
-    size_t pending;                          /* requests in the table */
-    unsigned unanswered_pings;               /* JSON pings sent since the last pong */
-    bool draining;                           /* relay_restarting sent: close 1012 once idle */
-    bool closed;                             /* gw_osr_fail_all ran: the tunnel is going */
+    struct gw_tun *tun;                   /* owner */
+    struct osr_req *buckets[OSR_BUCKETS]; /* id table, chained */
+    size_t pending;                       /* requests in the table */
+    unsigned unanswered_pings;            /* JSON pings sent since the last pong */
+    bool draining;                        /* relay_restarting sent: close 1012 once idle */
+    bool closed;                          /* gw_osr_fail_all ran: the tunnel is going */
 };
 
 static void osr_up_body_more(void *arg);
@@ -223,8 +223,7 @@ static void osr_violation(struct osr_req *q, enum herr e, const char *why)
     struct gw_osr *o = q->osr;
 
     LOG_WARN(osr_ctx(o)->log, "bad_host_response", LOG_U("tun", gw_tun_id(o->tun)),
-             LOG_U("req", q->req != NULL ? q->req->id : 0), LOG_S("id", q->id),
-             LOG_S("why", why));
+             LOG_U("req", q->req != NULL ? q->req->id : 0), LOG_S("id", q->id), LOG_S("why", why));
     osr_abort(q, e, true);
 }
 
@@ -277,9 +276,9 @@ static int osr_hdr_ref_cmp(const void *pa, const void *pb)
  * headers joined with ", " in arrival order (sorting groups them in
  * O(n log n) however many a client sends). */
 struct osr_req_hdrs {
-    struct tun_msg_hdr *h;  /* entries */
+    struct tun_msg_hdr *h; /* entries */
     size_t n;
-    char *joined;           /* storage of the joined values */
+    char *joined; /* storage of the joined values */
 };
 
 static void osr_req_hdrs_cleanup(struct osr_req_hdrs *rh)
@@ -439,8 +438,8 @@ static enum herr osr_take_body(struct osr_req *q)
 static void osr_answer_preflight(struct gw_req *r)
 {
     const nghttp2_nv *acrh = gw_hdrs_get(&r->hdrs, "access-control-request-headers");
-    const char *allow = acrh != NULL && acrh->valuelen > 0 ? (const char *)acrh->value
-                                                            : OSR_CORS_HEADERS;
+    const char *allow =
+        acrh != NULL && acrh->valuelen > 0 ? (const char *)acrh->value : OSR_CORS_HEADERS;
     nghttp2_nv nv[] = {
         {(uint8_t *)"access-control-allow-origin", (uint8_t *)"*", 27, 1, NGHTTP2_NV_FLAG_NONE},
         {(uint8_t *)"access-control-allow-methods", (uint8_t *)OSR_CORS_METHODS, 28,
@@ -549,8 +548,8 @@ static void osr_up_cancel(void *arg)
 struct osr_head {
     nghttp2_nv *nv;
     size_t n;
-    char *names;    /* lowercase copies of the names */
-    char clen[24];  /* content-length of a whole `response` */
+    char *names;   /* lowercase copies of the names */
+    char clen[24]; /* content-length of a whole `response` */
 };
 
 static void osr_head_cleanup(struct osr_head *hd)
@@ -561,8 +560,8 @@ static void osr_head_cleanup(struct osr_head *hd)
 
 /* whole: a `response` (its body length is known). Returns 0 or -1 (out of
  * memory). */
-static int osr_head_build(struct osr_head *hd, const struct gw_req *r,
-                          const struct tun_msg_http *h, bool whole)
+static int osr_head_build(struct osr_head *hd, const struct gw_req *r, const struct tun_msg_http *h,
+                          bool whole)
 {
     size_t total = 0;
     bool acao = false;
@@ -602,11 +601,11 @@ static int osr_head_build(struct osr_head *hd, const struct gw_req *r,
         p += len;
     }
     if (!acao)
-        hd->nv[hd->n++] = (nghttp2_nv){(uint8_t *)"access-control-allow-origin", (uint8_t *)"*",
-                                       27, 1, NGHTTP2_NV_FLAG_NONE};
+        hd->nv[hd->n++] = (nghttp2_nv){(uint8_t *)"access-control-allow-origin", (uint8_t *)"*", 27,
+                                       1, NGHTTP2_NV_FLAG_NONE};
     if (!aceh)
-        hd->nv[hd->n++] = (nghttp2_nv){(uint8_t *)"access-control-expose-headers",
-                                       (uint8_t *)"*", 29, 1, NGHTTP2_NV_FLAG_NONE};
+        hd->nv[hd->n++] = (nghttp2_nv){(uint8_t *)"access-control-expose-headers", (uint8_t *)"*",
+                                       29, 1, NGHTTP2_NV_FLAG_NONE};
     if (whole && !r->is_head && !nobody_status) {
         int n = util_snprintf(hd->clen, sizeof(hd->clen), "%zu", h->body.len);
         hd->nv[hd->n++] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)hd->clen, 14,
