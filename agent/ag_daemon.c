@@ -166,8 +166,6 @@ static void agt_load(struct ag_agt *a, struct ag_store *st, struct ag_agent *cfg
     struct ag_ctx *ctx = a->ctx;
     bool first = a->cfg.id[0] == '\0';
     bool target_changed = first || strcmp(a->cfg.target, cfg->target) != 0;
-    bool reenabled = !first && !a->cfg.enabled && cfg->enabled;
-    bool unsuperseded = !first && a->cfg.superseded && !cfg->superseded;
 
     a->cfg = *cfg;
     if (target_changed) {
@@ -197,11 +195,12 @@ static void agt_load(struct ag_agt *a, struct ag_store *st, struct ag_agent *cfg
         (void)util_snprintf(a->error, sizeof(a->error), "superseded by another instance holding the key "
                                              "(enable the agent again to take it back)");
     }
-    if ((reenabled || unsuperseded) && a->stopped) {
-        /* the owner acted: try again (PROTOCOL.md 4.7) */
-        a->stopped = cfg->superseded;
-        if (!a->stopped)
-            a->error[0] = '\0';
+    if (!first && a->stopped && !cfg->superseded) {
+        /* A reload is the owner acting (enable, set, SIGHUP): an agent the
+         * gateway refused gets one new attempt, not a retry loop (PROTOCOL.md
+         * 4.7); a superseded one only once `enable` cleared the flag. */
+        a->stopped = false;
+        a->error[0] = '\0';
     }
 }
 
@@ -443,6 +442,7 @@ void ag_daemon_on_agent_removed(struct ag_ctx *ctx, struct ag_tun *t, struct ag_
     /* superseded, or a reason we do not know (treated alike) */
     agt_stop(a, "superseded by another instance holding the key (enable the agent again to "
                 "take it back)");
+    a->cfg.superseded = true;
     persist_superseded(ctx, a);
 }
 

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include <event2/buffer.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <event2/event.h>
@@ -26,6 +27,7 @@
 #include "ag_ctx.h"
 #include "ag_net.h"
 #include "log.h"
+#include "ws.h"
 
 #define FWD_OUT_HIGH (256u * 1024u) /* request bytes queued before acknowledging stops */
 #define FWD_OUT_LOW (64u * 1024u)   /* write callback: acknowledge the rest */
@@ -81,6 +83,10 @@ struct ag_fwd {
     bool body_started;             /* body bytes were written (no retry then) */
     bool body_done;                /* end of body written */
     bool head_method;              /* HEAD: the response has no body */
+    bool websocket;                /* upgrade requested (extended CONNECT) */
+    bool raw;                      /* upgraded: bytes pass through untouched */
+    bool shut_wr;                  /* shutdown(SHUT_WR) done */
+    char ws_key[25];               /* our Sec-WebSocket-Key */
     bool reused;                   /* conn came from the pool */
     bool retried;                  /* one retry on a fresh connection done */
     bool got_bytes;                /* any response byte seen on this conn */
@@ -290,7 +296,7 @@ static bool req_hdr_dropped(struct iov n, const char *id_header)
     static const char *const drop[] = {
         "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
         "te",         "host",       "trailer",          "x-tunnel-origin",   "x-tunnel-probe",
-        "cookie",
+        "cookie",     "sec-websocket-key", "sec-websocket-version", "sec-websocket-accept",
     };
 
     for (size_t i = 0; i < sizeof(drop) / sizeof(drop[0]); i++)
@@ -322,12 +328,21 @@ static int build_head(struct ag_fwd *f, const struct ag_fwd_request *rq)
     for (size_t i = 0; i < rq->nhdrs; i++)
         if (name_is(rq->hdrs[i].name, "content-length"))
             has_cl = true;
-    f->chunked = rq->has_body && !has_cl;
+    f->websocket = rq->websocket;
+    f->chunked = rq->has_body && !has_cl && !rq->websocket;
     f->head_method = name_is(rq->method, "HEAD");
-
-    /* request line: base path + :path ("*" stays as it is) */
-    if (evbuffer_add(b, rq->method.base, rq->method.len) != 0 || evbuffer_add(b, " ", 1) != 0)
+    if (f->websocket && ws_client_key(f->ws_key) != 0)
         goto out;
+
+    /* request line: base path + :path ("*" stays as it is); an extended
+     * CONNECT becomes the HTTP/1.1 upgrade GET (RFC 8441 section 5) */
+    if (f->websocket) {
+        if (evbuffer_add(b, "GET ", 4) != 0)
+            goto out;
+    } else if (evbuffer_add(b, rq->method.base, rq->method.len) != 0 ||
+               evbuffer_add(b, " ", 1) != 0) {
+        goto out;
+    }
     if (!(rq->path.len == 1 && rq->path.base[0] == '*') &&
         evbuffer_add(b, a->target.base, strlen(a->target.base)) != 0)
         goto out;
@@ -370,6 +385,11 @@ static int build_head(struct ag_fwd *f, const struct ag_fwd_request *rq)
     if (!first_cookie && evbuffer_add(b, "\r\n", 2) != 0)
         goto out;
     if (f->chunked && evbuffer_add(b, "Transfer-Encoding: chunked\r\n", 28) != 0)
+        goto out;
+    if (f->websocket &&
+        evbuffer_add_printf(b, "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n",
+                            f->ws_key) < 0)
         goto out;
     if (evbuffer_add_printf(b, "%s: %s\r\nX-Tunnel-Origin: public\r\n\r\n", a->cfg.id_header,
                             a->cfg.id) < 0)
@@ -450,6 +470,54 @@ static int on_hdr_value(http_parser *p, const char *at, size_t len)
     return 0;
 }
 
+/* A local 101: checks Sec-WebSocket-Accept (RFC 6455 4.1) and reports 200
+ * with the negotiated subprotocol and extensions (PROTOCOL.md 6). */
+static int ws_upgraded(struct ag_fwd *f)
+{
+    char want[29];
+    nghttp2_nv nv[2];
+    size_t n = 0;
+    bool accept_ok = false, upgrade_ok = false;
+
+    if (ws_accept_key(f->ws_key, strlen(f->ws_key), want) != 0) {
+        f->failed = true;
+        return -1;
+    }
+    for (size_t i = 0; i < f->nhdrs; i++) {
+        struct fwd_hdr_off *h = &f->hdrs[i];
+        struct iov name = {f->hbuf + h->name_off, h->name_len};
+        struct iov value = {f->hbuf + h->value_off, h->value_len};
+        while (value.len > 0 && (value.base[value.len - 1] == ' ' ||
+                                 value.base[value.len - 1] == '\t'))
+            value.len--;
+        if (name_is(name, "sec-websocket-accept")) {
+            accept_ok = value.len == 28 && memcmp(value.base, want, 28) == 0;
+        } else if (name_is(name, "upgrade")) {
+            upgrade_ok = util_iov_ieq_str(value, "websocket");
+        } else if (n < 2 && (name_is(name, "sec-websocket-protocol") ||
+                             name_is(name, "sec-websocket-extensions"))) {
+            nv[n].name = (uint8_t *)(name_is(name, "sec-websocket-protocol")
+                                         ? "sec-websocket-protocol"
+                                         : "sec-websocket-extensions");
+            nv[n].namelen = strlen((const char *)nv[n].name);
+            nv[n].value = (uint8_t *)value.base;
+            nv[n].valuelen = value.len;
+            nv[n].flags = NGHTTP2_NV_FLAG_NONE;
+            n++;
+        }
+    }
+    if (!accept_ok || !upgrade_ok) {
+        f->failed = true; /* not a WebSocket server: 502 */
+        return -1;
+    }
+    if (f->timeout_ev != NULL)
+        event_del(f->timeout_ev);
+    f->raw = true;
+    f->head_done = true;
+    f->cb->on_head(f->arg, 200, nv, n, false);
+    return 0;
+}
+
 /* Connection-specific response fields (RFC 9113 8.2.2), plus te / trailer. */
 static bool resp_hdr_dropped(struct iov n)
 {
@@ -470,6 +538,8 @@ static int on_headers_complete(http_parser *p)
     int status = p->status_code;
     bool no_body;
 
+    if (status == 101 && f->websocket)
+        return ws_upgraded(f);
     if (status >= 100 && status < 200) {
         if (status == 101) {
             f->failed = true; /* we never asked for an upgrade */
@@ -528,6 +598,8 @@ static int on_message_complete(http_parser *p)
         f->interim = false;
         return 0;
     }
+    if (f->raw)
+        return 0; /* http-parser ends the upgrade's head as a message */
     f->resp_done = true;
     http_parser_pause(p, 1); /* anything after the response is not ours */
     return 0;
@@ -572,7 +644,7 @@ static void fwd_finish(struct ag_fwd *f)
 
     f->conn = NULL;
     if (c != NULL) {
-        if (f->body_done && http_should_keep_alive(&f->parser) &&
+        if (f->body_done && !f->raw && http_should_keep_alive(&f->parser) &&
             HTTP_PARSER_ERRNO(&f->parser) == HPE_PAUSED)
             pool_put(c->pool, c);
         else
@@ -644,10 +716,18 @@ static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
         if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
             break;
         f->got_bytes = true;
+        if (f->raw) {
+            /* upgraded: the bytes are the WebSocket's, untouched */
+            f->cb->on_body(f->arg, v.iov_base, v.iov_len);
+            evbuffer_drain(in, v.iov_len);
+            continue;
+        }
         n = http_parser_execute(&f->parser, &fwd_parser_settings, v.iov_base, v.iov_len);
         evbuffer_drain(in, n);
         if (f->resp_done)
             break;
+        if (f->raw && !f->failed)
+            continue; /* what follows the 101 head is raw */
         if (f->failed || HTTP_PARSER_ERRNO(&f->parser) != HPE_OK) {
             fwd_fail(f, AG_FWD_E_UNREACHABLE,
                      http_errno_description(HTTP_PARSER_ERRNO(&f->parser)));
@@ -664,6 +744,11 @@ static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
 /* EOF from the local API: complete an EOF-delimited response, or fail. */
 static void fwd_on_eof(struct ag_fwd *f)
 {
+    if (f->raw) {
+        f->body_done = false; /* never pooled */
+        fwd_finish(f);
+        return;
+    }
     if (f->head_done || f->got_bytes) {
         http_parser_execute(&f->parser, &fwd_parser_settings, NULL, 0);
         if (f->resp_done) {
@@ -710,6 +795,16 @@ static void fwd_ack(struct ag_fwd *f)
     f->cb->on_body_sent(f->arg, n);
 }
 
+/* WebSocket: the client half-closed; pass it on once our output is out. */
+static void fwd_maybe_shut(struct ag_fwd *f)
+{
+    if (f->raw && f->body_done && !f->shut_wr && f->conn != NULL &&
+        evbuffer_get_length(f->conn->out) == 0) {
+        f->shut_wr = true;
+        (void)shutdown(f->conn->fd, SHUT_WR);
+    }
+}
+
 static void conn_on_write(evutil_socket_t fd, short what, void *arg)
 {
     struct ag_fwd_conn *c = arg;
@@ -730,8 +825,11 @@ static void conn_on_write(evutil_socket_t fd, short what, void *arg)
         fwd_fail(f, AG_FWD_E_UNREACHABLE, detail);
         return;
     }
-    if (evbuffer_get_length(c->out) == 0)
+    if (evbuffer_get_length(c->out) == 0) {
         event_del(c->wev);
+        if (f != NULL)
+            fwd_maybe_shut(f);
+    }
     if (f != NULL && evbuffer_get_length(c->out) <= FWD_OUT_LOW)
         fwd_ack(f);
 }
@@ -860,8 +958,10 @@ void ag_fwd_end_body(struct ag_fwd *f)
     f->body_done = true;
     if (f->chunked)
         evbuffer_add(out, "0\r\n\r\n", 5);
-    if (f->conn != NULL)
+    if (f->conn != NULL) {
         conn_kick(f->conn);
+        fwd_maybe_shut(f);
+    }
 }
 
 void ag_fwd_pause_read(struct ag_fwd *f, bool paused)

@@ -30,6 +30,8 @@ struct ag_fwd_request {
     struct iov method;
     struct iov path;                /* path and query, as received */
     struct iov authority;           /* public host */
+    bool websocket;                 /* extended CONNECT, :protocol websocket (RFC 8441):
+                                     * a local WebSocket upgrade, then raw bytes both ways */
     const struct ag_fwd_hdr *hdrs;  /* regular headers, in order */
     size_t nhdrs;
     bool has_body;                  /* the HEADERS frame had no END_STREAM */
@@ -43,7 +45,10 @@ enum ag_fwd_err {
 
 struct ag_fwd_cbs {
     /* The final response head; names lowercase, hop-by-hop fields removed.
-     * no_body: HEAD request, 204 or 304 (no on_body, on_end follows). */
+     * no_body: HEAD request, 204 or 304 (no on_body, on_end follows).
+     * WebSocket: a local 101 is reported as 200 with only the negotiated
+     * sec-websocket-protocol / -extensions; on_body then carries the raw
+     * bytes from the local API, and on_end its EOF. */
     void (*on_head)(void *arg, int status, const nghttp2_nv *nv, size_t nnv, bool no_body);
     /* A chunk of the response body (decoded from chunked framing). */
     void (*on_body)(void *arg, const uint8_t *data, size_t len);
@@ -67,7 +72,8 @@ struct ag_fwd *ag_fwd_start(struct ag_agt *a, const struct ag_fwd_request *rq,
  * the rest are reported later through on_body_sent. */
 size_t ag_fwd_write_body(struct ag_fwd *f, const uint8_t *data, size_t len);
 
-/* The request body is complete. */
+/* The request body is complete (WebSocket: the client half-closed, so the
+ * local connection is shut down for writing once its output is out). */
 void ag_fwd_end_body(struct ag_fwd *f);
 
 /* Stops (true) or resumes reading the local response (the stream's buffer

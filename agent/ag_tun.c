@@ -594,6 +594,11 @@ static struct iov rc_iov(nghttp2_rcbuf *rc)
     return (struct iov){(const char *)v.base, v.len};
 }
 
+static bool rc_is(nghttp2_rcbuf *rc, const char *lit)
+{
+    return util_iov_ieq_str(rc_iov(rc), lit);
+}
+
 static void stream_consume(struct tun_stream *s, size_t n)
 {
     if (n == 0 || s->t->h2 == NULL)
@@ -794,12 +799,13 @@ static void stream_start(struct tun_stream *s, bool end_stream)
         stream_respond(s, 200, &echo, 1, "text/plain", "ok\n");
         return;
     }
-    if (s->protocol != NULL) {
-        /* RFC 8441 extended CONNECT (WebSocket pass-through): not yet */
+    if (s->protocol != NULL &&
+        (!rc_is(s->method, "CONNECT") || !rc_is(s->protocol, "websocket"))) {
+        /* RFC 8441 extended CONNECT: only the WebSocket protocol is known */
         (void)util_snprintf(s->err, sizeof(s->err), "not_implemented");
         stream_respond(s, 501, NULL, 0, "application/json",
-                       "{\"error\":\"not_implemented\",\"message\":\"WebSocket pass-through is "
-                       "not supported by this agent yet\"}\n");
+                       "{\"error\":\"not_implemented\",\"message\":\"only the websocket "
+                       "protocol can be tunnelled\"}\n");
         return;
     }
     if (a->inflight >= a->cfg.max_inflight) {
@@ -821,6 +827,7 @@ static void stream_start(struct tun_stream *s, bool end_stream)
     rq.hdrs = fh;
     rq.nhdrs = s->nhdrs;
     rq.has_body = !end_stream;
+    rq.websocket = s->protocol != NULL;
     s->fwd = ag_fwd_start(a, &rq, &stream_fwd_cbs, s);
     free(fh);
     if (s->fwd == NULL) {
@@ -917,11 +924,6 @@ static int on_begin_headers(nghttp2_session *h2, const nghttp2_frame *frame, voi
     t->nstreams++;
     nghttp2_session_set_stream_user_data(h2, s->id, s);
     return 0;
-}
-
-static bool rc_is(nghttp2_rcbuf *rc, const char *lit)
-{
-    return util_iov_ieq_str(rc_iov(rc), lit);
 }
 
 static int on_header(nghttp2_session *h2, const nghttp2_frame *frame, nghttp2_rcbuf *name,

@@ -305,3 +305,197 @@ def test_status_reports_probe_and_requests(build_dir, tmp_path, api, procs):
     assert api.state.requests == before + 3  # the probe never reaches the local API
     r = ag.cli("status")
     assert "connected" in r.stdout and "daemon: running" in r.stdout
+
+
+# ---- against a scripted fake gateway (helpers_daemon.FakeGateway) -----------
+
+import asyncio  # noqa: E402
+import struct  # noqa: E402
+
+import websockets  # noqa: E402
+
+from helpers_daemon import FakeGateway  # noqa: E402
+
+
+@pytest.fixture
+def fake():
+    g = FakeGateway(ping_interval=20)
+    yield g
+    g.stop()
+
+
+def ws_frame(payload, opcode=1):
+    """A masked client frame (RFC 6455 5.2), payload < 126 bytes."""
+    mask = os.urandom(4)
+    return (bytes([0x80 | opcode, 0x80 | len(payload)]) + mask +
+            bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+class WsEcho:
+    """A WebSocket echo server on 127.0.0.1 (subprotocol "chat")."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def echo(ws, path=None):
+            async for m in ws:
+                await ws.send(m)
+
+        async def main():
+            self.server = await websockets.serve(echo, "127.0.0.1", 0, subprotocols=["chat"])
+            self.port = self.server.sockets[0].getsockname()[1]
+            ready.set()
+            await self.server.wait_closed()
+
+        self.thread = threading.Thread(target=lambda: self.loop.run_until_complete(main()),
+                                       daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def stop(self):
+        async def go():
+            self.server.close()
+        asyncio.run_coroutine_threadsafe(go(), self.loop).result(5)
+        self.thread.join(5)
+
+
+def test_fake_extended_connect_websocket(build_dir, tmp_path, fake, procs):
+    echo = WsEcho()
+    try:
+        ag = Agent(build_dir, tmp_path)
+        addr = ag.new("w", f"http://127.0.0.1:{echo.port}")
+        procs.append(ag.run(fake))
+        t = fake.wait_tunnels(1)
+        sid, r = t.request(addr, "CONNECT", "/ws", protocol="websocket", end=False,
+                           headers=[("sec-websocket-version", "13"),
+                                    ("sec-websocket-protocol", "chat")])
+        assert r.event.wait(5) and r.status == 200, (r.status, r.reset)
+        h = dict(r.headers)
+        assert h["sec-websocket-protocol"] == "chat"
+        assert "content-length" not in h and "sec-websocket-accept" not in h
+        t.send_data(sid, ws_frame(b"hello"))
+        wait_for(lambda: len(r.body) >= 7, 5, "echo")
+        assert bytes(r.body[:7]) == b"\x81\x05hello"  # unmasked server frame, untouched
+        t.send_data(sid, ws_frame(struct.pack("!H", 1000), opcode=8))
+        assert r.done.wait(5)  # the server closed: END_STREAM
+        assert bytes(r.body[7:11]) == b"\x88\x02\x03\xe8"
+        # a non-WebSocket :protocol is refused
+        sid, r = t.request(addr, "CONNECT", "/x", protocol="foo", end=False)
+        assert r.event.wait(5) and r.status == 501
+    finally:
+        echo.stop()
+
+
+def test_fake_drain_reconnects_at_once_and_finishes_streams(build_dir, tmp_path, fake, api,
+                                                             procs):
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    procs.append(ag.run(fake))
+    t1 = fake.wait_tunnels(1)
+    sid, r = t1.request(addr, "GET", "/sse?n=6&interval_ms=300")
+    assert r.event.wait(5) and r.status == 200
+    t0 = time.monotonic()
+    t1.drain()
+    t2 = fake.wait_tunnels(2, timeout=5)
+    assert time.monotonic() - t0 < 2          # no backoff
+    assert t2.auth["instance"] == t1.auth["instance"]
+    assert [e["address"] for e in t2.auth["agents"]] == [addr]
+    assert r.done.wait(10) and r.ended and r.body.count(b"data:") == 6
+    assert t1.closed.wait(5)                   # closed once its last stream ended
+    sid, r = t2.request(addr, "GET", "/echo")
+    assert r.done.wait(5) and r.status == 200
+
+
+def test_fake_superseded_and_refused_agents(build_dir, tmp_path, fake, api, procs):
+    ag = Agent(build_dir, tmp_path)
+    a1 = ag.new("one", api.url)
+    a2 = ag.new("two", api.url)
+    a3 = ag.new("three", api.url)
+    fake.refuse[a3] = "address_not_allowed"
+    procs.append(ag.run(fake))
+    t1 = fake.wait_tunnels(1)
+    assert set(t1.addrs) == {a1, a2}
+    s3 = wait_for(lambda: (agent_state(ag, "three") or {}).get("state") == "error"
+                  and agent_state(ag, "three"), 5, "three refused")
+    assert "address_not_allowed" in s3["error"]
+
+    t1.send_text({"type": "agent_removed", "address": a2, "reason": "superseded"})
+    s2 = wait_for(lambda: (agent_state(ag, "two") or {}).get("state") == "error"
+                  and agent_state(ag, "two"), 5, "two superseded")
+    assert "superseded" in s2["error"]
+    stored = json.loads((ag.home / "agents.json").read_text())
+    assert [a["superseded"] for a in stored["agents"] if a["name"] == "two"] == [True]
+    sid, r = t1.request(a2, "GET", "/echo")   # refused on our side too
+    assert r.done.wait(5) and r.reset == 7     # REFUSED_STREAM
+
+    # a new tunnel registers neither the superseded nor the refused agent
+    t1.close(1011)
+    t2 = fake.wait_tunnels(2, timeout=10)
+    assert [e["address"] for e in t2.auth["agents"]] == [a1]
+
+    # the owner takes it back: registered on the live tunnel (fresh challenge)
+    ag.cli("enable", "two", "--yes")
+    wait_for(lambda: a2 in t2.addrs, 3, "two added")
+    assert any(m["type"] == "request_challenge" for m in t2.texts)
+    assert a2 in [m["address"] for m in t2.texts if m["type"] == "add_agent"]
+    # a reload is the owner acting: the refused agent got one more attempt, no loop
+    wait_for(lambda: (agent_state(ag, "three") or {}).get("state") == "error", 3, "three")
+    n3 = sum(1 for m in t2.texts if m["type"] == "add_agent" and m["address"] == a3)
+    assert n3 == 1
+    sid, r = t2.request(a2, "GET", "/echo")
+    assert r.done.wait(5) and r.status == 200
+    # and disabling sends remove_agent, refusing new streams at once
+    ag.cli("disable", "two")
+    assert a2 not in t2.addrs
+    sid, r = t2.request(a2, "GET", "/echo")
+    assert r.done.wait(5) and r.reset == 7
+
+
+def test_fake_all_refused_is_not_retried(build_dir, tmp_path, fake, api, procs):
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    fake.refuse[addr] = "address_not_allowed"
+    proc = ag.run(fake)
+    procs.append(proc)
+    s = wait_for(lambda: (agent_state(ag, "a") or {}).get("state") == "error"
+                 and agent_state(ag, "a"), 10, "refused")
+    assert "address_not_allowed" in s["error"]
+    time.sleep(3)
+    assert fake.attempts == 1  # no blind retry loop
+
+
+def test_fake_silent_gateway_is_detected(build_dir, tmp_path, api, procs):
+    fake = FakeGateway(ping_interval=1)
+    try:
+        ag = Agent(build_dir, tmp_path)
+        ag.new("a", api.url)
+        proc = ag.run(fake)
+        procs.append(proc)
+        t1 = fake.wait_tunnels(1)
+        t0 = time.monotonic()
+        t1.silent = True  # reads nothing, answers nothing
+        proc.wait_log(r"event=keepalive_timeout", timeout=10)
+        took = time.monotonic() - t0
+        assert 2.5 <= took <= 6, took
+        fake.wait_tunnels(2, timeout=10)  # and reconnected
+    finally:
+        fake.stop()
+
+
+def test_fake_cancel_closes_local_request(build_dir, tmp_path, fake, api, procs):
+    ag = Agent(build_dir, tmp_path)
+    addr = ag.new("a", api.url)
+    procs.append(ag.run(fake))
+    t = fake.wait_tunnels(1)
+    for hid, after_head in (("c1", False), ("c2", True)):
+        path = f"/hold?id={hid}" + ("&after_head=1" if after_head else "")
+        sid, r = t.request(addr, "GET", path)
+        wait_for(lambda: hid in api.state.opened, 5, "request at the local API")
+        if after_head:
+            assert r.event.wait(5) and r.status == 200
+        t0 = time.monotonic()
+        t.reset(sid, 8)  # CANCEL
+        wait_for(lambda: hid in api.state.closed, 2, "local connection closed")
+        assert api.state.closed[hid] - t0 < 1.0
+    assert agent_state(ag, "a")["inflight"] == 0
