@@ -693,9 +693,10 @@ static void fwd_on_head(void *arg, int status, const nghttp2_nv *hv, size_t nhv,
     nghttp2_data_provider prd = {.source.ptr = s, .read_callback = on_read_data};
 
     if (nv == NULL) {
-        ag_fwd_free(s->fwd);
-        s->fwd = NULL;
-        stream_respond_herr(s, HERR_INTERNAL);
+        /* the fwd is on the stack: the reset's stream close frees it later */
+        (void)util_snprintf(s->err, sizeof(s->err), "out_of_memory");
+        nghttp2_submit_rst_stream(s->t->h2, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_INTERNAL_ERROR);
+        tun_schedule_flush(s->t);
         return;
     }
     (void)util_snprintf(st, sizeof(st), "%d", status);
