@@ -54,6 +54,7 @@ struct ag_fwd_conn {
     struct evbuffer *out;
     uint64_t gen;             /* agent's target_gen when dialled */
     struct ag_fwd *fwd;       /* the request using it, NULL while idle */
+    uint64_t written;         /* bytes written to the socket, for debug logs */
 };
 
 struct ag_fwd_pool {
@@ -96,6 +97,7 @@ struct ag_fwd {
     bool paused;                   /* stream asked to stop reading */
     bool failed;                   /* parser callback detected an error */
     size_t unacked;                /* body bytes given but not yet acknowledged */
+    uint64_t body_in;              /* body bytes given by the stream */
     /* response header accumulation */
     char *hbuf;
     size_t hlen, hcap;
@@ -172,8 +174,12 @@ static void conn_free(struct ag_fwd_conn *c)
         evbuffer_free(c->in);
     if (c->out != NULL)
         evbuffer_free(c->out);
-    if (c->fd >= 0)
+    if (c->fd >= 0) {
+        if (c->pool != NULL)
+            LOG_DEBUG(c->pool->agt->ctx->log, "local_close", LOG_I("fd", c->fd),
+                      LOG_U("written", c->written));
         evutil_closesocket(c->fd);
+    }
     free(c);
 }
 
@@ -189,6 +195,7 @@ static struct ag_fwd_conn *conn_new(struct event_base *base, struct ag_fwd_pool 
     }
     c->fd = fd;
     c->pool = pool;
+    LOG_DEBUG(pool->agt->ctx->log, "local_open", LOG_I("fd", fd));
     c->gen = gen;
     c->rev = event_new(base, fd, EV_READ | EV_PERSIST, conn_on_read, c);
     c->wev = event_new(base, fd, EV_WRITE | EV_PERSIST, conn_on_write, c);
@@ -632,6 +639,15 @@ void ag_fwd_free(struct ag_fwd *f)
 {
     if (f == NULL)
         return;
+    LOG_DEBUG(f->agt->ctx->log, "local_cancel", LOG_S("addr", f->agt->cfg.address),
+              LOG_I("fd", f->conn != NULL ? f->conn->fd : -1), LOG_B("dialling", f->dial != NULL),
+              LOG_U("body_in", f->body_in),
+              LOG_U("written", f->conn != NULL ? f->conn->written : 0),
+              LOG_U("out", f->conn != NULL ? evbuffer_get_length(f->conn->out) : 0),
+              LOG_U("pend", evbuffer_get_length(f->pend)), LOG_B("body_done", f->body_done),
+              LOG_B("wev", f->conn != NULL && event_pending(f->conn->wev, EV_WRITE, NULL)),
+              LOG_B("rev", f->conn != NULL && event_pending(f->conn->rev, EV_READ, NULL)),
+              LOG_B("got_bytes", f->got_bytes), LOG_B("head_done", f->head_done));
     fwd_release(f);
 }
 
@@ -644,8 +660,12 @@ static void fwd_finish(struct ag_fwd *f)
 
     f->conn = NULL;
     if (c != NULL) {
-        if (f->body_done && !f->raw && http_should_keep_alive(&f->parser) &&
-            HTTP_PARSER_ERRNO(&f->parser) == HPE_PAUSED)
+        bool keep = f->body_done && !f->raw && http_should_keep_alive(&f->parser) &&
+                    HTTP_PARSER_ERRNO(&f->parser) == HPE_PAUSED;
+        LOG_DEBUG(f->agt->ctx->log, "local_done", LOG_S("addr", f->agt->cfg.address),
+                  LOG_I("fd", c->fd), LOG_B("keep", keep), LOG_U("out", evbuffer_get_length(c->out)),
+                  LOG_U("in", evbuffer_get_length(c->in)));
+        if (keep)
             pool_put(c->pool, c);
         else
             conn_free(c);
@@ -693,6 +713,8 @@ static void fwd_fail(struct ag_fwd *f, enum ag_fwd_err err, const char *detail)
     if (f->head_done && err == AG_FWD_E_UNREACHABLE)
         err = AG_FWD_E_ABORTED;
     (void)util_snprintf(d, sizeof(d), "%s", detail != NULL ? detail : "");
+    LOG_DEBUG(f->agt->ctx->log, "local_failed", LOG_S("addr", f->agt->cfg.address),
+              LOG_I("fd", f->conn != NULL ? f->conn->fd : -1), LOG_S("detail", d));
     fwd_release(f);
     cb->on_error(arg, err, d);
 }
@@ -812,6 +834,8 @@ static void conn_on_write(evutil_socket_t fd, short what, void *arg)
     char detail[128];
     int n = evbuffer_write_atmost(c->out, fd, FWD_READ_MAX);
 
+    if (n > 0)
+        c->written += (uint64_t)n;
     if (n == -1 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
         event_del(c->wev);
         if (f == NULL)
@@ -906,6 +930,8 @@ struct ag_fwd *ag_fwd_start(struct ag_agt *a, const struct ag_fwd_request *rq,
         evtimer_add(f->timeout_ev, &tv);
     }
     c = pool_take(a->pool);
+    LOG_DEBUG(a->ctx->log, "local_start", LOG_S("addr", a->cfg.address),
+              LOG_I("fd", c != NULL ? c->fd : -1), LOG_B("body", rq->has_body));
     if (c != NULL) {
         f->reused = true;
         if (fwd_attach(f, c) != 0) {
@@ -930,6 +956,7 @@ size_t ag_fwd_write_body(struct ag_fwd *f, const uint8_t *data, size_t len)
     if (len == 0 || f->body_done)
         return len;
     f->body_started = true;
+    f->body_in += len;
     if (f->chunked && evbuffer_add_printf(out, "%zx\r\n", len) < 0)
         goto fail;
     if (evbuffer_add(out, data, len) != 0)
