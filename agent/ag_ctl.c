@@ -28,8 +28,8 @@
 #include "util.h"
 
 #define CTL_TIMEOUT_S 5
-#define CTL_LINE_MAX (64u * 1024u)     /* request line */
-#define CTL_ANSWER_MAX (16u << 20)     /* answer the client accepts */
+#define CTL_LINE_MAX (64u * 1024u) /* request line */
+#define CTL_ANSWER_MAX (16u << 20) /* answer the client accepts */
 
 /* ---- client ------------------------------------------------------------- */
 
@@ -219,8 +219,8 @@ static void status_live_text(const cJSON *root)
         char probe[32] = "-";
         if (cJSON_IsNumber(lp) && lp->valuedouble > 0 && cJSON_IsNumber(rtt))
             snprintf(probe, sizeof(probe), "%.0fms", rtt->valuedouble);
-        printf("%-20s %-8s %-13s %-9s %s\n", jstr(a, "name", "?"),
-               cJSON_IsTrue(en) ? "yes" : "no", jstr(a, "state", "?"), probe, jstr(a, "url", ""));
+        printf("%-20s %-8s %-13s %-9s %s\n", jstr(a, "name", "?"), cJSON_IsTrue(en) ? "yes" : "no",
+               jstr(a, "state", "?"), probe, jstr(a, "url", ""));
         if (jstr(a, "error", NULL) != NULL && jstr(a, "error", "")[0] != '\0')
             printf("  error: %s\n", jstr(a, "error", ""));
     }
@@ -251,8 +251,9 @@ int ag_ctl_status(const char *home, bool json)
         rc = -1;
     }
     if (rc == -1)
-        fprintf(stderr, "tunnel-agent: the daemon's control socket %s/%s does not answer; "
-                        "showing the saved settings\n",
+        fprintf(stderr,
+                "tunnel-agent: the daemon's control socket %s/%s does not answer; "
+                "showing the saved settings\n",
                 home, AG_CTL_SOCK_NAME);
     st = ag_store_open(home, AG_STORE_READ, err, sizeof(err));
     if (st == NULL) {
@@ -330,7 +331,7 @@ struct ag_ctl_server {
     void *arg;
     int lock_fd;
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
-    dev_t dev;                  /* identity of the socket file we bound */
+    dev_t dev; /* identity of the socket file we bound */
     ino_t ino;
     struct ctl_client *clients;
 };
@@ -352,10 +353,7 @@ static void client_on_write(struct bufferevent *bev, void *arg)
     client_free(arg); /* the answer is out */
 }
 
-static void client_on_event(struct bufferevent *bev, short what, void *arg)
-{
-    client_free(arg);
-}
+static void client_on_event(struct bufferevent *bev, short what, void *arg) { client_free(arg); }
 
 static void client_on_read(struct bufferevent *bev, void *arg)
 {

@@ -42,31 +42,31 @@ enum ag_agt_state {
  * every stream serving it holds another (ag_agt_ref). An agent removed from
  * agents.json is unlinked (gone) and freed with its last reference. */
 struct ag_agt {
-    struct ag_ctx *ctx;          /* back-pointer */
-    struct ag_agt *next;         /* ctx->agents list */
-    unsigned refs;               /* ctx list + streams */
-    bool gone;                   /* no longer in agents.json */
-    struct ag_agent cfg;         /* settings as last read */
-    struct ag_target target;     /* cfg.target parsed */
-    uint64_t target_gen;         /* bumped when the target changes: pooled conns die */
-    struct id_key key;           /* wiped at free */
-    bool key_ok;                 /* key loaded and matches the address */
+    struct ag_ctx *ctx;      /* back-pointer */
+    struct ag_agt *next;     /* ctx->agents list */
+    unsigned refs;           /* ctx list + streams */
+    bool gone;               /* no longer in agents.json */
+    struct ag_agent cfg;     /* settings as last read */
+    struct ag_target target; /* cfg.target parsed */
+    uint64_t target_gen;     /* bumped when the target changes: pooled conns die */
+    struct id_key key;       /* wiped at free */
+    bool key_ok;             /* key loaded and matches the address */
     enum ag_agt_state state;
-    bool stopped;                /* permanent refusal / superseded: not registered */
-    char error[AG_ERR_MAX];      /* last error, "" for none */
-    char url[AG_URL_MAX];        /* public URL from the gateway, "" before */
-    bool online;                 /* registered on the active tunnel */
-    uint64_t requests;           /* streams served (all outcomes) */
-    uint32_t inflight;           /* streams forwarded now (max_inflight cap) */
-    bool probe_ok;               /* the last probe since going online came back */
-    bool target_ok;              /* cfg.target parsed */
-    int64_t last_probe_ms;       /* unix ms of the last successful probe, 0 none */
-    uint64_t probe_rtt_ms;       /* its round trip */
-    char probe_nonce[33];        /* nonce of the probe in flight, "" none */
-    struct ag_probe *probe;      /* probe in flight, owned */
-    struct event *probe_ev;      /* next probe */
-    uint64_t probe_backoff_ms;   /* delay after a failed probe */
-    struct ag_fwd_pool *pool;    /* idle local connections, owned */
+    bool stopped;              /* permanent refusal / superseded: not registered */
+    char error[AG_ERR_MAX];    /* last error, "" for none */
+    char url[AG_URL_MAX];      /* public URL from the gateway, "" before */
+    bool online;               /* registered on the active tunnel */
+    uint64_t requests;         /* streams served (all outcomes) */
+    uint32_t inflight;         /* streams forwarded now (max_inflight cap) */
+    bool probe_ok;             /* the last probe since going online came back */
+    bool target_ok;            /* cfg.target parsed */
+    int64_t last_probe_ms;     /* unix ms of the last successful probe, 0 none */
+    uint64_t probe_rtt_ms;     /* its round trip */
+    char probe_nonce[33];      /* nonce of the probe in flight, "" none */
+    struct ag_probe *probe;    /* probe in flight, owned */
+    struct event *probe_ev;    /* next probe */
+    uint64_t probe_backoff_ms; /* delay after a failed probe */
+    struct ag_fwd_pool *pool;  /* idle local connections, owned */
 };
 
 /* One daemon (one event loop). Owned by ag_daemon_run(). */
@@ -76,24 +76,24 @@ struct ag_ctx {
     struct log_sink *log;
     const char *home;
     const struct ag_run_opts *opts;
-    char domain[AG_HOST_MAX + 1];        /* gateway host, lowercase: the signed domain */
-    char host_port[AG_HOST_MAX + 8];     /* Host of the upgrade: host[:port] */
-    char instance[AG_INSTANCE_LEN + 1];  /* random, new per start */
-    SSL_CTX *ssl_ctx;                    /* wss:// tunnels and probes, NULL for ws:// */
-    struct ag_agt *agents;               /* every agent of agents.json, file order */
-    struct ag_tun *tun;                  /* the active tunnel, or NULL */
-    struct ag_tun **old;                 /* draining tunnels, finishing their streams */
+    char domain[AG_HOST_MAX + 1];       /* gateway host, lowercase: the signed domain */
+    char host_port[AG_HOST_MAX + 8];    /* Host of the upgrade: host[:port] */
+    char instance[AG_INSTANCE_LEN + 1]; /* random, new per start */
+    SSL_CTX *ssl_ctx;                   /* wss:// tunnels and probes, NULL for ws:// */
+    struct ag_agt *agents;              /* every agent of agents.json, file order */
+    struct ag_tun *tun;                 /* the active tunnel, or NULL */
+    struct ag_tun **old;                /* draining tunnels, finishing their streams */
     size_t nold;
-    struct event *reconnect_ev;          /* backoff timer */
-    uint64_t backoff_ms;                 /* next reconnect delay before jitter */
-    uint64_t tun_up_mono_ms;             /* when the active tunnel came up, 0 if not */
-    char gw_error[AG_ERR_MAX];           /* why the last tunnel failed */
+    struct event *reconnect_ev; /* backoff timer */
+    uint64_t backoff_ms;        /* next reconnect delay before jitter */
+    uint64_t tun_up_mono_ms;    /* when the active tunnel came up, 0 if not */
+    char gw_error[AG_ERR_MAX];  /* why the last tunnel failed */
     struct ag_ctl_server *ctl;
     struct event *sig_ev[4];
-    struct event *grace_ev;              /* shutdown deadline */
-    bool stopping;                       /* SIGTERM/SIGINT seen */
+    struct event *grace_ev; /* shutdown deadline */
+    bool stopping;          /* SIGTERM/SIGINT seen */
     int exit_code;
-    uint64_t next_id;                    /* numbers tunnels and streams in logs */
+    uint64_t next_id; /* numbers tunnels and streams in logs */
 };
 
 /* Reference counting of agents (streams keep theirs alive across reloads). */

@@ -34,7 +34,7 @@
 
 #define BACKOFF_MIN_MS 1000u
 #define BACKOFF_MAX_MS 60000u
-#define HEALTHY_RESET_MS 60000u     /* up this long: the backoff starts again at 1 s */
+#define HEALTHY_RESET_MS 60000u /* up this long: the backoff starts again at 1 s */
 #define PROBE_PERIOD_MS 60000u
 #define PROBE_RETRY_MIN_MS 2000u
 #define SHUTDOWN_GRACE_S 30
@@ -61,10 +61,7 @@ static void agt_free(struct ag_agt *a)
     free(a);
 }
 
-void ag_agt_ref(struct ag_agt *a)
-{
-    a->refs++;
-}
+void ag_agt_ref(struct ag_agt *a) { a->refs++; }
 
 void ag_agt_unref(struct ag_agt *a)
 {
@@ -172,12 +169,12 @@ static void agt_load(struct ag_agt *a, struct ag_store *st, struct ag_agent *cfg
         a->target_ok = ag_store_target_parse(cfg->target, &a->target, err, sizeof(err)) == 0;
         if (a->target_ok && a->target.tls) {
             a->target_ok = false;
-            (void)util_snprintf(err, sizeof(err), "https:// targets are not forwarded yet; use http://");
+            (void)util_snprintf(err, sizeof(err),
+                                "https:// targets are not forwarded yet; use http://");
         }
         if (!a->target_ok) {
             (void)util_snprintf(a->error, sizeof(a->error), "target: %s", err);
-            LOG_ERROR(ctx->log, "agent_bad_target", LOG_S("name", cfg->name),
-                      LOG_S("err", err));
+            LOG_ERROR(ctx->log, "agent_bad_target", LOG_S("name", cfg->name), LOG_S("err", err));
         }
         a->target_gen++;
         ag_fwd_pool_flush(a->pool);
@@ -192,8 +189,9 @@ static void agt_load(struct ag_agt *a, struct ag_store *st, struct ag_agent *cfg
     }
     if (first && cfg->superseded) {
         a->stopped = true;
-        (void)util_snprintf(a->error, sizeof(a->error), "superseded by another instance holding the key "
-                                             "(enable the agent again to take it back)");
+        (void)util_snprintf(a->error, sizeof(a->error),
+                            "superseded by another instance holding the key "
+                            "(enable the agent again to take it back)");
     }
     if (!first && a->stopped && !cfg->superseded) {
         /* A reload is the owner acting (enable, set, SIGHUP): an agent the
@@ -358,10 +356,7 @@ static void daemon_connect(struct ag_ctx *ctx)
     }
 }
 
-static void on_reconnect(evutil_socket_t fd, short what, void *arg)
-{
-    daemon_connect(arg);
-}
+static void on_reconnect(evutil_socket_t fd, short what, void *arg) { daemon_connect(arg); }
 
 static void daemon_schedule_reconnect(struct ag_ctx *ctx, uint64_t delay_ms)
 {
@@ -419,7 +414,7 @@ void ag_daemon_on_agent_refused(struct ag_ctx *ctx, struct ag_tun *t, struct ag_
     char why[AG_ERR_MAX];
 
     (void)util_snprintf(why, sizeof(why), "%s%s%s", code, message != NULL ? ": " : "",
-             message != NULL ? message : "");
+                        message != NULL ? message : "");
     LOG_WARN(ctx->log, "agent_rejected", LOG_S("addr", a->cfg.address), LOG_S("err", code));
     agt_stop(a, why);
 }
@@ -473,8 +468,8 @@ void ag_daemon_on_tun_draining(struct ag_ctx *ctx, struct ag_tun *t)
 static bool code_is_permanent(const char *code)
 {
     static const char *const perm[] = {
-        "signature_verification_failed", "address_not_allowed", "invalid_address",
-        "invalid_json", "expected_auth_frame", "no_agents", "too_many_agents",
+        "signature_verification_failed", "address_not_allowed", "invalid_address", "invalid_json",
+        "expected_auth_frame",           "no_agents",           "too_many_agents",
     };
 
     for (size_t i = 0; i < sizeof(perm) / sizeof(perm[0]); i++)
@@ -546,8 +541,8 @@ void ag_daemon_on_probe_done(struct ag_ctx *ctx, struct ag_agt *a, bool ok, uint
         LOG_WARN(ctx->log, "probe_failed", LOG_S("addr", a->cfg.address), LOG_S("err", err),
                  LOG_U("retry_ms", a->probe_backoff_ms));
         probe_in(a, a->probe_backoff_ms);
-        a->probe_backoff_ms = a->probe_backoff_ms * 2 > PROBE_PERIOD_MS ? PROBE_PERIOD_MS
-                                                                         : a->probe_backoff_ms * 2;
+        a->probe_backoff_ms =
+            a->probe_backoff_ms * 2 > PROBE_PERIOD_MS ? PROBE_PERIOD_MS : a->probe_backoff_ms * 2;
     }
     agt_update_state(a);
 }
@@ -583,8 +578,7 @@ static cJSON *status_agent(struct ag_ctx *ctx, const struct ag_agt *a)
         cJSON_AddNumberToObject(o, "max_inflight", a->cfg.max_inflight) == NULL ||
         cJSON_AddStringToObject(o, "id_header", a->cfg.id_header) == NULL ||
         cJSON_AddNumberToObject(o, "response_timeout", a->cfg.response_timeout_s) == NULL ||
-        cJSON_AddNumberToObject(o, "idle_connections", (double)ag_fwd_pool_idle(a->pool)) ==
-            NULL) {
+        cJSON_AddNumberToObject(o, "idle_connections", (double)ag_fwd_pool_idle(a->pool)) == NULL) {
         cJSON_Delete(o);
         return NULL;
     }
@@ -609,8 +603,8 @@ static char *status_text(struct ag_ctx *ctx)
         }
     }
     gst = ctx->tun != NULL && ag_tun_is_up(ctx->tun) ? "connected"
-          : ctx->tun != NULL                          ? "connecting"
-                                                      : "disconnected";
+          : ctx->tun != NULL                         ? "connecting"
+                                                     : "disconnected";
     gw = cJSON_AddObjectToObject(root, "gateway");
     if (cJSON_AddBoolToObject(root, "daemon", true) == NULL ||
         cJSON_AddNumberToObject(root, "pid", (double)getpid()) == NULL ||
@@ -619,10 +613,10 @@ static char *status_text(struct ag_ctx *ctx)
         cJSON_AddStringToObject(gw, "state", gst) == NULL ||
         (ctx->gw_error[0] != '\0' ? cJSON_AddStringToObject(gw, "error", ctx->gw_error)
                                   : cJSON_AddNullToObject(gw, "error")) == NULL ||
-        cJSON_AddNumberToObject(gw, "tunnel", ctx->tun != NULL ? (double)ag_tun_id(ctx->tun)
-                                                               : 0) == NULL ||
-        cJSON_AddNumberToObject(gw, "rtt_ms", ctx->tun != NULL ? (double)ag_tun_rtt_ms(ctx->tun)
-                                                               : 0) == NULL ||
+        cJSON_AddNumberToObject(gw, "tunnel", ctx->tun != NULL ? (double)ag_tun_id(ctx->tun) : 0) ==
+            NULL ||
+        cJSON_AddNumberToObject(gw, "rtt_ms",
+                                ctx->tun != NULL ? (double)ag_tun_rtt_ms(ctx->tun) : 0) == NULL ||
         cJSON_AddNumberToObject(gw, "draining_tunnels", (double)ctx->nold) == NULL)
         goto fail;
     text = cJSON_PrintUnformatted(root);
@@ -723,11 +717,11 @@ static int ctx_init(struct ag_ctx *ctx, const char *home, const struct ag_run_op
         return -1;
     }
     for (i = 0; g->host[i] != '\0' && i < sizeof(ctx->domain) - 1; i++)
-        ctx->domain[i] = (char)((g->host[i] >= 'A' && g->host[i] <= 'Z') ? g->host[i] - 'A' + 'a'
-                                                                          : g->host[i]);
+        ctx->domain[i] =
+            (char)((g->host[i] >= 'A' && g->host[i] <= 'Z') ? g->host[i] - 'A' + 'a' : g->host[i]);
     ctx->domain[i] = '\0';
-    if (util_snprintf(ctx->host_port, sizeof(ctx->host_port), "%s%s%s", v6 ? "[" : "",
-                      ctx->domain, v6 ? "]" : "") < 0)
+    if (util_snprintf(ctx->host_port, sizeof(ctx->host_port), "%s%s%s", v6 ? "[" : "", ctx->domain,
+                      v6 ? "]" : "") < 0)
         return -1;
     if (!dflt) {
         size_t l = strlen(ctx->host_port);
@@ -810,8 +804,9 @@ int ag_daemon_run(const char *home, const struct ag_run_opts *opts)
 
     memset(&ctx, 0, sizeof(ctx));
     if (opts->protocol != AG_PROTO_NATIVE) {
-        fprintf(stderr, "tunnel-agent: run: --protocol %s is not implemented yet; use "
-                        "--protocol native\n",
+        fprintf(stderr,
+                "tunnel-agent: run: --protocol %s is not implemented yet; use "
+                "--protocol native\n",
                 ag_store_protocol_name(opts->protocol));
         return 1;
     }

@@ -18,11 +18,11 @@
 #include <string.h>
 
 #include <event2/buffer.h>
+#include <event2/event.h>
+#include <http_parser.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
-#include <event2/event.h>
-#include <http_parser.h>
 
 #include "ag_ctx.h"
 #include "ag_net.h"
@@ -32,11 +32,11 @@
 #define FWD_OUT_HIGH (256u * 1024u) /* request bytes queued before acknowledging stops */
 #define FWD_OUT_LOW (64u * 1024u)   /* write callback: acknowledge the rest */
 #define FWD_DIAL_TIMEOUT_MS 10000u
-#define FWD_IDLE_TIMEOUT_S 10       /* a pooled connection unused this long is closed */
-#define FWD_POOL_MAX 32             /* idle connections kept per agent */
+#define FWD_IDLE_TIMEOUT_S 10 /* a pooled connection unused this long is closed */
+#define FWD_POOL_MAX 32       /* idle connections kept per agent */
 #define FWD_RESP_HEAD_MAX (256u * 1024u)
 #define FWD_MAX_HDRS 256
-#define FWD_READ_MAX (256u * 1024u)   /* bytes per read / write call */
+#define FWD_READ_MAX (256u * 1024u) /* bytes per read / write call */
 
 /* One TCP connection to the local API. Owned by the request using it
  * (conn->fwd) or, while idle, by the pool. Plain events rather than a
@@ -48,13 +48,13 @@ struct ag_fwd_conn {
     struct ag_fwd_conn *next; /* idle list */
     struct ag_fwd_conn *prev;
     evutil_socket_t fd;
-    struct event *rev;        /* EV_READ | EV_PERSIST; idle timeout while pooled */
-    struct event *wev;        /* EV_WRITE | EV_PERSIST, added while out is not empty */
+    struct event *rev; /* EV_READ | EV_PERSIST; idle timeout while pooled */
+    struct event *wev; /* EV_WRITE | EV_PERSIST, added while out is not empty */
     struct evbuffer *in;
     struct evbuffer *out;
-    uint64_t gen;             /* agent's target_gen when dialled */
-    struct ag_fwd *fwd;       /* the request using it, NULL while idle */
-    uint64_t written;         /* bytes written to the socket, for debug logs */
+    uint64_t gen;       /* agent's target_gen when dialled */
+    struct ag_fwd *fwd; /* the request using it, NULL while idle */
+    uint64_t written;   /* bytes written to the socket, for debug logs */
 };
 
 struct ag_fwd_pool {
@@ -69,41 +69,41 @@ struct fwd_hdr_off {
 
 /* One forwarded request. Owned by the stream until a terminal report. */
 struct ag_fwd {
-    struct ag_agt *agt;            /* borrowed; the stream holds a reference */
+    struct ag_agt *agt; /* borrowed; the stream holds a reference */
     const struct ag_fwd_cbs *cb;
     void *arg;
-    struct ag_fwd_conn *conn;      /* NULL while dialling */
+    struct ag_fwd_conn *conn; /* NULL while dialling */
     struct ag_net_dial *dial;
-    char *head;                    /* request head, kept for one retry */
+    char *head; /* request head, kept for one retry */
     size_t head_len;
-    struct evbuffer *pend;         /* framed body bytes before the connection is up */
-    struct event *timeout_ev;      /* response-head deadline, NULL if none */
+    struct evbuffer *pend;    /* framed body bytes before the connection is up */
+    struct event *timeout_ev; /* response-head deadline, NULL if none */
     http_parser parser;
-    bool has_body;                 /* a body follows the head */
-    bool chunked;                  /* we frame it with Transfer-Encoding: chunked */
-    bool body_started;             /* body bytes were written (no retry then) */
-    bool body_done;                /* end of body written */
-    bool head_method;              /* HEAD: the response has no body */
-    bool websocket;                /* upgrade requested (extended CONNECT) */
-    bool raw;                      /* upgraded: bytes pass through untouched */
-    bool shut_wr;                  /* shutdown(SHUT_WR) done */
-    char ws_key[25];               /* our Sec-WebSocket-Key */
-    bool reused;                   /* conn came from the pool */
-    bool retried;                  /* one retry on a fresh connection done */
-    bool got_bytes;                /* any response byte seen on this conn */
-    bool head_done;                /* final head reported */
-    bool interim;                  /* parsing a 1xx response */
-    bool resp_done;                /* final response complete */
-    bool paused;                   /* stream asked to stop reading */
-    bool failed;                   /* parser callback detected an error */
-    size_t unacked;                /* body bytes given but not yet acknowledged */
-    uint64_t body_in;              /* body bytes given by the stream */
+    bool has_body;     /* a body follows the head */
+    bool chunked;      /* we frame it with Transfer-Encoding: chunked */
+    bool body_started; /* body bytes were written (no retry then) */
+    bool body_done;    /* end of body written */
+    bool head_method;  /* HEAD: the response has no body */
+    bool websocket;    /* upgrade requested (extended CONNECT) */
+    bool raw;          /* upgraded: bytes pass through untouched */
+    bool shut_wr;      /* shutdown(SHUT_WR) done */
+    char ws_key[25];   /* our Sec-WebSocket-Key */
+    bool reused;       /* conn came from the pool */
+    bool retried;      /* one retry on a fresh connection done */
+    bool got_bytes;    /* any response byte seen on this conn */
+    bool head_done;    /* final head reported */
+    bool interim;      /* parsing a 1xx response */
+    bool resp_done;    /* final response complete */
+    bool paused;       /* stream asked to stop reading */
+    bool failed;       /* parser callback detected an error */
+    size_t unacked;    /* body bytes given but not yet acknowledged */
+    uint64_t body_in;  /* body bytes given by the stream */
     /* response header accumulation */
     char *hbuf;
     size_t hlen, hcap;
     struct fwd_hdr_off hdrs[FWD_MAX_HDRS];
     size_t nhdrs;
-    bool in_value;                 /* last callback was a value */
+    bool in_value; /* last callback was a value */
 };
 
 static void conn_free(struct ag_fwd_conn *c);
@@ -148,10 +148,7 @@ void ag_fwd_pool_flush(struct ag_fwd_pool *p)
     }
 }
 
-size_t ag_fwd_pool_idle(const struct ag_fwd_pool *p)
-{
-    return p != NULL ? p->nidle : 0;
-}
+size_t ag_fwd_pool_idle(const struct ag_fwd_pool *p) { return p != NULL ? p->nidle : 0; }
 
 void ag_fwd_pool_free(struct ag_fwd_pool *p)
 {
@@ -292,18 +289,26 @@ static struct ag_fwd_conn *pool_take(struct ag_fwd_pool *p)
 
 /* ---- request head ---------------------------------------------------------- */
 
-static bool name_is(struct iov n, const char *s)
-{
-    return util_iov_ieq_str(n, s);
-}
+static bool name_is(struct iov n, const char *s) { return util_iov_ieq_str(n, s); }
 
 /* Request headers not forwarded to the local API (PROTOCOL.md 5.4.3). */
 static bool req_hdr_dropped(struct iov n, const char *id_header)
 {
     static const char *const drop[] = {
-        "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
-        "te",         "host",       "trailer",          "x-tunnel-origin",   "x-tunnel-probe",
-        "cookie",     "sec-websocket-key", "sec-websocket-version", "sec-websocket-accept",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "host",
+        "trailer",
+        "x-tunnel-origin",
+        "x-tunnel-probe",
+        "cookie",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-accept",
     };
 
     for (size_t i = 0; i < sizeof(drop) / sizeof(drop[0]); i++)
@@ -364,8 +369,8 @@ static int build_head(struct ag_fwd *f, const struct ag_fwd_request *rq)
     } else {
         bool v6 = strchr(a->target.host, ':') != NULL;
         bool dflt = a->target.port == (a->target.tls ? 443 : 80);
-        if (evbuffer_add_printf(b, "Host: %s%s%s", v6 ? "[" : "", a->target.host,
-                                v6 ? "]" : "") < 0)
+        if (evbuffer_add_printf(b, "Host: %s%s%s", v6 ? "[" : "", a->target.host, v6 ? "]" : "") <
+            0)
             goto out;
         if (!dflt && evbuffer_add_printf(b, ":%u", (unsigned)a->target.port) < 0)
             goto out;
@@ -394,8 +399,9 @@ static int build_head(struct ag_fwd *f, const struct ag_fwd_request *rq)
     if (f->chunked && evbuffer_add(b, "Transfer-Encoding: chunked\r\n", 28) != 0)
         goto out;
     if (f->websocket &&
-        evbuffer_add_printf(b, "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n",
+        evbuffer_add_printf(b,
+                            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                            "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n",
                             f->ws_key) < 0)
         goto out;
     if (evbuffer_add_printf(b, "%s: %s\r\nX-Tunnel-Origin: public\r\n\r\n", a->cfg.id_header,
@@ -494,8 +500,8 @@ static int ws_upgraded(struct ag_fwd *f)
         struct fwd_hdr_off *h = &f->hdrs[i];
         struct iov name = {f->hbuf + h->name_off, h->name_len};
         struct iov value = {f->hbuf + h->value_off, h->value_len};
-        while (value.len > 0 && (value.base[value.len - 1] == ' ' ||
-                                 value.base[value.len - 1] == '\t'))
+        while (value.len > 0 &&
+               (value.base[value.len - 1] == ' ' || value.base[value.len - 1] == '\t'))
             value.len--;
         if (name_is(name, "sec-websocket-accept")) {
             accept_ok = value.len == 28 && memcmp(value.base, want, 28) == 0;
@@ -503,9 +509,9 @@ static int ws_upgraded(struct ag_fwd *f)
             upgrade_ok = util_iov_ieq_str(value, "websocket");
         } else if (n < 2 && (name_is(name, "sec-websocket-protocol") ||
                              name_is(name, "sec-websocket-extensions"))) {
-            nv[n].name = (uint8_t *)(name_is(name, "sec-websocket-protocol")
-                                         ? "sec-websocket-protocol"
-                                         : "sec-websocket-extensions");
+            nv[n].name =
+                (uint8_t *)(name_is(name, "sec-websocket-protocol") ? "sec-websocket-protocol"
+                                                                    : "sec-websocket-extensions");
             nv[n].namelen = strlen((const char *)nv[n].name);
             nv[n].value = (uint8_t *)value.base;
             nv[n].valuelen = value.len;
@@ -528,8 +534,9 @@ static int ws_upgraded(struct ag_fwd *f)
 /* Connection-specific response fields (RFC 9113 8.2.2), plus te / trailer. */
 static bool resp_hdr_dropped(struct iov n)
 {
-    static const char *const drop[] = {"connection", "keep-alive", "proxy-connection",
-                                       "transfer-encoding", "upgrade", "te", "trailer"};
+    static const char *const drop[] = {
+        "connection", "keep-alive", "proxy-connection", "transfer-encoding",
+        "upgrade",    "te",         "trailer"};
 
     for (size_t i = 0; i < sizeof(drop) / sizeof(drop[0]); i++)
         if (name_is(n, drop[i]))
@@ -571,9 +578,8 @@ static int on_headers_complete(http_parser *p)
                 f->hbuf[h->name_off + j] = (char)(c - 'A' + 'a');
         }
         /* RFC 9110 5.5: surrounding whitespace is not part of the value */
-        while (h->value_len > 0 &&
-               (f->hbuf[h->value_off + h->value_len - 1] == ' ' ||
-                f->hbuf[h->value_off + h->value_len - 1] == '\t'))
+        while (h->value_len > 0 && (f->hbuf[h->value_off + h->value_len - 1] == ' ' ||
+                                    f->hbuf[h->value_off + h->value_len - 1] == '\t'))
             h->value_len--;
         nv[n].name = (uint8_t *)f->hbuf + h->name_off;
         nv[n].namelen = h->name_len;
@@ -663,7 +669,8 @@ static void fwd_finish(struct ag_fwd *f)
         bool keep = f->body_done && !f->raw && http_should_keep_alive(&f->parser) &&
                     HTTP_PARSER_ERRNO(&f->parser) == HPE_PAUSED;
         LOG_DEBUG(f->agt->ctx->log, "local_done", LOG_S("addr", f->agt->cfg.address),
-                  LOG_I("fd", c->fd), LOG_B("keep", keep), LOG_U("out", evbuffer_get_length(c->out)),
+                  LOG_I("fd", c->fd), LOG_B("keep", keep),
+                  LOG_U("out", evbuffer_get_length(c->out)),
                   LOG_U("in", evbuffer_get_length(c->in)));
         if (keep)
             pool_put(c->pool, c);
@@ -885,8 +892,8 @@ static void fwd_on_dialled(void *arg, evutil_socket_t fd, const char *err)
     f->dial = NULL;
     if (fd < 0) {
         char d[200];
-        (void)util_snprintf(d, sizeof(d), "%s:%u: %s", f->agt->target.host, (unsigned)f->agt->target.port,
-                 err);
+        (void)util_snprintf(d, sizeof(d), "%s:%u: %s", f->agt->target.host,
+                            (unsigned)f->agt->target.port, err);
         fwd_fail(f, AG_FWD_E_UNREACHABLE, d);
         return;
     }

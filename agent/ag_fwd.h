@@ -28,13 +28,13 @@ struct ag_fwd_hdr {
 /* The request as the stream received it. Borrowed for the ag_fwd_start() call. */
 struct ag_fwd_request {
     struct iov method;
-    struct iov path;                /* path and query, as received */
-    struct iov authority;           /* public host */
-    bool websocket;                 /* extended CONNECT, :protocol websocket (RFC 8441):
-                                     * a local WebSocket upgrade, then raw bytes both ways */
-    const struct ag_fwd_hdr *hdrs;  /* regular headers, in order */
+    struct iov path;               /* path and query, as received */
+    struct iov authority;          /* public host */
+    bool websocket;                /* extended CONNECT, :protocol websocket (RFC 8441):
+                                    * a local WebSocket upgrade, then raw bytes both ways */
+    const struct ag_fwd_hdr *hdrs; /* regular headers, in order */
     size_t nhdrs;
-    bool has_body;                  /* the HEADERS frame had no END_STREAM */
+    bool has_body; /* the HEADERS frame had no END_STREAM */
 };
 
 enum ag_fwd_err {

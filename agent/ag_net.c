@@ -25,13 +25,13 @@ struct ag_net_dial {
     void *arg;
     struct evdns_getaddrinfo_request *req; /* while resolving */
     bool resolving;
-    bool cancelled;         /* cancelled while resolving: freed by on_resolved */
-    struct evutil_addrinfo *ai_list;      /* owned */
-    struct evutil_addrinfo *ai_next;      /* next address to try */
-    evutil_socket_t fd;                   /* connect in progress, or -1 */
-    struct event *conn_ev;                /* EV_WRITE on fd */
-    struct event *done_ev;                /* reports from the loop */
-    uint64_t deadline_ms;                 /* util_mono_ms() bound */
+    bool cancelled;                  /* cancelled while resolving: freed by on_resolved */
+    struct evutil_addrinfo *ai_list; /* owned */
+    struct evutil_addrinfo *ai_next; /* next address to try */
+    evutil_socket_t fd;              /* connect in progress, or -1 */
+    struct event *conn_ev;           /* EV_WRITE on fd */
+    struct event *done_ev;           /* reports from the loop */
+    uint64_t deadline_ms;            /* util_mono_ms() bound */
     evutil_socket_t result_fd;
     char err[160];
 };
@@ -142,8 +142,9 @@ static void try_next(struct ag_net_dial *d)
         return;
     }
     if (d->err[0] == '\0')
-        (void)util_snprintf(d->err, sizeof(d->err), now >= d->deadline_ms ? "connect timed out"
-                                                                : "no address to connect to");
+        (void)util_snprintf(d->err, sizeof(d->err),
+                            now >= d->deadline_ms ? "connect timed out"
+                                                  : "no address to connect to");
     dial_finish(d, -1, NULL);
 }
 
@@ -160,7 +161,8 @@ static void on_resolved(int result, struct evutil_addrinfo *res, void *arg)
         return;
     }
     if (result != 0 || res == NULL) {
-        (void)util_snprintf(d->err, sizeof(d->err), "cannot resolve: %s", evutil_gai_strerror(result));
+        (void)util_snprintf(d->err, sizeof(d->err), "cannot resolve: %s",
+                            evutil_gai_strerror(result));
         if (res != NULL)
             evutil_freeaddrinfo(res);
         dial_finish(d, -1, NULL);

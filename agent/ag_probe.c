@@ -27,15 +27,15 @@
 #define PROBE_BODY_MAX 512
 
 struct ag_probe {
-    struct ag_agt *agt;          /* borrowed: the agent owns the probe */
+    struct ag_agt *agt; /* borrowed: the agent owns the probe */
     struct ag_net_dial *dial;
     struct bufferevent *bev;
     struct event *timeout_ev;
     http_parser parser;
-    char host_port[AG_URL_MAX];  /* Host header: the public name[:port] */
-    char host[AG_URL_MAX];       /* SNI / verified name */
+    char host_port[AG_URL_MAX]; /* Host header: the public name[:port] */
+    char host[AG_URL_MAX];      /* SNI / verified name */
     uint64_t start_ms;
-    bool field_is_probe;         /* the header being parsed is x-tunnel-probe */
+    bool field_is_probe; /* the header being parsed is x-tunnel-probe */
     bool in_value;
     char field[32];
     size_t field_len;
@@ -95,9 +95,9 @@ static int pr_on_value(http_parser *hp, const char *at, size_t len)
 
     if (!p->in_value) {
         p->in_value = true;
-        p->field_is_probe = p->field_len < sizeof(p->field) &&
-                            util_iov_ieq_str((struct iov){p->field, p->field_len},
-                                             "x-tunnel-probe");
+        p->field_is_probe =
+            p->field_len < sizeof(p->field) &&
+            util_iov_ieq_str((struct iov){p->field, p->field_len}, "x-tunnel-probe");
         if (p->field_is_probe)
             p->echo_len = 0;
     }
@@ -154,10 +154,10 @@ static void probe_judge(struct ag_probe *p)
         p->body[p->body_len] = '\0';
         j = cJSON_Parse(p->body);
         (void)util_snprintf(err, sizeof(err), "probe: HTTP %d%s%s", status,
-                 cJSON_IsString(cJSON_GetObjectItemCaseSensitive(j, "error")) ? " " : "",
-                 cJSON_IsString(cJSON_GetObjectItemCaseSensitive(j, "error"))
-                     ? cJSON_GetObjectItemCaseSensitive(j, "error")->valuestring
-                     : "");
+                            cJSON_IsString(cJSON_GetObjectItemCaseSensitive(j, "error")) ? " " : "",
+                            cJSON_IsString(cJSON_GetObjectItemCaseSensitive(j, "error"))
+                                ? cJSON_GetObjectItemCaseSensitive(j, "error")->valuestring
+                                : "");
         cJSON_Delete(j);
     }
     probe_done(p, false, err);
@@ -203,14 +203,14 @@ static void pr_on_event(struct bufferevent *bev, short what, void *arg)
         long vr = ssl != NULL ? SSL_get_verify_result(ssl) : X509_V_OK;
         tls_drain_errors();
         if (vr != X509_V_OK) {
-            (void)util_snprintf(err, sizeof(err), "probe: TLS verification failed for %s: %s", p->host,
-                     X509_verify_cert_error_string(vr));
+            (void)util_snprintf(err, sizeof(err), "probe: TLS verification failed for %s: %s",
+                                p->host, X509_verify_cert_error_string(vr));
             probe_done(p, false, err);
             return;
         }
     }
-    probe_done(p, false, (what & BEV_EVENT_EOF) ? "probe: connection closed"
-                                                : "probe: connection error");
+    probe_done(p, false,
+               (what & BEV_EVENT_EOF) ? "probe: connection closed" : "probe: connection error");
 }
 
 static void pr_on_timeout(evutil_socket_t fd, short what, void *arg)
@@ -243,8 +243,8 @@ static void pr_on_dialled(void *arg, evutil_socket_t fd, const char *err)
         if (p->bev != NULL)
             bufferevent_openssl_set_allow_dirty_shutdown(p->bev, 1);
     } else {
-        p->bev = bufferevent_socket_new(ctx->base, fd,
-                                        BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+        p->bev =
+            bufferevent_socket_new(ctx->base, fd, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
     }
     if (p->bev == NULL) {
         evutil_closesocket(fd);

@@ -37,16 +37,16 @@
 #include "ws.h"
 
 #define TUN_DIAL_TIMEOUT_MS 10000u
-#define TUN_AUTH_TIMEOUT_MS 20000u     /* dial to auth_ok */
-#define TUN_MSG_CHUNK (64u * 1024u)    /* binary message size */
+#define TUN_AUTH_TIMEOUT_MS 20000u  /* dial to auth_ok */
+#define TUN_MSG_CHUNK (64u * 1024u) /* binary message size */
 #define TUN_MAX_STREAMS 1024
-#define TUN_STREAM_WINDOW (1u << 20)   /* 1 MiB per stream */
-#define TUN_CONN_WINDOW (64u << 20)    /* 64 MiB per connection */
-#define TUN_RESP_HIGH (1u << 20)       /* pause the local API above this */
-#define TUN_RESP_LOW (256u * 1024u)    /* resume below this */
+#define TUN_STREAM_WINDOW (1u << 20) /* 1 MiB per stream */
+#define TUN_CONN_WINDOW (64u << 20)  /* 64 MiB per connection */
+#define TUN_RESP_HIGH (1u << 20)     /* pause the local API above this */
+#define TUN_RESP_LOW (256u * 1024u)  /* resume below this */
 #define TUN_ADD_RETRY_MS 5000u
 #define TUN_DEFAULT_PING_S 20u
-#define TUN_IO_MAX (256u * 1024u)      /* bytes per socket read / write call */
+#define TUN_IO_MAX (256u * 1024u) /* bytes per socket read / write call */
 
 enum tun_state {
     TUN_ST_DIAL = 0,
@@ -67,9 +67,9 @@ enum reg_pending {
 /* One address on this tunnel. */
 struct tun_reg {
     char addr[ID_ADDR_STR_LEN + 1];
-    bool active;                 /* accepted by the gateway: streams are served */
+    bool active; /* accepted by the gateway: streams are served */
     enum reg_pending pending;
-    uint64_t retry_at_ms;        /* REG_WANT_ADD not before (mono ms) */
+    uint64_t retry_at_ms; /* REG_WANT_ADD not before (mono ms) */
 };
 
 struct tun_hdr {
@@ -84,26 +84,26 @@ struct tun_stream {
     struct tun_stream *next, *prev; /* t->streams */
     int32_t id;
     uint64_t log_id;
-    struct ag_agt *agt;          /* reference held once routed */
-    bool counted;                /* counted in agt->inflight */
-    struct ag_fwd *fwd;          /* local request, NULL when none or done */
+    struct ag_agt *agt; /* reference held once routed */
+    bool counted;       /* counted in agt->inflight */
+    struct ag_fwd *fwd; /* local request, NULL when none or done */
     nghttp2_rcbuf *method, *path, *authority, *protocol;
-    char addr[ID_ADDR_STR_LEN + 1];  /* x-agent-address, lowercase */
-    char probe[33];              /* x-tunnel-probe */
+    char addr[ID_ADDR_STR_LEN + 1]; /* x-agent-address, lowercase */
+    char probe[33];                 /* x-tunnel-probe */
     struct tun_hdr *hdrs;
     size_t nhdrs, hcap;
-    bool started;                /* routing decided */
-    bool req_end;                /* END_STREAM received */
-    bool responded;              /* response HEADERS submitted */
-    bool resp_eof;               /* nothing more will be added to resp */
-    bool deferred;               /* data source returned DEFERRED */
-    bool read_paused;            /* ag_fwd_pause_read(true) in effect */
-    struct evbuffer *resp;       /* response body waiting for DATA frames */
-    size_t unconsumed;           /* request bytes received but not yet consumed */
+    bool started;          /* routing decided */
+    bool req_end;          /* END_STREAM received */
+    bool responded;        /* response HEADERS submitted */
+    bool resp_eof;         /* nothing more will be added to resp */
+    bool deferred;         /* data source returned DEFERRED */
+    bool read_paused;      /* ag_fwd_pause_read(true) in effect */
+    struct evbuffer *resp; /* response body waiting for DATA frames */
+    size_t unconsumed;     /* request bytes received but not yet consumed */
     int status;
     uint64_t bytes_in, bytes_out;
     uint64_t start_ms;
-    char err[64];                /* for the access line */
+    char err[64]; /* for the access line */
 };
 
 struct ag_tun {
@@ -111,11 +111,11 @@ struct ag_tun {
     uint64_t id;
     enum tun_state state;
     struct ag_net_dial *dial;
-    struct bufferevent *bev;     /* until the WebSocket takes it */
+    struct bufferevent *bev; /* until the WebSocket takes it */
     struct ws_conn *ws;
     char ws_key[25];
     nghttp2_session *h2;
-    struct evbuffer *out;        /* h2 bytes for the next binary messages */
+    struct evbuffer *out; /* h2 bytes for the next binary messages */
     struct event *tick_ev;
     struct event *flush_ev;
     uint64_t start_ms;
@@ -125,10 +125,10 @@ struct ag_tun {
     uint64_t rtt_ms;
     struct tun_reg regs[TUN_MAX_AGENTS * 2];
     size_t nregs;
-    bool challenge_wanted;       /* request_challenge sent, challenge not yet here */
+    bool challenge_wanted; /* request_challenge sent, challenge not yet here */
     bool auth_sent;
-    bool goaway_sent;            /* we drain */
-    bool down;                   /* reported to the daemon */
+    bool goaway_sent; /* we drain */
+    bool down;        /* reported to the daemon */
     struct tun_stream *streams;
     size_t nstreams;
     char close_reason[160];
@@ -139,25 +139,13 @@ static void tun_schedule_flush(struct ag_tun *t);
 static void tun_down(struct ag_tun *t, const char *reason, const char *auth_code);
 static void stream_free(struct tun_stream *s);
 
-uint64_t ag_tun_id(const struct ag_tun *t)
-{
-    return t->id;
-}
+uint64_t ag_tun_id(const struct ag_tun *t) { return t->id; }
 
-bool ag_tun_is_up(const struct ag_tun *t)
-{
-    return t->state == TUN_ST_UP;
-}
+bool ag_tun_is_up(const struct ag_tun *t) { return t->state == TUN_ST_UP; }
 
-size_t ag_tun_streams(const struct ag_tun *t)
-{
-    return t->nstreams;
-}
+size_t ag_tun_streams(const struct ag_tun *t) { return t->nstreams; }
 
-uint64_t ag_tun_rtt_ms(const struct ag_tun *t)
-{
-    return t->rtt_ms;
-}
+uint64_t ag_tun_rtt_ms(const struct ag_tun *t) { return t->rtt_ms; }
 
 /* ---- registrations --------------------------------------------------------- */
 
@@ -388,7 +376,7 @@ static void on_auth_ok(struct ag_tun *t, const struct tun_msg_auth_ok *ok)
     char addr[ID_ADDR_STR_LEN + 1];
 
     t->ping_s = ok->ping_interval_s >= 1 && ok->ping_interval_s <= 3600 ? ok->ping_interval_s
-                                                                         : TUN_DEFAULT_PING_S;
+                                                                        : TUN_DEFAULT_PING_S;
     t->state = TUN_ST_UP;
     t->up_ms = util_mono_ms();
     t->next_ping_ms = t->up_ms + (uint64_t)t->ping_s * 1000u;
@@ -538,8 +526,8 @@ static void on_text(void *arg, const char *data, size_t len)
         {
             char c[TUN_CODE_MAX + 1];
             memcpy(c, m->error.code, sizeof(c));
-            (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "auth_error %s%s%s",
-                                c, m->error.message[0] != '\0' ? ": " : "", m->error.message);
+            (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "auth_error %s%s%s", c,
+                                m->error.message[0] != '\0' ? ": " : "", m->error.message);
             tun_msg_clear(m);
             free(m);
             tun_down(t, t->close_reason, c); /* t is freed */
@@ -594,10 +582,7 @@ static struct iov rc_iov(nghttp2_rcbuf *rc)
     return (struct iov){(const char *)v.base, v.len};
 }
 
-static bool rc_is(nghttp2_rcbuf *rc, const char *lit)
-{
-    return util_iov_ieq_str(rc_iov(rc), lit);
-}
+static bool rc_is(nghttp2_rcbuf *rc, const char *lit) { return util_iov_ieq_str(rc_iov(rc), lit); }
 
 static void stream_consume(struct tun_stream *s, size_t n)
 {
@@ -646,8 +631,8 @@ static void stream_resume(struct tun_stream *s)
 }
 
 /* Submits a complete response whose body is in s->resp (or none). */
-static void stream_respond(struct tun_stream *s, int status, const nghttp2_nv *extra,
-                           size_t nextra, const char *ctype, const char *body)
+static void stream_respond(struct tun_stream *s, int status, const nghttp2_nv *extra, size_t nextra,
+                           const char *ctype, const char *body)
 {
     nghttp2_nv nv[8];
     size_t n = 0;
@@ -743,7 +728,7 @@ static void fwd_on_error(void *arg, enum ag_fwd_err err, const char *detail)
               LOG_S("detail", detail));
     if (!s->responded) {
         stream_respond_herr(s, err == AG_FWD_E_TIMEOUT ? HERR_GATEWAY_TIMEOUT
-                                                        : HERR_LOCAL_UNREACHABLE);
+                                                       : HERR_LOCAL_UNREACHABLE);
         if (err != AG_FWD_E_TIMEOUT)
             LOG_WARN(s->t->ctx->log, "local_unreachable", LOG_S("addr", s->addr),
                      LOG_S("detail", detail));
@@ -794,14 +779,13 @@ static void stream_start(struct tun_stream *s, bool end_stream)
     if (s->probe[0] != '\0' && a->probe_nonce[0] != '\0' &&
         strlen(s->probe) == strlen(a->probe_nonce) &&
         CRYPTO_memcmp(s->probe, a->probe_nonce, strlen(s->probe)) == 0) {
-        nghttp2_nv echo = {(uint8_t *)"x-tunnel-probe", (uint8_t *)s->probe, 14,
-                           strlen(s->probe), 0};
+        nghttp2_nv echo = {(uint8_t *)"x-tunnel-probe", (uint8_t *)s->probe, 14, strlen(s->probe),
+                           0};
         (void)util_snprintf(s->err, sizeof(s->err), "probe");
         stream_respond(s, 200, &echo, 1, "text/plain", "ok\n");
         return;
     }
-    if (s->protocol != NULL &&
-        (!rc_is(s->method, "CONNECT") || !rc_is(s->protocol, "websocket"))) {
+    if (s->protocol != NULL && (!rc_is(s->method, "CONNECT") || !rc_is(s->protocol, "websocket"))) {
         /* RFC 8441 extended CONNECT: only the WebSocket protocol is known */
         (void)util_snprintf(s->err, sizeof(s->err), "not_implemented");
         stream_respond(s, 501, NULL, 0, "application/json",
@@ -884,8 +868,7 @@ static void stream_free(struct tun_stream *s)
 
 /* ---- nghttp2 callbacks ------------------------------------------------------ */
 
-static ssize_t on_send(nghttp2_session *h2, const uint8_t *data, size_t len, int flags,
-                       void *user)
+static ssize_t on_send(nghttp2_session *h2, const uint8_t *data, size_t len, int flags, void *user)
 {
     struct ag_tun *t = user;
 
@@ -1026,8 +1009,8 @@ static int on_frame_recv(nghttp2_session *h2, const nghttp2_frame *frame, void *
     return 0;
 }
 
-static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t stream_id,
-                         const uint8_t *data, size_t len, void *user)
+static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t stream_id, const uint8_t *data,
+                         size_t len, void *user)
 {
     struct tun_stream *s = nghttp2_session_get_stream_user_data(h2, stream_id);
     size_t now;
@@ -1061,8 +1044,7 @@ static int on_frame_send(nghttp2_session *h2, const nghttp2_frame *frame, void *
     return 0;
 }
 
-static int on_stream_close(nghttp2_session *h2, int32_t stream_id, uint32_t error_code,
-                           void *user)
+static int on_stream_close(nghttp2_session *h2, int32_t stream_id, uint32_t error_code, void *user)
 {
     struct tun_stream *s = nghttp2_session_get_stream_user_data(h2, stream_id);
 
@@ -1129,7 +1111,8 @@ static void tun_flush(struct ag_tun *t)
     if (evbuffer_get_length(t->out) > 0)
         (void)ws_send_binary_buffer(t->ws, t->out, evbuffer_get_length(t->out));
     if (rv != 0) {
-        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "http2: %s", nghttp2_strerror(rv));
+        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "http2: %s",
+                            nghttp2_strerror(rv));
         ws_close(t->ws, 4000, "protocol_error");
         t->state = TUN_ST_CLOSING;
         return;
@@ -1154,10 +1137,7 @@ static void on_flush_ev(evutil_socket_t fd, short what, void *arg)
     tun_flush(t);
 }
 
-static void tun_schedule_flush(struct ag_tun *t)
-{
-    event_active(t->flush_ev, 0, 0);
-}
+static void tun_schedule_flush(struct ag_tun *t) { event_active(t->flush_ev, 0, 0); }
 
 static void on_tick(evutil_socket_t fd, short what, void *arg)
 {
@@ -1169,8 +1149,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     case TUN_ST_UPGRADE:
     case TUN_ST_AUTH:
         if (now - t->start_ms > TUN_AUTH_TIMEOUT_MS) {
-            tun_down(t, t->state == TUN_ST_AUTH ? "authentication timed out"
-                                                 : "upgrade timed out", NULL);
+            tun_down(t, t->state == TUN_ST_AUTH ? "authentication timed out" : "upgrade timed out",
+                     NULL);
             return;
         }
         break;
@@ -1216,7 +1196,7 @@ static int on_binary(void *arg, const uint8_t *data, size_t len)
     rv = nghttp2_session_mem_recv(t->h2, data, len);
     if (rv < 0) {
         (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "http2: %s",
-                 nghttp2_strerror((int)rv));
+                            nghttp2_strerror((int)rv));
         nghttp2_session_terminate_session(t->h2, NGHTTP2_PROTOCOL_ERROR);
         nghttp2_session_send(t->h2);
         if (evbuffer_get_length(t->out) > 0)
@@ -1241,10 +1221,7 @@ static void on_ws_close(void *arg, int code, const char *reason)
     tun_down(t, why, NULL);
 }
 
-static void on_writable(void *arg)
-{
-    tun_flush(arg);
-}
+static void on_writable(void *arg) { tun_flush(arg); }
 
 static const struct ws_callbacks tun_ws_cbs = {
     .on_text = on_text,
@@ -1268,9 +1245,10 @@ static void up_on_read(struct bufferevent *bev, void *arg)
     if (rc != 0) {
         char why[320];
         if (status == 101)
-            (void)util_snprintf(why, sizeof(why), "gateway does not speak " AG_TUN_SUBPROTOCOL
-                                       "; use --protocol osaurus for an Osaurus relay (%s)",
-                     err);
+            (void)util_snprintf(why, sizeof(why),
+                                "gateway does not speak " AG_TUN_SUBPROTOCOL
+                                "; use --protocol osaurus for an Osaurus relay (%s)",
+                                err);
         else
             (void)util_snprintf(why, sizeof(why), "upgrade refused: %s", err);
         tun_down(t, why, NULL);
@@ -1299,7 +1277,7 @@ static void up_on_event(struct bufferevent *bev, short what, void *arg)
         unsigned long e = bufferevent_get_openssl_error(bev);
         if (vr != X509_V_OK) {
             (void)util_snprintf(why, sizeof(why), "TLS: certificate verification failed: %s",
-                     X509_verify_cert_error_string(vr));
+                                X509_verify_cert_error_string(vr));
             tls_drain_errors();
             tun_down(t, why, NULL);
             return;
@@ -1314,7 +1292,7 @@ static void up_on_event(struct bufferevent *bev, short what, void *arg)
         }
     }
     (void)util_snprintf(why, sizeof(why), "%s during the upgrade",
-             (what & BEV_EVENT_EOF) ? "connection closed" : "connection error");
+                        (what & BEV_EVENT_EOF) ? "connection closed" : "connection error");
     tun_down(t, why, NULL);
 }
 
@@ -1327,8 +1305,8 @@ static void on_dialled(void *arg, evutil_socket_t fd, const char *err)
 
     t->dial = NULL;
     if (fd < 0) {
-        (void)util_snprintf(why, sizeof(why), "gateway %s:%u unreachable: %s", ctx->opts->gateway.host,
-                 (unsigned)ctx->opts->gateway.port, err);
+        (void)util_snprintf(why, sizeof(why), "gateway %s:%u unreachable: %s",
+                            ctx->opts->gateway.host, (unsigned)ctx->opts->gateway.port, err);
         tun_down(t, why, NULL);
         return;
     }
@@ -1345,8 +1323,8 @@ static void on_dialled(void *arg, evutil_socket_t fd, const char *err)
         if (t->bev != NULL)
             bufferevent_openssl_set_allow_dirty_shutdown(t->bev, 1);
     } else {
-        t->bev = bufferevent_socket_new(ctx->base, fd,
-                                        BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+        t->bev =
+            bufferevent_socket_new(ctx->base, fd, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
     }
     if (t->bev == NULL) {
         evutil_closesocket(fd);
@@ -1478,8 +1456,7 @@ void ag_tun_drain(struct ag_tun *t)
         }
         return;
     }
-    nghttp2_submit_goaway(t->h2, NGHTTP2_FLAG_NONE,
-                          nghttp2_session_get_last_proc_stream_id(t->h2), NGHTTP2_NO_ERROR, NULL,
-                          0);
+    nghttp2_submit_goaway(t->h2, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(t->h2),
+                          NGHTTP2_NO_ERROR, NULL, 0);
     tun_schedule_flush(t);
 }
