@@ -23,6 +23,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/bufferevent_struct.h>
+#include <event2/event.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/crypto.h>
@@ -1107,4 +1111,14 @@ int tls_client_prepare(SSL *ssl, const char *host)
 fail:
     ERR_clear_error();
     return -1;
+}
+
+void tls_bev_kick_read(struct bufferevent *bev)
+{
+    SSL *ssl = bufferevent_openssl_get_ssl(bev);
+
+    /* bufferevent_struct.h exposes ev_read for exactly this kind of work
+     * around; the read event callback runs OpenSSL's read loop */
+    if (ssl != NULL && SSL_has_pending(ssl) && (bufferevent_get_enabled(bev) & EV_READ))
+        event_active(&bev->ev_read, EV_READ, 1);
 }

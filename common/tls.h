@@ -101,4 +101,15 @@ void tls_log_errors(struct log_sink *log, const char *event);
 /* Drains the OpenSSL error queue without logging. */
 void tls_drain_errors(void);
 
+struct bufferevent;
+
+/* Resumes reading on a bufferevent after a pause (bufferevent_enable, or a
+ * read watermark that was reached and then drained). libevent 2.1's socket
+ * OpenSSL bufferevent only re-arms the socket event there: records OpenSSL
+ * has already taken off the socket (SSL_has_pending) are not read until the
+ * socket becomes readable again, which at the end of an upload is never.
+ * If bev is an OpenSSL bufferevent holding such data, this activates its read
+ * event so libevent drains it. No effect on other bufferevents. */
+void tls_bev_kick_read(struct bufferevent *bev);
+
 #endif

@@ -37,6 +37,7 @@
 #include <openssl/evp.h>
 #include <wslay/wslay.h>
 
+#include "tls.h"
 #include "util.h"
 
 #define WS_GUID "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -873,6 +874,7 @@ void ws_pause_read(struct ws_conn *ws, bool paused)
     }
     ws->paused = false;
     bufferevent_enable(ws->bev, EV_READ);
+    tls_bev_kick_read(ws->bev); /* records OpenSSL read before the pause */
     ws_kick(ws); /* buffered input, or an EOF seen while paused */
 }
 

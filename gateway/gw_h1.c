@@ -699,11 +699,21 @@ static void h1_finish(struct gw_h1 *h)
         h1_free(h);
 }
 
+/* Input fell below the read watermark: make libevent read what OpenSSL
+ * already holds (see tls_bev_kick_read). */
+static void h1_kick_read(struct gw_h1 *h)
+{
+    if (!h->dead && !h->closing && h->bev != NULL &&
+        evbuffer_get_length(bufferevent_get_input(h->bev)) < H1_IN_HIGH)
+        tls_bev_kick_read(h->bev);
+}
+
 static void h1_on_read(struct bufferevent *bev, void *arg)
 {
     struct gw_h1 *h = arg;
 
     h1_process(h);
+    h1_kick_read(h);
     h1_finish(h);
 }
 
@@ -742,8 +752,10 @@ static void h1_on_kick(evutil_socket_t fd, short what, void *arg)
 {
     struct gw_h1 *h = arg;
 
-    if (!h->dead && !h->closing)
+    if (!h->dead && !h->closing) {
         h1_process(h);
+        h1_kick_read(h);
+    }
     if (h->closing && evbuffer_get_length(bufferevent_get_output(h->bev)) == 0)
         h->dead = true;
     h1_finish(h);

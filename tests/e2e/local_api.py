@@ -220,9 +220,13 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = handle_any
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the default backlog of 5 refuses bursts
+
+
 class LocalApi:
     def __init__(self):
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.state = State()
         self.state = self.server.state
