@@ -62,6 +62,8 @@ struct tstream {
     int status;                          /* response status, 0 before head */
     struct gw_hdrs resp_hdrs;            /* response headers being received */
     bool head_done;
+    uint64_t delivered;                  /* response bytes handed to the front end */
+    uint64_t returned;                   /* of those, window given back to the agent */
     struct tstream *next, *prev;         /* in gw_tun.streams */
 };
 
@@ -412,6 +414,22 @@ static void tstream_unlink(struct gw_tun *t, struct tstream *s)
     t->nstreams--;
 }
 
+/* The stream no longer waits for its bytes to reach the client (it ended,
+ * failed or was cancelled): give the agent back the connection window for
+ * every byte still counted as in flight, or the tunnel's connection window
+ * shrinks with each such stream until nothing moves. nghttp2 applies it to
+ * the connection even when the stream is already closed. */
+static void tstream_release_window(struct tstream *s)
+{
+    uint64_t n = s->delivered - s->returned;
+
+    s->returned = s->delivered;
+    if (n > 0 && s->tun->h2 != NULL) {
+        nghttp2_session_consume(s->tun->h2, s->id, (size_t)n);
+        tun_kick(s->tun);
+    }
+}
+
 /* Ends s's request as a stream failure; e applies before the head. */
 static void tstream_fail(struct tstream *s, enum herr e)
 {
@@ -420,6 +438,7 @@ static void tstream_fail(struct tstream *s, enum herr e)
     if (r == NULL)
         return;
     s->req = NULL;
+    tstream_release_window(s);
     if (s->head_done)
         gw_req_end(r, false);
     else
@@ -447,6 +466,7 @@ static void up_consumed(void *arg, size_t n)
 {
     struct tstream *s = arg;
 
+    s->returned += n;
     if (s->tun->h2 != NULL) {
         nghttp2_session_consume(s->tun->h2, s->id, n);
         tun_kick(s->tun);
@@ -458,6 +478,7 @@ static void up_cancel(void *arg)
     struct tstream *s = arg;
 
     s->req = NULL;
+    tstream_release_window(s);
     if (s->tun->h2 != NULL) {
         nghttp2_submit_rst_stream(s->tun->h2, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_CANCEL);
         tun_kick(s->tun);
@@ -667,6 +688,7 @@ static int h2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame
             gw_req_head(s->req, s->status, s->resp_hdrs.nv, s->resp_hdrs.n) != 0) {
             struct gw_req *r = s->req;
             s->req = NULL;
+            tstream_release_window(s);
             gw_req_detach(r);
             nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_CANCEL);
         }
@@ -675,6 +697,7 @@ static int h2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame
     if (end && s->req != NULL && s->head_done) {
         struct gw_req *r = s->req;
         s->req = NULL;
+        tstream_release_window(s);
         gw_req_end(r, true);
     }
     return 0;
@@ -691,11 +714,12 @@ static int h2_on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t str
         return 0;
     }
     t->ctx->n.bytes_from_agents += len;
+    s->delivered += len;
     if (gw_req_body(s->req, data, len) != 0) {
         struct gw_req *r = s->req;
         s->req = NULL;
+        tstream_release_window(s);
         gw_req_detach(r);
-        nghttp2_session_consume(session, stream_id, len);
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream_id, NGHTTP2_CANCEL);
     }
     return 0;

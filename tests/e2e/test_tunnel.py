@@ -327,3 +327,22 @@ def test_gateway_errors(env, http):
     # the apex's own endpoints are not reachable on agent hosts: /health is the agent's
     st, h, body = curl(e, "/health", http=http)
     assert st == 404 and body == b'{"error":"nope"}'
+
+
+def test_completed_and_cancelled_streams_do_not_leak_tunnel_window(env):
+    """Every response byte must give its flow-control window back, also when
+    the stream ended (or was cancelled) before the client had read it: a
+    leak of one 16 KB response per request would exhaust the tunnel's 64 MiB
+    connection window within ~4,200 requests and stall every stream."""
+    e = env
+    args = ["-H", f":authority: {e.host}:{e.gw.port}"]
+    url = f"https://127.0.0.1:{e.gw.port}"
+    r = subprocess.run(["h2load", "-n6000", "-c2", "-m20", *args, f"{url}/bytes?n=16000"],
+                       capture_output=True, text=True, timeout=120)
+    assert "6000 succeeded" in r.stdout, r.stdout
+    r = subprocess.run(["h2load", "-c10", "-m20", "-D2", *args, f"{url}/bytes?n=262144"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["h2load", "-n200", "-c1", "-m100", *args, f"{url}/bytes?n=16000"],
+                       capture_output=True, text=True, timeout=60)
+    assert "200 succeeded" in r.stdout, r.stdout
