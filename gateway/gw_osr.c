@@ -18,8 +18,10 @@
  * The osr_req borrows its gw_req and clears the link before ending it. The
  * struct gw_osr is owned by its gw_tun (gw_tun_set_osr), freed by
  * gw_osr_free_all(). Header handling follows the relay where it differs from
- * the native path: cookies, X-Forwarded-Proto/-Host, fly-* and cf-* are
- * stripped, OPTIONS is answered here (CORS), and CORS headers are added. */
+ * the native path: X-Forwarded-Proto/-Host, fly-* and cf-* are stripped,
+ * OPTIONS is answered here (CORS), and CORS headers are added. Cookies pass
+ * through (the relay drops them; PRODUCT.md forwards the client's headers,
+ * cookies included, and the local API does its own auth). */
 #include "gw_osr.h"
 
 #include <stdlib.h>
@@ -70,6 +72,7 @@ struct gw_osr {
     size_t pending;                       /* requests in the table */
     unsigned unanswered_pings;            /* JSON pings sent since the last pong */
     bool draining;                        /* relay_restarting sent: close 1012 once idle */
+    bool retiring;                        /* lost its last agent: close 1000 once idle */
     bool closed;                          /* gw_osr_fail_all ran: the tunnel is going */
 };
 
@@ -162,8 +165,12 @@ static void osr_send_cancel(struct gw_osr *o, const char *id)
 /* A draining tunnel closes once its last request is done. */
 static void osr_maybe_close(struct gw_osr *o)
 {
-    if (o->draining && !o->closed && o->pending == 0)
+    if (o->closed || o->pending != 0)
+        return;
+    if (o->draining)
         gw_tun_close(o->tun, WS_CLOSE_RESTART, "relay_restarting");
+    else if (o->retiring)
+        gw_tun_close(o->tun, WS_CLOSE_NORMAL, "no agents");
 }
 
 /* ---- ending a request ---- */
@@ -234,8 +241,8 @@ static void osr_violation(struct osr_req *q, enum herr e, const char *why)
 static bool osr_req_hdr_stripped(const char *name, size_t len)
 {
     static const char *const names[] = {
-        "cookie",           "proxy-authorization", "x-forwarded-proto",
-        "x-forwarded-host", "x-forwarded-port",    "x-real-ip",
+        "proxy-authorization", "x-forwarded-proto", "x-forwarded-host",
+        "x-forwarded-port",    "x-real-ip",
     };
     const struct iov n = {name, len};
 
@@ -815,6 +822,18 @@ void gw_osr_drain(struct gw_tun *t)
              LOG_U("pending", o->pending));
     /* Unlike the relay, in-flight requests finish (up to the drain grace):
      * the client reconnects at once for new ones. */
+    osr_maybe_close(o);
+}
+
+void gw_osr_drain_when_idle(struct gw_tun *t)
+{
+    struct gw_osr *o = gw_tun_osr(t);
+
+    if (o == NULL) {
+        gw_tun_close(t, WS_CLOSE_NORMAL, "no agents");
+        return;
+    }
+    o->retiring = true;
     osr_maybe_close(o);
 }
 

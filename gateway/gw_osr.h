@@ -36,6 +36,10 @@ void gw_osr_ping(struct gw_tun *t);
 /* SIGTERM: relay_restarting + close 1012 once requests are done. */
 void gw_osr_drain(struct gw_tun *t);
 
+/* The tunnel lost its last agent (superseded): close (1000) once the
+ * requests already pending are answered. */
+void gw_osr_drain_when_idle(struct gw_tun *t);
+
 /* The tunnel is closing: every pending request fails or aborts. */
 void gw_osr_fail_all(struct gw_tun *t);
 

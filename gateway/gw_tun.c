@@ -37,14 +37,14 @@
 #include "util.h"
 #include "ws.h"
 
-#define TUN_STREAM_WINDOW (1024 * 1024)         /* response bytes in flight per stream */
-#define TUN_CONN_WINDOW (64 * 1024 * 1024)      /* ... and per tunnel */
-#define TUN_FLUSH_BYTES (64 * 1024)             /* one WebSocket message at most */
+#define GW_TUN_STREAM_WINDOW (1024 * 1024)         /* response bytes in flight per stream */
+#define GW_TUN_CONN_WINDOW (64 * 1024 * 1024)      /* ... and per tunnel */
+#define GW_TUN_FLUSH_BYTES (64 * 1024)             /* one WebSocket message at most */
 
-enum tun_state {
-    TUN_ST_AUTH = 0,
-    TUN_ST_LIVE,
-    TUN_ST_CLOSING,
+enum gw_tun_state {
+    GW_TUN_ST_AUTH = 0,
+    GW_TUN_ST_LIVE,
+    GW_TUN_ST_CLOSING,
 };
 
 struct gw_tun_agent {
@@ -73,7 +73,7 @@ struct gw_tun {
     struct gw_tun *next, *prev;          /* in ctx->tuns */
     struct ws_conn *ws;                  /* owned */
     enum tun_mode mode;
-    enum tun_state state;
+    enum gw_tun_state state;
     char peer_ip[INET6_ADDRSTRLEN];
     struct sockaddr_storage peer;        /* TCP peer, for the per-IP tunnel count */
     char instance[65];                   /* from auth; "" in Osaurus mode without one */
@@ -308,7 +308,7 @@ static struct gw_tun_agent *tun_find_agent(const struct gw_tun *t, const uint8_t
  * native tunnels finish their streams first (GOAWAY), Osaurus ones close. */
 static void tun_retire_if_empty(struct gw_tun *t)
 {
-    if (t->nagents > 0 || t->state != TUN_ST_LIVE)
+    if (t->nagents > 0 || t->state != GW_TUN_ST_LIVE)
         return;
     if (t->mode == TUN_MODE_NATIVE && t->h2 != NULL) {
         if (!t->goaway) {
@@ -323,8 +323,11 @@ static void tun_retire_if_empty(struct gw_tun *t)
             tun_kick(t);
         return;
     }
-    if (t->nstreams == 0)
+    /* Osaurus: close once its pending requests are answered */
+    if (gw_osr_pending(t) == 0)
         tun_close(t, WS_CLOSE_NORMAL, "no agents");
+    else
+        gw_osr_drain_when_idle(t);
 }
 
 /* Registers addr on t; tells the tunnel that held it before. */
@@ -367,7 +370,7 @@ static int tun_register(struct gw_tun *t, const uint8_t *addr, uint64_t resp_tim
             *pp = old->next;
             ot->nagents--;
         }
-        if (ot->state == TUN_ST_LIVE)
+        if (ot->state == GW_TUN_ST_LIVE)
             tun_send_agent_removed(ot, old->addr, same ? TUN_REASON_REPLACED
                                                        : TUN_REASON_SUPERSEDED);
         free(old);
@@ -536,7 +539,7 @@ enum herr gw_tun_open_stream(struct gw_tun *t, struct gw_req *r)
     char xff[600];
     int32_t id;
 
-    if (t->state != TUN_ST_LIVE || t->goaway || a == NULL)
+    if (t->state != GW_TUN_ST_LIVE || t->goaway || a == NULL)
         return HERR_AGENT_OFFLINE;
     if (t->mode != TUN_MODE_NATIVE)
         return gw_osr_open_stream(t, r);
@@ -605,7 +608,7 @@ static ssize_t h2_on_send(nghttp2_session *session, const uint8_t *data, size_t 
         return NGHTTP2_ERR_WOULDBLOCK;
     if (evbuffer_add(t->wsbuf, data, len) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
-    if (evbuffer_get_length(t->wsbuf) >= TUN_FLUSH_BYTES &&
+    if (evbuffer_get_length(t->wsbuf) >= GW_TUN_FLUSH_BYTES &&
         ws_send_binary_buffer(t->ws, t->wsbuf, evbuffer_get_length(t->wsbuf)) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     return (ssize_t)len;
@@ -627,7 +630,7 @@ static int h2_on_send_data(nghttp2_session *session, nghttp2_frame *frame, const
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     r->body_out += length;
     t->ctx->n.bytes_to_agents += length;
-    if (evbuffer_get_length(t->wsbuf) >= TUN_FLUSH_BYTES)
+    if (evbuffer_get_length(t->wsbuf) >= GW_TUN_FLUSH_BYTES)
         ws_send_binary_buffer(t->ws, t->wsbuf, evbuffer_get_length(t->wsbuf));
     r->fe->body_drained(r);
     return 0;
@@ -748,7 +751,7 @@ static int tun_h2_start(struct gw_tun *t)
     nghttp2_option *opt;
     nghttp2_settings_entry iv[] = {
         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, TUN_STREAM_WINDOW},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, GW_TUN_STREAM_WINDOW},
         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 256 * 1024},
     };
     int rv = -1;
@@ -767,7 +770,7 @@ static int tun_h2_start(struct gw_tun *t)
     if (nghttp2_session_client_new2(&t->h2, cbs, t, opt) != 0)
         goto out_opt;
     nghttp2_submit_settings(t->h2, NGHTTP2_FLAG_NONE, iv, sizeof(iv) / sizeof(iv[0]));
-    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, TUN_CONN_WINDOW);
+    nghttp2_session_set_local_window_size(t->h2, NGHTTP2_FLAG_NONE, 0, GW_TUN_CONN_WINDOW);
     rv = 0;
 out_opt:
     nghttp2_option_del(opt);
@@ -779,7 +782,7 @@ out_cbs:
 /* Runs nghttp2_session_send and frames what it produced. */
 static void tun_send_h2(struct gw_tun *t)
 {
-    if (t->h2 == NULL || t->in_io || t->state == TUN_ST_CLOSING)
+    if (t->h2 == NULL || t->in_io || t->state == GW_TUN_ST_CLOSING)
         return;
     t->in_io = true;
     int rv = nghttp2_session_send(t->h2);
@@ -797,7 +800,7 @@ static void tun_send_h2(struct gw_tun *t)
 
 static void tun_go_live(struct gw_tun *t, const struct tun_msg *ok)
 {
-    t->state = TUN_ST_LIVE;
+    t->state = GW_TUN_ST_LIVE;
     evtimer_del(t->auth_timer);
     t->ctx->tunnels_live++;
     t->counted = true;
@@ -914,6 +917,11 @@ static void tun_on_add_agent(struct gw_tun *t, const struct tun_msg_add_agent *a
     char lower[ID_ADDR_STR_LEN + 1];
 
     id_addr_to_str(a->addr, lower);
+    if (t->ctx->draining) {
+        /* no routes onto a tunnel that is going away */
+        tun_send_error(t, TUN_E_RELAY_RESTARTING, TUN_MSG_ADD_AGENT, a->addr);
+        return;
+    }
     if (!tun_take_nonce(t, add->nonce)) {
         tun_send_error(t, TUN_E_INVALID_NONCE, TUN_MSG_ADD_AGENT, a->addr);
         return;
@@ -1013,9 +1021,9 @@ static void tun_on_text(void *arg, const char *data, size_t len)
 {
     struct gw_tun *t = arg;
 
-    if (t->state == TUN_ST_AUTH)
+    if (t->state == GW_TUN_ST_AUTH)
         tun_on_auth(t, data, len);
-    else if (t->state == TUN_ST_LIVE)
+    else if (t->state == GW_TUN_ST_LIVE)
         tun_on_control(t, data, len);
 }
 
@@ -1026,7 +1034,7 @@ static int tun_on_binary(void *arg, const uint8_t *data, size_t len)
 
     if (t->mode != TUN_MODE_NATIVE)
         return 0; /* Osaurus: binary frames are ignored */
-    if (t->state != TUN_ST_LIVE || t->h2 == NULL) {
+    if (t->state != GW_TUN_ST_LIVE || t->h2 == NULL) {
         tun_close(t, WS_CLOSE_PROTOCOL_ERROR, "binary before auth");
         return 0;
     }
@@ -1049,7 +1057,7 @@ static void tun_on_close(void *arg, int code, const char *reason)
 {
     struct gw_tun *t = arg;
 
-    if (t->state != TUN_ST_CLOSING)
+    if (t->state != GW_TUN_ST_CLOSING)
         tun_close(t, code, reason);
     t->dead = true;
     tun_kick(t);
@@ -1091,7 +1099,7 @@ static void tun_on_auth_timeout(evutil_socket_t fd, short what, void *arg)
 {
     struct gw_tun *t = arg;
 
-    if (t->state == TUN_ST_AUTH)
+    if (t->state == GW_TUN_ST_AUTH)
         tun_auth_error(t, TUN_E_AUTH_TIMEOUT);
 }
 
@@ -1101,7 +1109,7 @@ static void tun_on_ping(evutil_socket_t fd, short what, void *arg)
     uint64_t interval_ms = t->ctx->cfg->ping_interval_s * 1000u;
     struct timeval tv = {(time_t)t->ctx->cfg->ping_interval_s, 0};
 
-    if (t->state != TUN_ST_LIVE)
+    if (t->state != GW_TUN_ST_LIVE)
         return;
     if (util_mono_ms() - ws_last_rx_ms(t->ws) > 3 * interval_ms) {
         LOG_INFO(t->ctx->log, "tunnel_silent", LOG_U("tun", t->id),
@@ -1123,12 +1131,12 @@ static void tun_on_ping(evutil_socket_t fd, short what, void *arg)
  * the tunnel is freed once ws reports on_close. */
 static void tun_close(struct gw_tun *t, int code, const char *reason)
 {
-    if (t->state == TUN_ST_CLOSING)
+    if (t->state == GW_TUN_ST_CLOSING)
         return;
-    if (t->state == TUN_ST_LIVE)
+    if (t->state == GW_TUN_ST_LIVE)
         LOG_INFO(t->ctx->log, "tunnel_down", LOG_U("tun", t->id), LOG_S("peer", t->peer_ip),
                  LOG_I("code", code), LOG_S("reason", reason));
-    t->state = TUN_ST_CLOSING;
+    t->state = GW_TUN_ST_CLOSING;
     while (t->agents != NULL)
         agent_unlink_free(t, t->agents);
     for (struct tstream *s = t->streams; s != NULL; s = s->next)
@@ -1147,7 +1155,7 @@ static void tun_close(struct gw_tun *t, int code, const char *reason)
 
 static void tun_free(struct gw_tun *t)
 {
-    if (t->state != TUN_ST_CLOSING)
+    if (t->state != GW_TUN_ST_CLOSING)
         tun_close(t, WS_CLOSE_GOING_AWAY, "shutdown");
     while (t->streams != NULL) {
         if (t->h2 != NULL)
@@ -1238,11 +1246,11 @@ fail_bev:
 void gw_tun_drain_all(struct gw_ctx *ctx)
 {
     for (struct gw_tun *t = ctx->tuns; t != NULL; t = t->next) {
-        if (t->state == TUN_ST_AUTH) {
+        if (t->state == GW_TUN_ST_AUTH) {
             tun_close(t, WS_CLOSE_RESTART, "draining");
             continue;
         }
-        if (t->state != TUN_ST_LIVE)
+        if (t->state != GW_TUN_ST_LIVE)
             continue;
         while (t->agents != NULL)
             agent_unlink_free(t, t->agents);
@@ -1277,7 +1285,7 @@ size_t gw_tun_streams_total(const struct gw_ctx *ctx)
 void gw_tun_apply_allow(struct gw_ctx *ctx)
 {
     for (struct gw_tun *t = ctx->tuns; t != NULL; t = t->next) {
-        if (t->state != TUN_ST_LIVE)
+        if (t->state != GW_TUN_ST_LIVE)
             continue;
         struct gw_tun_agent *a = t->agents;
         while (a != NULL) {
