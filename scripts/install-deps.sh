@@ -9,11 +9,13 @@ BUILD="build-essential pkg-config meson ninja-build git
 TEST="libcmocka-dev curl nghttp2-client openssl procps tmux
   python3 python3-pytest python3-websockets python3-ecdsa python3-pycryptodome
   python3-h2"
+BENCH="nginx-light wrk util-linux"
 
+# --build: compile only; default (--all): build, tests, demo and benchmark
 want="$BUILD"
 case "${1:-}" in
     --build) ;;
-    ""|--all) want="$BUILD $TEST" ;;
+    ""|--all) want="$BUILD $TEST $BENCH" ;;
     *) echo "usage: $0 [--build|--all]" >&2; exit 2 ;;
 esac
 

@@ -4,15 +4,22 @@
 # in an AddressSanitizer + UndefinedBehaviorSanitizer build (memory-bound
 # assertions are skipped there). Ends with one line "N passed, N failed, N skipped".
 #
-#   scripts/test.sh            both builds
-#   scripts/test.sh --quick    release build only
+#   scripts/test.sh              both builds
+#   scripts/test.sh --quick      release build only
+#   scripts/test.sh --build-only configure and build the release build, no tests
 #   TEST_FILTER=expr           passed to pytest -k
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=/usr/bin/python3
 QUICK=0
-[ "${1:-}" = "--quick" ] && QUICK=1
+BUILD_ONLY=0
+case "${1:-}" in
+    --quick) QUICK=1 ;;
+    --build-only) BUILD_ONLY=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--quick|--build-only]" >&2; exit 2 ;;
+esac
 JUNIT_DIR="$ROOT/build-junit"
 rm -rf "$JUNIT_DIR"
 mkdir -p "$JUNIT_DIR"
@@ -33,6 +40,7 @@ run_suite() { # name builddir meson-args...
         status=1
         return
     fi
+    [ "$BUILD_ONLY" = 1 ] && return
     echo "== $name: unit tests"
     meson test -C "$dir" --suite unit --print-errorlogs >"$JUNIT_DIR/$name-unit.log" 2>&1 || status=1
     tail -n 12 "$JUNIT_DIR/$name-unit.log"
@@ -44,6 +52,9 @@ run_suite() { # name builddir meson-args...
 }
 
 run_suite release build-release --buildtype=release -Db_ndebug=false
+if [ "$BUILD_ONLY" = 1 ]; then
+    exit $status
+fi
 if [ "$QUICK" = 0 ]; then
     ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
     export ASAN_OPTIONS UBSAN_OPTIONS
