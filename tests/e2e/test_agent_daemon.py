@@ -208,9 +208,25 @@ def test_max_inflight_answers_host_busy_at_once(build_dir, tmp_path, api, procs)
         f'output = "/dev/null"\nwrite-out = "%{{http_code}} %{{time_total}}\\n"\n'
         for i in range(n))
     (tmp_path / "many.cfg").write_text(cfg)
-    r = subprocess.run(["curl", "-sS", "--http2", "--cacert", str(gw.ca), "-Z",
-                        "--parallel-max", str(n), "-K", str(tmp_path / "many.cfg")],
-                       capture_output=True, text=True, timeout=120)
+    base_rss = proc.rss_kib()
+    peak = [base_rss]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.rss_kib())
+            time.sleep(0.05)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        r = subprocess.run(["curl", "-sS", "--http2", "--cacert", str(gw.ca), "-Z",
+                            "--parallel-max", str(n), "-K", str(tmp_path / "many.cfg")],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        stop.set()
+        sampler.join()
+    if os.environ.get("TG_SANITIZED") != "1":  # memory bounds: release builds only
+        assert (peak[0] - base_rss) / 1024 <= 16, f"daemon RSS grew {(peak[0] - base_rss) / 1024:.1f} MiB"
     lines = [l.split() for l in r.stdout.splitlines() if l.strip()]
     codes = [int(c) for c, _ in lines]
     assert len(codes) == n, r.stderr[-2000:]
