@@ -83,14 +83,14 @@ enum sw_tun_state {
 };
 
 enum sw_conn_state {
-    SW_C_DIAL = 0,  /* TCP connect in progress */
-    SW_C_TLS,       /* TLS handshake (wss://) */
-    SW_C_UPGRADE,   /* upgrade request sent, waiting for the 101 */
-    SW_C_AUTH,      /* WebSocket up: challenge, auth, auth_ok */
-    SW_C_UP,        /* HTTP/2 server session running */
-    SW_C_DRAINING,  /* GOAWAY or draining received: closes when its streams end */
-    SW_C_CLOSING,   /* close frame sent, waiting for on_close */
-    SW_C_DEAD,      /* detached, on the reap list */
+    SW_C_DIAL = 0, /* TCP connect in progress */
+    SW_C_TLS,      /* TLS handshake (wss://) */
+    SW_C_UPGRADE,  /* upgrade request sent, waiting for the 101 */
+    SW_C_AUTH,     /* WebSocket up: challenge, auth, auth_ok */
+    SW_C_UP,       /* HTTP/2 server session running */
+    SW_C_DRAINING, /* GOAWAY or draining received: closes when its streams end */
+    SW_C_CLOSING,  /* close frame sent, waiting for on_close */
+    SW_C_DEAD,     /* detached, on the reap list */
 };
 
 struct sw_cfg {
@@ -137,8 +137,8 @@ struct sw_tun {
     struct id_key key;
     char addr[ID_ADDR_STR_LEN + 1]; /* lowercase */
     enum sw_tun_state state;
-    struct sw_conn *conn; /* owned: being made, or registered */
-    struct sw_conn *old;  /* owned: draining, finishing its streams */
+    struct sw_conn *conn;   /* owned: being made, or registered */
+    struct sw_conn *old;    /* owned: draining, finishing its streams */
     struct event *retry_ev; /* owned: backoff timer */
     uint64_t backoff_ms;    /* base of the next delay, doubles to SW_BACKOFF_MAX_MS */
     uint64_t up_ms;         /* mono ms of the last auth_ok */
@@ -151,19 +151,19 @@ struct sw_conn {
     struct sw_tun *t; /* NULL once dead */
     struct sw_conn *next_dead;
     enum sw_conn_state st;
-    bool handshaking;          /* counted in ctx->handshaking */
+    bool handshaking; /* counted in ctx->handshaking */
     bool auth_sent;
-    evutil_socket_t fd;        /* while dialling; then the bufferevent owns it */
-    int dial_errno;            /* a connect() failure known before the loop ran */
-    struct event *dial_ev;     /* owned: connect completion */
-    struct bufferevent *bev;   /* owned until the WebSocket takes it */
-    struct ws_conn *ws;        /* owned */
-    nghttp2_session *h2;       /* owned */
-    struct evbuffer *out;      /* owned: h2 bytes for the next binary message */
+    evutil_socket_t fd;      /* while dialling; then the bufferevent owns it */
+    int dial_errno;          /* a connect() failure known before the loop ran */
+    struct event *dial_ev;   /* owned: connect completion */
+    struct bufferevent *bev; /* owned until the WebSocket takes it */
+    struct ws_conn *ws;      /* owned */
+    nghttp2_session *h2;     /* owned */
+    struct evbuffer *out;    /* owned: h2 bytes for the next binary message */
     char ws_key[25];
-    uint64_t start_ms;         /* mono ms of the dial */
-    uint64_t drain_ms;         /* mono ms draining started */
-    uint32_t ping_s;           /* from auth_ok */
+    uint64_t start_ms; /* mono ms of the dial */
+    uint64_t drain_ms; /* mono ms draining started */
+    uint32_t ping_s;   /* from auth_ok */
     uint64_t next_ping_ms;
     struct sw_stream *streams; /* owned: open request streams */
     size_t nstreams;
@@ -179,33 +179,33 @@ struct sw_stream {
 };
 
 struct sw_ctx {
-    const struct sw_cfg *cfg;   /* borrowed; immutable */
-    struct event_base *base;    /* owned */
-    SSL_CTX *ssl_ctx;           /* owned; NULL for ws:// */
-    struct log_sink *log;       /* owned; stderr */
-    struct sw_tun *tuns;        /* owned; cfg->count */
+    const struct sw_cfg *cfg; /* borrowed; immutable */
+    struct event_base *base;  /* owned */
+    SSL_CTX *ssl_ctx;         /* owned; NULL for ws:// */
+    struct log_sink *log;     /* owned; stderr */
+    struct sw_tun *tuns;      /* owned; cfg->count */
     size_t n;
-    char run_id[9];             /* random, part of every instance id */
+    char run_id[9]; /* random, part of every instance id */
     char host_port[SW_HOST_MAX + 8];
-    struct event *tick_ev;      /* owned: 1 s keepalive, pings, deadlines */
-    struct event *status_ev;    /* owned */
-    struct event *ramp_ev;      /* owned: starts the initial connections */
-    struct event *reap_ev;      /* owned: frees dead connections from the loop */
-    struct event *duration_ev;  /* owned */
-    struct event *sigint_ev;    /* owned */
-    struct event *sigterm_ev;   /* owned */
-    struct sw_conn *dead;       /* reap list */
+    struct event *tick_ev;     /* owned: 1 s keepalive, pings, deadlines */
+    struct event *status_ev;   /* owned */
+    struct event *ramp_ev;     /* owned: starts the initial connections */
+    struct event *reap_ev;     /* owned: frees dead connections from the loop */
+    struct event *duration_ev; /* owned */
+    struct event *sigint_ev;   /* owned */
+    struct event *sigterm_ev;  /* owned */
+    struct sw_conn *dead;      /* reap list */
     uint64_t start_ms;
-    size_t next_start;          /* initial ramp: next tunnel to start */
-    size_t handshaking;         /* connections between dial and auth_ok */
-    size_t up;                  /* tunnels registered */
-    size_t waiting;             /* tunnels in backoff */
-    size_t stopped;             /* tunnels stopped for good */
-    size_t draining;            /* old connections finishing */
+    size_t next_start;  /* initial ramp: next tunnel to start */
+    size_t handshaking; /* connections between dial and auth_ok */
+    size_t up;          /* tunnels registered */
+    size_t waiting;     /* tunnels in backoff */
+    size_t stopped;     /* tunnels stopped for good */
+    size_t draining;    /* old connections finishing */
     bool all_up_seen;
     struct sw_counts total;
     struct sw_cycle cyc;
-    char last_err[SW_ERR_MAX];  /* the most recent failure, for status lines */
+    char last_err[SW_ERR_MAX]; /* the most recent failure, for status lines */
     int exit_code;
 };
 
@@ -283,11 +283,11 @@ static void ctx_on_up(struct sw_ctx *ctx)
         uint64_t regs = ctx->total.registrations - y->at_start.registrations;
 
         printf("{\"event\":\"recovered\",\"t_ms\":%" PRIu64 ",\"count\":%zu,\"dropped\":%" PRIu64
-               ",\"drop_t_ms\":%" PRIu64 ",\"listener_t_ms\":%" PRIu64
-               ",\"from_drop_ms\":%" PRIu64 ",\"from_listener_ms\":%" PRIu64
-               ",\"registrations\":%" PRIu64 ",\"regs_per_s\":%.1f,\"removed\":%" PRIu64,
-               now, ctx->n, y->dropped, y->drop_ms, listener, now - y->drop_ms, from_listener,
-               regs, (double)regs * 1000.0 / (double)(from_listener > 0 ? from_listener : 1),
+               ",\"drop_t_ms\":%" PRIu64 ",\"listener_t_ms\":%" PRIu64 ",\"from_drop_ms\":%" PRIu64
+               ",\"from_listener_ms\":%" PRIu64 ",\"registrations\":%" PRIu64
+               ",\"regs_per_s\":%.1f,\"removed\":%" PRIu64,
+               now, ctx->n, y->dropped, y->drop_ms, listener, now - y->drop_ms, from_listener, regs,
+               (double)regs * 1000.0 / (double)(from_listener > 0 ? from_listener : 1),
                ctx->total.removed - y->at_start.removed);
         print_failures(&ctx->total, &y->at_start);
         printf("}\n");
@@ -306,8 +306,7 @@ static void ctx_on_down(struct sw_ctx *ctx)
         ctx->cyc.listener_ms = 0;
         ctx->cyc.dropped = 0;
         ctx->cyc.at_start = ctx->total;
-        printf("{\"event\":\"drop\",\"t_ms\":%" PRIu64 ",\"up\":%zu}\n", ctx->cyc.drop_ms,
-               ctx->up);
+        printf("{\"event\":\"drop\",\"t_ms\":%" PRIu64 ",\"up\":%zu}\n", ctx->cyc.drop_ms, ctx->up);
         fflush(stdout);
     }
     if (ctx->cyc.active)
@@ -987,8 +986,8 @@ static void conn_connected(struct sw_conn *c)
             bufferevent_openssl_set_allow_dirty_shutdown(c->bev, 1);
         c->st = SW_C_TLS;
     } else {
-        c->bev = bufferevent_socket_new(ctx->base, fd,
-                                        BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+        c->bev =
+            bufferevent_socket_new(ctx->base, fd, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
         c->st = SW_C_UPGRADE;
     }
     if (c->bev == NULL) {
@@ -1024,7 +1023,10 @@ static void on_dial(evutil_socket_t fd, short what, void *arg)
         return;
     }
     (void)util_snprintf(why, sizeof(why), "connect: %s", strerror(err));
-    conn_fail(c, err == ECONNREFUSED ? SW_F_REFUSED : err == ETIMEDOUT ? SW_F_TIMEOUT : SW_F_CONNECT,
+    conn_fail(c,
+              err == ECONNREFUSED ? SW_F_REFUSED
+              : err == ETIMEDOUT  ? SW_F_TIMEOUT
+                                  : SW_F_CONNECT,
               why, false);
 }
 
@@ -1160,8 +1162,7 @@ static void on_signal(evutil_socket_t sig, short what, void *arg) { ctx_stop(arg
 static int key_derive(struct id_key *k, const char *seed, uint64_t idx)
 {
     struct keccak_ctx kc;
-    uint8_t be[4] = {(uint8_t)(idx >> 24), (uint8_t)(idx >> 16), (uint8_t)(idx >> 8),
-                     (uint8_t)idx};
+    uint8_t be[4] = {(uint8_t)(idx >> 24), (uint8_t)(idx >> 16), (uint8_t)(idx >> 8), (uint8_t)idx};
     uint8_t priv[KECCAK256_LEN];
     int rc = -1;
 
@@ -1310,46 +1311,45 @@ static int ctx_init(struct sw_ctx *ctx, const struct sw_cfg *cfg)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: tunnel-bench-swarm --gateway ws[s]://HOST[:PORT] [--connect-host IPV4]\n"
-            "         [--ca FILE] [--count N] [--first I] [--seed S] [--rate R]\n"
-            "         [--max-handshakes K] [--duration S] [--status-ms MS]\n"
-            "         [--log-level debug|info|warn|error]\n"
-            "       tunnel-bench-swarm --print-addresses [--count N] [--first I] [--seed S]\n"
-            "\n"
-            "Swarm client of bench/run: opens N native tunnels (tunnel-h2.v1) to a\n"
-            "tunnel-gateway, each as its own agent (own key and instance id), and keeps\n"
-            "them registered; every request routed to one gets 200\n"
-            "\"tunnel-bench-swarm <index> <address>\\n\". Reconnects as tunnel-agent does:\n"
-            "backoff 1 s doubling to 60 s with +-20 %% jitter, reset after 60 s up; at once\n"
-            "on a gateway drain (GOAWAY / draining); never after a permanent auth error.\n"
-            "\n"
-            "  --gateway URL        ws:// or wss:// URL; its host is the Host header, the\n"
-            "                       TLS name (SNI, verified) and the signed domain\n"
-            "  --connect-host IPV4  dial this address instead (default: the URL host;\n"
-            "                       localhost dials 127.0.0.1)\n"
-            "  --ca FILE            trust anchors for wss:// (default: the system store)\n"
-            "  --count N            tunnels (default 1)\n"
-            "  --first I            key index of the first tunnel (default 0)\n"
-            "  --seed S             key seed (default tunnel-bench-swarm); the key of index\n"
-            "                       i is keccak256(S || uint32_be(i))\n"
-            "  --rate R             initial connects per second (default 0 = no cap)\n"
-            "  --max-handshakes K   initial ramp: at most K connections between dial and\n"
-            "                       auth_ok (default 200); reconnects are not capped\n"
-            "  --duration S         exit after S seconds (default 600)\n"
-            "  --status-ms MS       status line period (default 1000; 0 = none)\n"
-            "  --print-addresses    print the N addresses (lowercase, one a line), exit\n"
-            "\n"
-            "Prints one JSON object per line on stdout, each with \"event\" and \"t_ms\"\n"
-            "(CLOCK_MONOTONIC ms): all_up (count, elapsed_ms since start), status (up,\n"
-            "connecting, waiting, stopped, draining, registrations, drops, failures by\n"
-            "kind, last_error), drop (the first registered tunnel lost after all_up),\n"
-            "recovered (all registered again: from_drop_ms, from_listener_ms = from the\n"
-            "first TCP connect that succeeded after the last refused one, registrations,\n"
-            "regs_per_s, failures by kind during the cycle) and exit (as status).\n"
-            "Failure kinds: refused, connect, timeout, tls, ws (upgrade refused or closed\n"
-            "before auth_ok), auth_error. Exits 0 on SIGTERM/SIGINT or after --duration.\n"
-            "Raises its soft RLIMIT_NOFILE to the hard limit.\n");
+    fprintf(f, "usage: tunnel-bench-swarm --gateway ws[s]://HOST[:PORT] [--connect-host IPV4]\n"
+               "         [--ca FILE] [--count N] [--first I] [--seed S] [--rate R]\n"
+               "         [--max-handshakes K] [--duration S] [--status-ms MS]\n"
+               "         [--log-level debug|info|warn|error]\n"
+               "       tunnel-bench-swarm --print-addresses [--count N] [--first I] [--seed S]\n"
+               "\n"
+               "Swarm client of bench/run: opens N native tunnels (tunnel-h2.v1) to a\n"
+               "tunnel-gateway, each as its own agent (own key and instance id), and keeps\n"
+               "them registered; every request routed to one gets 200\n"
+               "\"tunnel-bench-swarm <index> <address>\\n\". Reconnects as tunnel-agent does:\n"
+               "backoff 1 s doubling to 60 s with +-20 %% jitter, reset after 60 s up; at once\n"
+               "on a gateway drain (GOAWAY / draining); never after a permanent auth error.\n"
+               "\n"
+               "  --gateway URL        ws:// or wss:// URL; its host is the Host header, the\n"
+               "                       TLS name (SNI, verified) and the signed domain\n"
+               "  --connect-host IPV4  dial this address instead (default: the URL host;\n"
+               "                       localhost dials 127.0.0.1)\n"
+               "  --ca FILE            trust anchors for wss:// (default: the system store)\n"
+               "  --count N            tunnels (default 1)\n"
+               "  --first I            key index of the first tunnel (default 0)\n"
+               "  --seed S             key seed (default tunnel-bench-swarm); the key of index\n"
+               "                       i is keccak256(S || uint32_be(i))\n"
+               "  --rate R             initial connects per second (default 0 = no cap)\n"
+               "  --max-handshakes K   initial ramp: at most K connections between dial and\n"
+               "                       auth_ok (default 200); reconnects are not capped\n"
+               "  --duration S         exit after S seconds (default 600)\n"
+               "  --status-ms MS       status line period (default 1000; 0 = none)\n"
+               "  --print-addresses    print the N addresses (lowercase, one a line), exit\n"
+               "\n"
+               "Prints one JSON object per line on stdout, each with \"event\" and \"t_ms\"\n"
+               "(CLOCK_MONOTONIC ms): all_up (count, elapsed_ms since start), status (up,\n"
+               "connecting, waiting, stopped, draining, registrations, drops, failures by\n"
+               "kind, last_error), drop (the first registered tunnel lost after all_up),\n"
+               "recovered (all registered again: from_drop_ms, from_listener_ms = from the\n"
+               "first TCP connect that succeeded after the last refused one, registrations,\n"
+               "regs_per_s, failures by kind during the cycle) and exit (as status).\n"
+               "Failure kinds: refused, connect, timeout, tls, ws (upgrade refused or closed\n"
+               "before auth_ok), auth_error. Exits 0 on SIGTERM/SIGINT or after --duration.\n"
+               "Raises its soft RLIMIT_NOFILE to the hard limit.\n");
 }
 
 /* Parses ws[s]://HOST[:PORT][/] into cfg. Returns 0 or -1. */
