@@ -1326,8 +1326,8 @@ static void usage(FILE *f)
                "\n"
                "  --gateway URL        ws:// or wss:// URL; its host is the Host header, the\n"
                "                       TLS name (SNI, verified) and the signed domain\n"
-               "  --connect-host IPV4  dial this address instead (default: the URL host;\n"
-               "                       localhost dials 127.0.0.1)\n"
+               "  --connect-host IPV4  dial this address (default: the URL host, which must\n"
+               "                       then be an IPv4 address, or localhost = 127.0.0.1)\n"
                "  --ca FILE            trust anchors for wss:// (default: the system store)\n"
                "  --count N            tunnels (default 1)\n"
                "  --first I            key index of the first tunnel (default 0)\n"
@@ -1348,7 +1348,8 @@ static void usage(FILE *f)
                "first TCP connect that succeeded after the last refused one, registrations,\n"
                "regs_per_s, failures by kind during the cycle) and exit (as status).\n"
                "Failure kinds: refused, connect, timeout, tls, ws (upgrade refused or closed\n"
-               "before auth_ok), auth_error. Exits 0 on SIGTERM/SIGINT or after --duration.\n"
+               "before auth_ok), auth_error. Exits 0 on SIGTERM/SIGINT or after --duration,\n"
+               "1 if it cannot start, 2 on a usage error.\n"
                "Raises its soft RLIMIT_NOFILE to the hard limit.\n");
 }
 
