@@ -741,7 +741,7 @@ static int ctx_init(struct ag_ctx *ctx, const char *home, const struct ag_run_op
             return -1;
         }
     }
-    ctx->base = event_base_new();
+    ctx->base = util_event_base_new();
     if (ctx->base == NULL) {
         fprintf(stderr, "tunnel-agent: cannot create the event loop\n");
         return -1;

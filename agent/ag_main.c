@@ -1010,6 +1010,7 @@ int main(int argc, char **argv)
     int i = 1;
     int rc;
 
+    util_malloc_tune();
     memset(&c, 0, sizeof(c));
     for (; i < argc && argv[i][0] == '-'; i++) {
         const char *a = argv[i];

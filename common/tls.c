@@ -23,6 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
 #include <event2/bufferevent_struct.h>
@@ -1121,4 +1122,53 @@ void tls_bev_kick_read(struct bufferevent *bev)
      * around; the read event callback runs OpenSSL's read loop */
     if (ssl != NULL && SSL_has_pending(ssl) && (bufferevent_get_enabled(bev) & EV_READ))
         event_active(&bev->ev_read, EV_READ, 1);
+}
+
+void tls_bev_kick_write(struct bufferevent *bev)
+{
+    /* ev_write's callback is the bufferevent's own write loop */
+    if ((bufferevent_get_enabled(bev) & EV_WRITE) &&
+        evbuffer_get_length(bufferevent_get_output(bev)) > 0)
+        event_active(&bev->ev_write, EV_WRITE, 1);
+}
+
+/* Room a chain gets when tls_out_add() starts one: two full TLS records. */
+#define TLS_OUT_CHAIN (32u * 1024u)
+
+int tls_out_add(struct evbuffer *out, const void *data, size_t len)
+{
+    struct evbuffer_iovec v;
+
+    /* Reserving one byte allocates nothing when the last chain has room;
+     * when it lacks room for len, start a large chain instead of letting
+     * evbuffer_add() start a small one. */
+    if (len > 0 && len < TLS_OUT_CHAIN &&
+        (evbuffer_reserve_space(out, 1, &v, 1) != 1 || v.iov_len < len) &&
+        evbuffer_expand(out, TLS_OUT_CHAIN) != 0)
+        return -1;
+    return evbuffer_add(out, data, len);
+}
+
+int tls_out_add_buffer(struct evbuffer *out, struct evbuffer *src, size_t len)
+{
+    struct evbuffer_iovec v[8];
+
+    if (evbuffer_get_length(src) < len)
+        return -1;
+    while (len > 0) {
+        int n = evbuffer_peek(src, (ev_ssize_t)len, NULL, v, 8);
+        size_t moved = 0;
+
+        if (n < 1)
+            return -1;
+        for (int i = 0; i < n && i < 8 && moved < len; i++) {
+            size_t k = v[i].iov_len < len - moved ? v[i].iov_len : len - moved;
+            if (tls_out_add(out, v[i].iov_base, k) != 0)
+                return -1;
+            moved += k;
+        }
+        evbuffer_drain(src, moved);
+        len -= moved;
+    }
+    return 0;
 }

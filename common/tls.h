@@ -112,4 +112,26 @@ struct bufferevent;
  * event so libevent drains it. No effect on other bufferevents. */
 void tls_bev_kick_read(struct bufferevent *bev);
 
+/* Writes bev's output in this loop iteration instead of the next one: runs
+ * its write callback as soon as the current callback returns. libevent only
+ * arms the write event when output appears, so every burst of response data
+ * would otherwise cost an epoll_wait(2) round and, without epoll's change
+ * list, an epoll_ctl(2) to add the event and one to delete it. Works for
+ * socket and socket OpenSSL bufferevents; no effect while writing is
+ * disabled or there is nothing to write. */
+void tls_bev_kick_write(struct bufferevent *bev);
+
+struct evbuffer;
+
+/* Appends len bytes to out, the output of a TLS bufferevent, so that they lie
+ * in large chains. libevent 2.1's OpenSSL bufferevent calls SSL_write once
+ * per output chain, and evbuffer_add() makes chains of at most 8 KiB: body
+ * data arriving in 4 KiB pieces would leave as 1-4 KiB TLS records, each its
+ * own write(2), which costs more than the encryption. Returns 0 or -1. */
+int tls_out_add(struct evbuffer *out, const void *data, size_t len);
+
+/* tls_out_add() of the first len bytes of src, which are drained. Returns 0,
+ * or -1 (src holds fewer than len bytes, or out of memory). */
+int tls_out_add_buffer(struct evbuffer *out, struct evbuffer *src, size_t len);
+
 #endif

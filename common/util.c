@@ -1,11 +1,13 @@
 /* Small helpers shared by both programs; see util.h. */
 #include "util.h"
 
+#include <malloc.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 
+#include <event2/event.h>
 #include <openssl/rand.h>
 
 int util_parse_u64(const char *s, size_t len, uint64_t *out)
@@ -160,4 +162,24 @@ int util_snprintf(char *buf, size_t size, const char *fmt, ...)
     if (n < 0 || (size_t)n >= size)
         return -1;
     return n;
+}
+
+void util_malloc_tune(void)
+{
+    /* Fixed thresholds also turn off glibc's dynamic mmap threshold. */
+    (void)mallopt(M_MMAP_THRESHOLD, 1024 * 1024);
+    (void)mallopt(M_TRIM_THRESHOLD, 8 * 1024 * 1024);
+}
+
+struct event_base *util_event_base_new(void)
+{
+    struct event_config *cfg = event_config_new();
+    struct event_base *base;
+
+    if (cfg == NULL)
+        return NULL;
+    (void)event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    base = event_base_new_with_config(cfg);
+    event_config_free(cfg);
+    return base;
 }

@@ -89,6 +89,14 @@ struct ws_conn {
     bool timed_out;        /* the close timer fired */
     bool reported;         /* on_close was called */
     bool dead;             /* ws_free() was called inside a ws frame */
+
+    /* Receive routing (ws_recv): wslay is given one frame at a time, so that
+     * between frames the next header can be looked at here first. */
+    uint64_t wslay_left;   /* bytes of the frame wslay reads still to give it */
+    uint64_t fast_left;    /* payload bytes left of a fast-path frame */
+    uint64_t fast_off;     /* payload offset in it (the mask's phase) */
+    uint8_t fast_key[4];   /* its masking key, if fast_masked */
+    bool fast_masked;
     int sent_code;         /* close code we sent (local_close/failed) */
     int peer_code;         /* close code the peer sent, 1005 if none */
     char sent_reason[WS_MAX_REASON + 1];
@@ -282,6 +290,7 @@ static void ws_note_output(struct ws_conn *ws)
 {
     if (ws_pending(ws) >= ws->high)
         ws->out_blocked = true;
+    tls_bev_kick_write(ws->bev);
 }
 
 /* Output failed (out of memory): nothing more can be sent or trusted. */
@@ -392,11 +401,15 @@ static ssize_t ws_wslay_recv(wslay_event_context_ptr ctx, uint8_t *buf, size_t l
         wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
         return -1;
     }
-    n = evbuffer_remove(bufferevent_get_input(ws->bev), buf, len);
+    if (len > ws->wslay_left)
+        len = (size_t)ws->wslay_left; /* the end of its frame (ws_recv) */
+    n = len > 0 ? evbuffer_remove(bufferevent_get_input(ws->bev), buf, len) : 0;
     if (n <= 0) {
         wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
         return -1;
     }
+    if (ws->wslay_left != UINT64_MAX)
+        ws->wslay_left -= (uint64_t)n;
     return n;
 }
 
@@ -566,25 +579,127 @@ static void ws_after_recv(struct ws_conn *ws, int rv)
     }
 }
 
+/* The frame header at the start of in. Returns its length, 0 if in does not
+ * hold all of it yet, or -1 if the length field is not minimally encoded
+ * (wslay then fails the connection). */
+static int ws_peek_header(struct evbuffer *in, uint8_t b[14], uint64_t *payload)
+{
+    size_t have = evbuffer_get_length(in);
+    size_t hlen;
+    uint8_t len7;
+
+    if (have < 2 || evbuffer_copyout(in, b, have < 14 ? have : 14) < 2)
+        return 0;
+    len7 = b[1] & 0x7fu;
+    hlen = 2u + (len7 == 126 ? 2u : len7 == 127 ? 8u : 0u) + ((b[1] & 0x80u) ? 4u : 0u);
+    if (have < hlen)
+        return 0;
+    if (len7 < 126) {
+        *payload = len7;
+    } else if (len7 == 126) {
+        *payload = (uint64_t)b[2] << 8 | b[3];
+        if (*payload < 126)
+            return -1;
+    } else {
+        *payload = 0;
+        for (int i = 0; i < 8; i++)
+            *payload = *payload << 8 | b[2 + i];
+        if (*payload <= 0xffff || (*payload >> 63) != 0)
+            return -1;
+    }
+    return (int)hlen;
+}
+
+/* The fast path: a whole binary message in one frame (FIN, no RSV bits),
+ * masked exactly when the peer is a client, outside a fragmented message,
+ * while messages are delivered. That is every data frame of the tunnel;
+ * anything else, valid or not, is wslay's to parse and judge. wslay unmasks
+ * a byte at a time, which was a fifth of the gateway's CPU on downloads. */
+static bool ws_fast_ok(const struct ws_conn *ws, const uint8_t b[14])
+{
+    return b[0] == (0x80u | WSLAY_BINARY_FRAME) && ((b[1] & 0x80u) != 0) == !ws->client &&
+           ws->rx_opcode == 0 && ws->cb.on_binary != NULL && !ws_rx_muted(ws);
+}
+
+/* Delivers payload of the fast-path frame from in, unmasked. */
+static void ws_fast_read(struct ws_conn *ws, struct evbuffer *in)
+{
+    uint8_t buf[16384];
+
+    while (ws->fast_left > 0 && !ws->paused && !ws->dead) {
+        struct evbuffer_iovec v;
+        const uint8_t *p;
+        size_t n;
+        int rv;
+
+        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+            return;
+        n = v.iov_len < ws->fast_left ? v.iov_len : (size_t)ws->fast_left;
+        p = v.iov_base;
+        if (ws->fast_masked) {
+            if (n > sizeof(buf))
+                n = sizeof(buf);
+            ws_mask(buf, p, n, ws->fast_key, (size_t)(ws->fast_off & 3));
+            p = buf;
+        }
+        ws->fast_left -= n;
+        ws->fast_off += n;
+        if (ws_rx_muted(ws) || n == 0) {
+            evbuffer_drain(in, n);
+            continue;
+        }
+        /* unmasked bytes are handed out of the input's own chain: drained
+         * after the call (the bufferevent outlives a ws_free() in it) */
+        rv = ws->cb.on_binary(ws->arg, p, n);
+        evbuffer_drain(in, n);
+        if (rv != 0 && !ws->dead)
+            ws_fail(ws, WS_CLOSE_INTERNAL, "binary message refused");
+    }
+}
+
 static void ws_recv(struct ws_conn *ws)
 {
     struct evbuffer *in = bufferevent_get_input(ws->bev);
-    int rv;
 
-    if (evbuffer_get_length(in) == 0)
-        return;
-    if (!wslay_event_get_read_enabled(ws->wslay)) {
-        /* After a close or a failure: discard, but keep reading for EOF. */
-        evbuffer_drain(in, evbuffer_get_length(in));
-        return;
+    while (evbuffer_get_length(in) > 0 && !ws->dead) {
+        uint8_t b[14];
+        uint64_t payload = 0;
+        int hlen, rv;
+
+        if (!wslay_event_get_read_enabled(ws->wslay)) {
+            /* After a close or a failure: discard, but keep reading for EOF. */
+            evbuffer_drain(in, evbuffer_get_length(in));
+            return;
+        }
+        if (ws->paused)
+            return;
+        if (ws->fast_left > 0) {
+            ws_fast_read(ws, in);
+            continue;
+        }
+        if (ws->wslay_left == 0) {
+            hlen = ws_peek_header(in, b, &payload);
+            if (hlen == 0)
+                return; /* the rest of the header is still on its way */
+            if (hlen > 0 && ws_fast_ok(ws, b)) {
+                ws->fast_masked = (b[1] & 0x80u) != 0;
+                if (ws->fast_masked)
+                    memcpy(ws->fast_key, b + hlen - 4, 4);
+                ws->fast_left = payload;
+                ws->fast_off = 0;
+                evbuffer_drain(in, (size_t)hlen);
+                continue;
+            }
+            ws->wslay_left = hlen < 0 ? UINT64_MAX : (uint64_t)hlen + payload;
+        }
+        rv = wslay_event_recv(ws->wslay);
+        if (ws->dead)
+            return;
+        ws_after_recv(ws, rv);
+        if (rv != 0 || ws->wslay_left > 0)
+            break; /* failed, paused, or the frame's end has not arrived */
     }
-    if (ws->paused)
-        return;
-    rv = wslay_event_recv(ws->wslay);
-    if (ws->dead)
-        return;
-    ws_after_recv(ws, rv);
-    if (!wslay_event_get_read_enabled(ws->wslay))
+    if (!ws->dead && !wslay_event_get_read_enabled(ws->wslay))
         evbuffer_drain(in, evbuffer_get_length(in));
 }
 
@@ -771,11 +886,11 @@ static int ws_write_frame(struct ws_conn *ws, uint8_t opcode, const uint8_t *dat
     if (ws->client && util_rand_bytes(key, sizeof(key)) != 0)
         return -1;
     hlen = ws_frame_header(hdr, opcode, len, ws->client ? key : NULL);
-    if (evbuffer_add(out, hdr, hlen) != 0)
+    if (tls_out_add(out, hdr, hlen) != 0)
         return -1;
     if (!ws->client) {
-        if (src != NULL ? evbuffer_remove_buffer(src, out, len) != (int)len
-                        : evbuffer_add(out, data, len) != 0)
+        if (src != NULL ? tls_out_add_buffer(out, src, len) != 0
+                        : tls_out_add(out, data, len) != 0)
             goto fail_lost;
     }
     while (ws->client && off < len) {

@@ -226,12 +226,14 @@ static int h1_fe_body(struct gw_req *r, const uint8_t *data, size_t len)
     if (h->closing || len == 0)
         return h->closing ? -1 : 0;
     if (!h->resp_no_body) {
-        if (h->resp_chunked)
-            evbuffer_add_printf(out, "%zx\r\n", len);
-        evbuffer_add(out, data, len);
-        if (h->resp_chunked)
-            evbuffer_add(out, "\r\n", 2);
+        char sz[20];
+        int szn = h->resp_chunked ? snprintf(sz, sizeof(sz), "%zx\r\n", len) : 0;
+        if ((szn > 0 && tls_out_add(out, sz, (size_t)szn) != 0) ||
+            tls_out_add(out, data, len) != 0 ||
+            (h->resp_chunked && tls_out_add(out, "\r\n", 2) != 0))
+            return -1;
     }
+    tls_bev_kick_write(h->bev);
     h->unconsumed += len;
     if (evbuffer_get_length(out) < H1_OUT_HIGH) {
         size_t n = h->unconsumed;

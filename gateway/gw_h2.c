@@ -199,7 +199,7 @@ static ssize_t on_send(nghttp2_session *session, const uint8_t *data, size_t len
 
     if (evbuffer_get_length(out) >= H2_OUT_HIGH)
         return NGHTTP2_ERR_WOULDBLOCK;
-    if (evbuffer_add(out, data, len) != 0)
+    if (tls_out_add(out, data, len) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     return (ssize_t)len;
 }
@@ -213,8 +213,9 @@ static int on_send_data(nghttp2_session *session, nghttp2_frame *frame, const ui
 
     if (evbuffer_get_length(out) >= H2_OUT_HIGH)
         return NGHTTP2_ERR_WOULDBLOCK;
-    evbuffer_add(out, framehd, 9);
-    if (evbuffer_remove_buffer(s->resp, out, length) != (int)length)
+    /* copied rather than moved: s->resp's chains are as small as the pieces
+     * that arrived, and the frame header would be a chain (a TLS record) */
+    if (tls_out_add(out, framehd, 9) != 0 || tls_out_add_buffer(out, s->resp, length) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     /* the bytes left for the client: the agent may send more */
     if (s->req != NULL) {
@@ -440,6 +441,7 @@ static void h2_send(struct gw_h2 *h)
         h->dead = true;
         return;
     }
+    tls_bev_kick_write(h->bev);
     if (!nghttp2_session_want_read(h->session) && !nghttp2_session_want_write(h->session) &&
         evbuffer_get_length(bufferevent_get_output(h->bev)) == 0)
         h->dead = true;

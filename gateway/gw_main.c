@@ -167,6 +167,7 @@ int main(int argc, char **argv)
     char err[1024];
     int rc;
 
+    util_malloc_tune();
     memset(&ctx, 0, sizeof(ctx));
     if (gw_cfg_load(&cfg, argc, argv, err, sizeof(err)) != 0) {
         fprintf(stderr, "tunnel-gateway: %s\n(see tunnel-gateway --help)\n", err);
@@ -193,7 +194,7 @@ int main(int argc, char **argv)
     ctx.cfg = &cfg;
     ctx.start_ms = util_mono_ms();
     ctx.log = log_new("tunnel-gateway", cfg.log_level, cfg.log_format, 2);
-    ctx.base = event_base_new();
+    ctx.base = util_event_base_new();
     ctx.reg = gw_reg_new();
     ctx.ipt = gw_ipt_new();
     if (ctx.log == NULL || ctx.base == NULL || ctx.reg == NULL || ctx.ipt == NULL) {

@@ -3,6 +3,7 @@
  * messages at the length boundaries, 4 MiB binary, ping/pong, close
  * handshakes, protocol failures from a raw peer, freeing from inside
  * callbacks, backpressure. */
+#include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -284,6 +285,25 @@ static void raw_read(int fd, uint8_t *buf, size_t want)
             got += (size_t)n;
             continue;
         }
+        assert_true(util_mono_ms() < end);
+        loop_once();
+    }
+}
+
+/* Writes all of data to a non-blocking fd, running the loop while it is full. */
+static void raw_write_pump(int fd, const void *data, size_t len)
+{
+    const uint8_t *d = data;
+    uint64_t end = util_mono_ms() + RUN_MS;
+
+    while (len > 0) {
+        ssize_t n = send(fd, d, len, MSG_DONTWAIT);
+        if (n > 0) {
+            d += n;
+            len -= (size_t)n;
+            continue;
+        }
+        assert_true(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
         assert_true(util_mono_ms() < end);
         loop_once();
     }
@@ -909,6 +929,138 @@ static void test_raw_fragments_and_ping(void **state)
     peer_cleanup(&p);
 }
 
+/* Whole binary messages take ws's own path (ws_fast_ok), everything else
+ * wslay's. A stream mixing both, written in odd-sized pieces so that headers,
+ * masking keys and payloads split at every kind of offset, must come out
+ * byte for byte, with the mask's phase carried across pieces. */
+static void fast_path_stream(bool client_role, size_t piece)
+{
+    static const size_t sizes[] = {0, 1, 3, 125, 126, 4097, 65535, 65536, 70001};
+    const size_t nsizes = sizeof(sizes) / sizeof(sizes[0]);
+    bool mask = !client_role;
+    size_t cap = 300000, n = 0, total = 0;
+    uint8_t *f = malloc(cap), *expect = malloc(cap), *pl = malloc(80000), pong[5];
+    struct peer p;
+
+    assert_non_null(f);
+    assert_non_null(expect);
+    assert_non_null(pl);
+    peer_init(&p);
+    int fd = raw_pair(&p, client_role, 100);
+    for (size_t i = 0; i < nsizes; i++) {
+        fill_pattern(pl, sizes[i], (uint32_t)i + 1);
+        n += frame(f + n, true, 2, mask, pl, sizes[i]);
+        memcpy(expect + total, pl, sizes[i]);
+        total += sizes[i];
+        if (i == 2)
+            n += frame(f + n, true, 9, mask, "abc", 3); /* ping: wslay's */
+        if (i == 4) {
+            /* a fragmented binary message: wslay's, a ping inside it */
+            n += frame(f + n, false, 2, mask, "\x01\x02", 2);
+            n += frame(f + n, true, 9, mask, "xyz", 3);
+            n += frame(f + n, true, 0, mask, "\x03", 1);
+            memcpy(expect + total, "\x01\x02\x03", 3);
+            total += 3;
+        }
+        if (i == 6)
+            n += frame(f + n, true, 1, mask, "text", 4);
+    }
+    assert_true(n <= cap);
+    for (size_t off = 0; off < n; off += piece) {
+        size_t k = n - off < piece ? n - off : piece;
+        raw_write_pump(fd, f + off, k);
+        /* let ws read each piece on its own (tiny ones: now and then) */
+        if (piece >= 64 || off % 256 == 0)
+            loop_once();
+    }
+    RUN_UNTIL(evbuffer_get_length(p.bin) == total && p.n_text == 1);
+    assert_memory_equal(evbuffer_pullup(p.bin, -1), expect, total);
+    check_text(&p, 0, "text", 4);
+    assert_int_equal(p.n_close, 0);
+    if (!client_role) {
+        raw_read(fd, pong, 5);
+        assert_memory_equal(pong, "\x8a\x03" "abc", 5);
+    }
+    close(fd);
+    peer_cleanup(&p);
+    free(f);
+    free(expect);
+    free(pl);
+}
+
+static void test_fast_path_server(void **state)
+{
+    static const size_t pieces[] = {1, 7, 13, 4099, 65537, 1u << 20};
+    for (size_t i = 0; i < sizeof(pieces) / sizeof(pieces[0]); i++)
+        fast_path_stream(false, pieces[i]);
+}
+
+static void test_fast_path_client(void **state)
+{
+    static const size_t pieces[] = {1, 13, 4099, 1u << 20};
+    for (size_t i = 0; i < sizeof(pieces) / sizeof(pieces[0]); i++)
+        fast_path_stream(true, pieces[i]);
+}
+
+/* A binary frame the fast path must not take is still judged by wslay. */
+static void test_fast_path_refusals(void **state)
+{
+    uint8_t f[300];
+    size_t n;
+
+    n = frame(f, true, 2, false, "hi", 2); /* unmasked binary from a client */
+    expect_server_fails(f, n, WS_CLOSE_PROTOCOL_ERROR);
+    n = frame(f, true, 2, true, "hi", 2);
+    f[0] |= 0x20; /* RSV2 */
+    expect_server_fails(f, n, WS_CLOSE_PROTOCOL_ERROR);
+    /* Lengths not minimally encoded (5 in the 16-bit form, 200 in the
+     * 64-bit form): wslay's frame layer closes without a code, 1002. */
+    static const char *const bad[] = {"\x82\xfe\x00\x05",
+                                      "\x82\xff\x00\x00\x00\x00\x00\x00\x00\xc8"};
+    static const size_t badlen[] = {4, 10};
+    for (size_t i = 0; i < 2; i++) {
+        struct peer p;
+        uint8_t resp[2];
+        peer_init(&p);
+        int fd = raw_pair(&p, false, 100);
+        memset(f, 'a', sizeof(f));
+        memcpy(f, bad[i], badlen[i]);
+        raw_write(fd, f, badlen[i] + 4 + 200);
+        raw_read(fd, resp, 2);
+        assert_int_equal(resp[0], 0x88);
+        RUN_UNTIL(p.n_close == 1);
+        assert_int_equal(p.close_code, WS_CLOSE_PROTOCOL_ERROR);
+        assert_int_equal(evbuffer_get_length(p.bin), 0);
+        close(fd);
+        peer_cleanup(&p);
+    }
+}
+
+/* Pausing inside a fast-path frame holds the rest of its payload until the
+ * owner resumes, mask phase intact. */
+static void test_fast_path_pause_mid_frame(void **state)
+{
+    static uint8_t pl[50000], f[50100];
+    struct peer p;
+    size_t n;
+
+    fill_pattern(pl, sizeof(pl), 9);
+    peer_init(&p);
+    int fd = raw_pair(&p, false, 100);
+    n = frame(f, true, 2, true, pl, sizeof(pl));
+    p.pause_on_binary = true;
+    raw_write(fd, f, n);
+    RUN_UNTIL(p.n_bin_calls == 1);
+    run_for_ms(30);
+    assert_int_equal(p.n_bin_calls, 1);
+    assert_true(evbuffer_get_length(p.bin) < sizeof(pl));
+    ws_pause_read(p.ws, false);
+    RUN_UNTIL(evbuffer_get_length(p.bin) == sizeof(pl));
+    assert_memory_equal(evbuffer_pullup(p.bin, -1), pl, sizeof(pl));
+    close(fd);
+    peer_cleanup(&p);
+}
+
 static void test_peer_close_codes(void **state)
 {
     struct peer p;
@@ -1210,8 +1362,9 @@ static void test_pause_resume_buffered(void **state)
         assert_int_equal(ws_send_binary(srv.ws, msg, sizeof(msg)), 0);
     RUN_UNTIL(cli.n_bin_calls > 0);
     run_for_ms(30);
-    /* At most what wslay had already read (4 KiB) came after the pause. */
-    assert_true(evbuffer_get_length(cli.bin) <= 4096);
+    /* Nothing was delivered after the pause. */
+    assert_int_equal(cli.n_bin_calls, 1);
+    assert_true(evbuffer_get_length(cli.bin) <= sizeof(msg));
     assert_int_equal(ws_output_pending(srv.ws), 0);
     ws_pause_read(cli.ws, false);
     RUN_UNTIL(evbuffer_get_length(cli.bin) == 3 * sizeof(msg));
@@ -1223,13 +1376,15 @@ static void test_pause_resume_buffered(void **state)
 
     /* EOF while paused with input buffered: the input first, then 1006. */
     cli.pause_on_binary = true;
+    int calls = cli.n_bin_calls;
     for (int i = 0; i < 3; i++)
         assert_int_equal(ws_send_binary(srv.ws, msg, sizeof(msg)), 0);
     RUN_UNTIL(evbuffer_get_length(cli.bin) > 0);
     assert_int_equal(bufferevent_flush(pair[0], EV_WRITE, BEV_FINISHED), 0);
     run_for_ms(30);
     assert_int_equal(cli.n_close, 0);
-    assert_true(evbuffer_get_length(cli.bin) <= 4096);
+    assert_int_equal(cli.n_bin_calls, calls + 1);
+    assert_true(evbuffer_get_length(cli.bin) <= sizeof(msg));
     ws_pause_read(cli.ws, false);
     RUN_UNTIL(cli.n_close == 1);
     assert_int_equal(evbuffer_get_length(cli.bin), 3 * sizeof(msg));
@@ -1300,6 +1455,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_client_refuses_masked, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_masks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_raw_fragments_and_ping, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fast_path_server, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fast_path_client, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fast_path_refusals, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fast_path_pause_mid_frame, setup, teardown),
         cmocka_unit_test_setup_teardown(test_peer_close_codes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_timeout, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bytes_before_new, setup, teardown),
