@@ -1124,6 +1124,18 @@ void tls_bev_kick_read(struct bufferevent *bev)
         event_active(&bev->ev_read, EV_READ, 1);
 }
 
+#define TLS_READ_AHEAD_BYTES (64u * 1024u)
+
+void tls_bev_read_ahead(struct bufferevent *bev)
+{
+    SSL *ssl = bufferevent_openssl_get_ssl(bev);
+
+    if (ssl == NULL)
+        return;
+    SSL_set_default_read_buffer_len(ssl, TLS_READ_AHEAD_BYTES);
+    SSL_set_read_ahead(ssl, 1);
+}
+
 void tls_bev_kick_write(struct bufferevent *bev)
 {
     /* ev_write's callback is the bufferevent's own write loop */

@@ -112,6 +112,13 @@ struct bufferevent;
  * event so libevent drains it. No effect on other bufferevents. */
 void tls_bev_kick_read(struct bufferevent *bev);
 
+/* Lets OpenSSL read ahead on bev's connection: one read(2) takes up to 64 KiB
+ * (several records) instead of two per record (header, then body). Records it
+ * holds beyond the one being read are invisible to libevent 2.1, so the owner
+ * MUST call tls_bev_kick_read() at the end of every read callback (and after
+ * a pause, as always). No effect on other bufferevents. */
+void tls_bev_read_ahead(struct bufferevent *bev);
+
 /* Writes bev's output in this loop iteration instead of the next one: runs
  * its write callback as soon as the current callback returns. libevent only
  * arms the write event when output appears, so every burst of response data

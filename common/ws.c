@@ -735,6 +735,8 @@ static void ws_on_read(struct bufferevent *bev, void *arg)
     }
     ws_enter(ws);
     ws_run(ws);
+    if (!ws->dead && !ws->reported)
+        tls_bev_kick_read(ws->bev); /* records read ahead (tls_bev_read_ahead) */
     ws_leave(ws);
 }
 
@@ -771,6 +773,8 @@ static void ws_on_kick(evutil_socket_t fd, short what, void *arg)
 
     ws_enter(ws);
     ws_run(ws);
+    if (!ws->dead && !ws->reported)
+        tls_bev_kick_read(ws->bev);
     ws_leave(ws);
 }
 
@@ -828,6 +832,7 @@ struct ws_conn *ws_conn_new(struct event_base *base, struct bufferevent *bev, bo
     ws->close_timeout_ms = WS_DEFAULT_CLOSE_TIMEOUT_MS;
     ws->last_rx_ms = util_mono_ms();
     bufferevent_setcb(bev, ws_on_read, ws_on_write, ws_on_event, ws);
+    tls_bev_read_ahead(bev); /* kicked after every read (ws_on_read) */
     bufferevent_setwatermark(bev, EV_READ, 0, 0);
     bufferevent_setwatermark(bev, EV_WRITE, ws->low, 0);
     bufferevent_enable(bev, EV_READ | EV_WRITE);

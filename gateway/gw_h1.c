@@ -790,6 +790,7 @@ int gw_h1_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     http_parser_init(&h->parser, HTTP_REQUEST);
     h->parser.data = h;
     bufferevent_setcb(bev, h1_on_read, h1_on_write, h1_on_event, h);
+    tls_bev_read_ahead(bev); /* h1_on_read kicks after every read */
     bufferevent_set_timeouts(bev, &tv, NULL);
     bufferevent_setwatermark(bev, EV_READ, 0, H1_IN_HIGH);
     bufferevent_enable(bev, EV_READ | EV_WRITE);

@@ -27,6 +27,7 @@
 #include "util.h"
 
 #define HS_TIMEOUT_S 10 /* TLS handshake / first bytes */
+#define GW_IO_MAX (256 * 1024) /* bytes per socket write call */
 
 static const char h2_preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -209,6 +210,10 @@ static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct 
         }
         bufferevent_setcb(bev, hs_on_read, NULL, hs_on_event, hs);
     }
+    /* Writes of up to 256 KiB per call: with the default 16 KiB, libevent's
+     * OpenSSL bufferevent cuts a small TLS record (and a write(2)) wherever a
+     * 16 KiB window ends inside an output chain. */
+    bufferevent_set_max_single_write(bev, GW_IO_MAX);
     hs->bev = bev;
     hs->link.free_now = hs_free_now;
     gw_conn_link_add(ctx, &hs->link);
