@@ -699,7 +699,9 @@ static const struct cfg_opt gw_opts[] = {
     {.name = "redis", .type = CFG_T_CUSTOM, .offset = OFF(redis), .metavar = "URL",
      .group = G_GEN, .parse = parse_redis, .release = release_redis,
      .help = "Share the route registry with other nodes at redis://HOST[:PORT][/DB] "
-             "(default port 6379, db 0); unset: the registry is in memory."},
+             "(default port 6379, db 0); unset: the registry is in memory. Not yet "
+             "implemented: the gateway refuses to start with it set, rather than run "
+             "as a node that silently shares nothing."},
     {.name = "drain-timeout", .type = CFG_T_SECONDS, .offset = OFF(drain_timeout_s), .def = "600",
      .metavar = "S", .group = G_GEN, .max = U32,
      .help = "On SIGTERM, time in-flight streams get to finish (s)."},

@@ -184,6 +184,15 @@ int main(int argc, char **argv)
         gw_cfg_cleanup(&cfg);
         return 0;
     }
+    if (cfg.redis.text != NULL) {
+        fprintf(stderr, "tunnel-gateway: --redis %s: the shared Redis registry is not "
+                        "implemented in this version; unset --redis (or "
+                        "TUNNEL_GATEWAY_REDIS, or redis in the config file) to run this node "
+                        "with its registry in memory\n",
+                cfg.redis.text);
+        gw_cfg_cleanup(&cfg);
+        return 2;
+    }
     signal(SIGPIPE, SIG_IGN);
     /* http-parser's cap is process-wide; we count header bytes ourselves for
      * the 431 answer, so the parser only needs room above our limit */

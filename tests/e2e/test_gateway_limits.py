@@ -137,3 +137,16 @@ def test_limits_host_busy_timeout_and_body_size(build_dir, tmp_path, api):
     finally:
         ag.stop()
         assert gw.stop() == 0
+
+
+def test_redis_is_refused_not_ignored(build_dir, tmp_path):
+    """--redis is documented but not implemented: the gateway must say so and
+    exit 2, not run as a node that silently shares no registry."""
+    exe = f"{build_dir}/gateway/tunnel-gateway"
+    r = subprocess.run([exe, "--redis", "redis://127.0.0.1:6399", "--listen", "127.0.0.1:0",
+                        "--state-dir", str(tmp_path / "state")],
+                       capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r
+    assert "not implemented" in r.stderr and "--redis" in r.stderr
+    h = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=10)
+    assert h.returncode == 0 and "Not yet" in h.stdout
