@@ -41,8 +41,8 @@ run_suite() { # name builddir meson-args...
         return
     fi
     [ "$BUILD_ONLY" = 1 ] && return
-    echo "== $name: unit tests"
-    meson test -C "$dir" --suite unit --print-errorlogs >"$JUNIT_DIR/$name-unit.log" 2>&1 || status=1
+    echo "== $name: unit tests and the benchmark's own tests"
+    meson test -C "$dir" --suite unit --suite bench --print-errorlogs >"$JUNIT_DIR/$name-unit.log" 2>&1 || status=1
     tail -n 12 "$JUNIT_DIR/$name-unit.log"
     cp "$dir/meson-logs/testlog.junit.xml" "$JUNIT_DIR/$name-unit.xml" 2>/dev/null
     echo "== $name: end-to-end tests"
