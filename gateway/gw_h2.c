@@ -52,6 +52,7 @@ struct gw_h2s {
     struct gw_req *req;               /* owned */
     struct evbuffer *resp;            /* response body not yet framed */
     bool resp_eof;                    /* no more response bytes will come */
+    bool resp_abort;                  /* reset the stream once resp is sent */
     bool submitted;                   /* response HEADERS submitted */
     size_t resp_unconsumed;           /* bytes to return to the tunnel once sent */
     uint64_t body_returned;           /* request body bytes whose window we returned */
@@ -77,6 +78,8 @@ static ssize_t resp_read_cb(nghttp2_session *session, int32_t stream_id, uint8_t
     size_t have = evbuffer_get_length(s->resp);
 
     if (have == 0) {
+        if (s->resp_abort)
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* RST_STREAM INTERNAL_ERROR */
         if (s->resp_eof) {
             *flags |= NGHTTP2_DATA_FLAG_EOF;
             return 0;
@@ -137,6 +140,11 @@ static void h2_fe_end(struct gw_req *r, bool complete)
     gw_req_log(r, complete ? "done" : "aborted");
     if (complete) {
         s->resp_eof = true;
+        nghttp2_session_resume_data(s->h2->session, s->stream_id);
+    } else if (s->submitted && evbuffer_get_length(s->resp) > 0) {
+        /* the bytes that came before the failure go out first; the data
+         * source resets the stream once they have (resp_read_cb) */
+        s->resp_abort = true;
         nghttp2_session_resume_data(s->h2->session, s->stream_id);
     } else {
         nghttp2_submit_rst_stream(s->h2->session, NGHTTP2_FLAG_NONE, s->stream_id,
