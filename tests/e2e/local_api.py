@@ -177,6 +177,16 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(iv)
             self.wfile.write(b"0\r\n\r\n")
+        elif path == "/short":
+            # promises `of` bytes, sends `n` of them in one write, then closes
+            n, of = int(q.get("n", "0")), int(q.get("of", "0"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(of))
+            self.end_headers()
+            self.wfile.write(det_bytes(n, "short"))
+            self.wfile.flush()
+            self.close_connection = True
         elif path.startswith("/status/"):
             code = int(path.rsplit("/", 1)[1])
             self.send_response(code)

@@ -121,6 +121,17 @@ class OsrClient:
         self.reader.cancel()
 
 
+def masked_text(f):
+    """f as one masked WebSocket text frame (RFC 6455 5.2), for writing
+    several frames in one TLS record past the library."""
+    p = json.dumps(f).encode()
+    assert len(p) < 65536
+    key = secrets.token_bytes(4)
+    head = bytes([0x81, 0x80 | len(p)]) if len(p) < 126 else \
+        bytes([0x81, 0x80 | 126]) + len(p).to_bytes(2, "big")
+    return head + key + bytes(b ^ key[i & 3] for i, b in enumerate(p))
+
+
 def parse_head(path):
     status, heads = 0, {}
     if path.exists():
@@ -314,6 +325,69 @@ def test_head_and_no_body_statuses(gw):
 
 # ---- violations, cancel ----
 
+
+def test_abort_after_head_sends_data_then_reset(gw):
+    """An h2 caller gets every byte sent before a violation, then RST_STREAM
+    INTERNAL_ERROR, even when the last chunk and the bad frame arrive
+    together (python-h2 on a raw socket: the frames in wire order)."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    def h2_get(host, path):
+        ctx = ssl.create_default_context(cafile=str(gw.ca))
+        ctx.set_alpn_protocols(["h2"])
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", gw.port)),
+                            server_hostname=host)
+        s.settimeout(10)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":path", path), (":scheme", "https"),
+                              (":authority", f"{host}:{gw.port}")], end_stream=True)
+        s.sendall(conn.data_to_send())
+        return s, conn
+
+    def read_stream(s, conn):
+        seen = []
+        while True:
+            d = s.recv(65536)
+            if not d:
+                return seen
+            for e in conn.receive_data(d):
+                if isinstance(e, h2.events.DataReceived):
+                    seen.append(("data", e.data))
+                elif isinstance(e, h2.events.StreamReset):
+                    seen.append(("reset", e.error_code))
+                    return seen
+                elif isinstance(e, h2.events.StreamEnded):
+                    seen.append(("end", None))
+                    return seen
+
+    async def go():
+        c = await OsrClient(gw).open()
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            s, conn = h2_get(c.host, "/cut")
+            try:
+                req = await c.next("request")
+                await c.send({"type": "stream_start", "id": req["id"], "status": 200,
+                              "headers": {}})
+                await c.send({"type": "stream_chunk", "id": req["id"], "data": "pa"})
+                # the last good chunk and the bad frame in one TLS record, so
+                # the gateway takes them in one read
+                c.ws.transport.write(
+                    masked_text({"type": "stream_chunk", "id": req["id"], "data": "rt"})
+                    + masked_text({"type": "stream_chunk", "id": req["id"], "data": 5}))
+                seen = await loop.run_in_executor(None, read_stream, s, conn)
+            finally:
+                s.close()
+            assert b"".join(d for k, d in seen if k == "data") == b"part", seen
+            assert seen[-1] == ("reset", h2.errors.ErrorCodes.INTERNAL_ERROR), seen
+            assert (await c.next("cancel"))["id"] == req["id"]
+        await c.close()
+    run(go())
+
 @pytest.mark.parametrize("http", HTTP)
 def test_bad_host_response_fails_and_cancels(gw, http):
     async def go():
@@ -338,14 +412,21 @@ def test_bad_host_response_fails_and_cancels(gw, http):
             await c.send({"type": "response", "id": req["id"], "status": 200, "headers": {}})
             await c.expect_nothing(0.2)
 
-        # after the head: the response is aborted (curl sees a cut transfer)
+        # after the head: the response is aborted (curl sees a cut transfer).
+        # curl 7.88 over h2 drops DATA that arrives in the same read as the
+        # RST_STREAM, so the bad frame waits until curl has printed "part";
+        # test_abort_after_head_sends_data_then_reset checks the frame order.
         cu = await Curl(gw, c.host, "/cut", http=http).start()
         req = await c.next("request")
         await c.send({"type": "stream_start", "id": req["id"], "status": 200, "headers": {}})
         await c.send({"type": "stream_chunk", "id": req["id"], "data": "part"})
+        for _ in range(100):
+            if cu.chunks:
+                break
+            await asyncio.sleep(0.05)
         await c.send({"type": "stream_chunk", "id": req["id"], "data": 5})
         st, hd, body = await cu.result()
-        assert st == 200 and body == b"part" and cu.rc != 0
+        assert st == 200 and body == b"part" and cu.rc != 0, (cu.rc, cu.stderr, cu.chunks)
         assert (await c.next("cancel"))["id"] == req["id"]
 
         # a response for an id that never existed changes nothing

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from local_api import LocalApi, stream_digest
+from local_api import LocalApi, det_bytes, stream_digest
 from tunnel_env import SANITIZED, Agent, Gateway, free_port, wait_for
 
 MiB = 1 << 20
@@ -327,6 +327,57 @@ def test_gateway_errors(env, http):
     # the apex's own endpoints are not reachable on agent hosts: /health is the agent's
     st, h, body = curl(e, "/health", http=http)
     assert st == 404 and body == b'{"error":"nope"}'
+
+
+def test_local_api_failing_mid_body_delivers_what_it_sent(env):
+    """A local API that closes after part of its body: the caller gets every
+    byte it sent, then sees the transfer cut (HTTP/1.1: curl's partial-file
+    error; HTTP/2: RST_STREAM INTERNAL_ERROR after the DATA, read with
+    python-h2 on a raw socket, since curl 7.88 drops DATA that arrives in the
+    same read as the reset)."""
+    import socket
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    e = env
+    sent = det_bytes(3000, "short")
+    st, h, body = curl(e, "/short?n=3000&of=10000", check=False)
+    assert (st, h["content-length"], body) == (200, ["10000"], sent)
+
+    for _ in range(5):
+        ctx = ssl.create_default_context(cafile=str(e.gw.ca))
+        ctx.set_alpn_protocols(["h2"])
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", e.gw.port)),
+                            server_hostname=e.host)
+        s.settimeout(10)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":path", "/short?n=3000&of=10000"),
+                              (":scheme", "https"), (":authority", f"{e.host}:{e.gw.port}")],
+                          end_stream=True)
+        s.sendall(conn.data_to_send())
+        data, status, end = b"", None, None
+        with s:
+            while end is None:
+                d = s.recv(65536)
+                assert d, "connection closed before the stream ended"
+                for ev in conn.receive_data(d):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        status = dict(ev.headers)[b":status"]
+                    elif isinstance(ev, h2.events.DataReceived):
+                        data += ev.data
+                    elif isinstance(ev, h2.events.StreamReset):
+                        end = ("reset", ev.error_code)
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        end = ("end", None)
+                s.sendall(conn.data_to_send())
+        assert status == b"200"
+        assert (len(data), data == sent) == (3000, True)
+        assert end == ("reset", h2.errors.ErrorCodes.INTERNAL_ERROR)
 
 
 def test_completed_and_cancelled_streams_do_not_leak_tunnel_window(env):
