@@ -714,6 +714,9 @@ static void h1_on_read(struct bufferevent *bev, void *arg)
 {
     struct gw_h1 *h = arg;
 
+    /* The next read is queued before processing: the body this callback
+     * hands upstream is sent after the records still buffered (tun_kick). */
+    h1_kick_read(h);
     h1_process(h);
     h1_kick_read(h);
     h1_finish(h);

@@ -1077,8 +1077,14 @@ static const struct ws_callbacks tun_ws_cbs = {
     .on_writable = tun_on_writable,
 };
 
+/* Runs tun_on_kick after every callback already queued in this pass of the
+ * loop, however often it is kicked: an active kick moves to the end of the
+ * queue. A front end that reads a client's body one TLS record per callback
+ * queues its next read before it kicks (h1_on_read), so the tunnel sends
+ * what the whole read brought in one message, not one per record. */
 static void tun_kick(struct gw_tun *t)
 {
+    event_del(t->kick);
     event_active(t->kick, EV_TIMEOUT, 0);
 }
 

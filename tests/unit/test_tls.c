@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <event2/buffer.h>
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -906,6 +907,97 @@ static void test_client_refusals(void **state)
     SSL_CTX_free(cctx);
 }
 
+/* Chains tls_out_add() leaves: libevent 2.1 writes each with one SSL_write,
+ * so their lengths are the TLS records' (and write(2)s') granularity. */
+static int out_chains(struct evbuffer *b, size_t *len, int max)
+{
+    struct evbuffer_iovec v[64];
+    int n = evbuffer_peek(b, -1, NULL, v, 64);
+
+    assert_true(n <= max && n <= 64);
+    for (int i = 0; i < n; i++)
+        len[i] = v[i].iov_len;
+    return n;
+}
+
+static void test_out_add_fills_chains(void **state)
+{
+    (void)state;
+    static uint8_t data[200000];
+    struct evbuffer *b = evbuffer_new();
+    size_t len[64], total = 0;
+    int n;
+
+    for (size_t i = 0; i < sizeof(data); i++)
+        data[i] = (uint8_t)(i * 7);
+    /* a WebSocket header and a frame header, then 16 KiB of body, four
+     * times: one large chain, not a small one per header */
+    for (int k = 0; k < 4; k++) {
+        assert_int_equal(tls_out_add(b, data, 4), 0);
+        assert_int_equal(tls_out_add(b, data, 9), 0);
+        assert_int_equal(tls_out_add(b, data, 16384), 0);
+    }
+    n = out_chains(b, len, 2);
+    assert_true(len[0] >= 4 * (4 + 9 + 16384) - 8192); /* the first holds nearly all */
+    for (int i = 0; i < n; i++)
+        total += len[i];
+    assert_int_equal(total, 4 * (4 + 9 + 16384));
+    evbuffer_free(b);
+
+    /* appends fill the last chain before starting one: every chain but the
+     * last is full (above 60 KiB), whatever the pieces' sizes */
+    b = evbuffer_new();
+    size_t sizes[] = {13, 16397, 1, 40000, 16397, 9, 65536, 3000, 16384, 16397, 7};
+    size_t off = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        assert_int_equal(tls_out_add(b, data + off, sizes[i]), 0);
+        off += sizes[i];
+    }
+    n = out_chains(b, len, 8);
+    total = 0;
+    for (int i = 0; i < n; i++) {
+        if (i < n - 1)
+            assert_true(len[i] > 60000);
+        total += len[i];
+    }
+    assert_int_equal(total, off);
+    /* and the bytes are the ones added, in order */
+    uint8_t *flat = evbuffer_pullup(b, -1);
+    assert_non_null(flat);
+    assert_memory_equal(flat, data, off);
+    assert_int_equal(tls_out_add(b, data, 0), 0);
+    assert_int_equal(evbuffer_get_length(b), off);
+    evbuffer_free(b);
+}
+
+/* tls_out_add_buffer() moves bytes from another evbuffer the same way. */
+static void test_out_add_buffer(void **state)
+{
+    (void)state;
+    struct evbuffer *src = evbuffer_new(), *b = evbuffer_new();
+    uint8_t piece[5000];
+    size_t len[64], total = 0;
+    int n;
+
+    for (size_t i = 0; i < sizeof(piece); i++)
+        piece[i] = (uint8_t)i;
+    for (int k = 0; k < 20; k++)
+        evbuffer_add(src, piece, sizeof(piece)); /* small chains */
+    assert_int_equal(tls_out_add_buffer(b, src, 200000), -1); /* more than src holds */
+    assert_int_equal(evbuffer_get_length(src), 100000);
+    assert_int_equal(tls_out_add_buffer(b, src, 90000), 0);
+    assert_int_equal(evbuffer_get_length(src), 10000);
+    n = out_chains(b, len, 3);
+    for (int i = 0; i < n; i++) {
+        if (i < n - 1)
+            assert_true(len[i] > 60000);
+        total += len[i];
+    }
+    assert_int_equal(total, 90000);
+    evbuffer_free(src);
+    evbuffer_free(b);
+}
+
 static void test_log_errors(void **state)
 {
     struct fx *f = *state;
@@ -957,6 +1049,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_server_opts_refused, fx_setup, fx_teardown),
         cmocka_unit_test(test_client_refusals),
         cmocka_unit_test_setup_teardown(test_log_errors, fx_setup, fx_teardown),
+        cmocka_unit_test(test_out_add_fills_chains),
+        cmocka_unit_test(test_out_add_buffer),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
