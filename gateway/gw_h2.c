@@ -29,6 +29,7 @@
 #define H2_CONN_WINDOW (16 * 1024 * 1024)
 #define H2_MAX_STREAMS 256
 #define H2_IDLE_TIMEOUT_S 300          /* only while no stream is open */
+#define H2_REFUSED_TIMEOUT_S 5         /* a refused connection's whole life */
 
 struct gw_h2 {
     struct gw_conn_link link;         /* in ctx->conns; first member */
@@ -42,6 +43,7 @@ struct gw_h2 {
     const char *scheme;
     bool dead;                        /* free at the end of the current callback */
     bool in_io;                       /* inside mem_recv/send: no nested send */
+    bool refused;                     /* over max-conns-per-ip: 429, GOAWAY, holds no slot */
     struct gw_h2s *streams;           /* live streams (nghttp2 owns their lifetime) */
     size_t nstreams;
 };
@@ -341,6 +343,13 @@ static void h2_request_ready(struct gw_h2 *h, struct gw_h2s *s, bool end_stream)
                                             &r->content_length) == 0) {
         r->has_content_length = true;
     }
+    if (h->refused) {
+        /* the answer an HTTP/1.1 client gets (gw_lsn), then no more streams */
+        gw_req_fail(r, HERR_TOO_MANY_CONNECTIONS);
+        nghttp2_submit_goaway(h->session, NGHTTP2_FLAG_NONE, s->stream_id, NGHTTP2_NO_ERROR,
+                              NULL, 0);
+        return;
+    }
     if (strcmp(r->method, "CONNECT") == 0 && r->protocol == NULL) {
         gw_req_fail(r, HERR_METHOD_NOT_ALLOWED);
         return;
@@ -416,7 +425,7 @@ static void h2s_free(struct gw_h2 *h, struct gw_h2s *s)
     evbuffer_free(s->resp);
     free(s);
     if (--h->nstreams == 0 && !h->dead) {
-        struct timeval tv = {H2_IDLE_TIMEOUT_S, 0};
+        struct timeval tv = {h->refused ? H2_REFUSED_TIMEOUT_S : H2_IDLE_TIMEOUT_S, 0};
         bufferevent_set_timeouts(h->bev, &tv, NULL);
     }
 }
@@ -459,7 +468,8 @@ static void h2_free(struct gw_h2 *h)
 {
     h->dead = true;
     gw_conn_link_del(h->ctx, &h->link);
-    gw_ipt_conn_release(h->ctx->ipt, (struct sockaddr *)&h->peer);
+    if (!h->refused)
+        gw_ipt_conn_release(h->ctx->ipt, (struct sockaddr *)&h->peer);
     /* nghttp2_session_del() does not call on_stream_close: free ours here */
     while (h->streams != NULL)
         h2s_free(h, h->streams);
@@ -531,7 +541,7 @@ static void h2_on_kick(evutil_socket_t fd, short what, void *arg)
 }
 
 int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
-                socklen_t peerlen, const char *scheme, uint64_t conn_id)
+                socklen_t peerlen, const char *scheme, uint64_t conn_id, bool refused)
 {
     struct gw_h2 *h = calloc(1, sizeof(*h));
     nghttp2_session_callbacks *cbs = NULL;
@@ -541,10 +551,13 @@ int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, H2_STREAM_WINDOW},
         {NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL, 1},
     };
-    struct timeval tv = {H2_IDLE_TIMEOUT_S, 0};
+    struct timeval tv = {refused ? H2_REFUSED_TIMEOUT_S : H2_IDLE_TIMEOUT_S, 0};
 
     if (h == NULL)
         goto fail_bev;
+    h->refused = refused;
+    if (refused)
+        iv[0].value = 1; /* one request, answered 429 */
     h->kick = event_new(ctx->base, -1, 0, h2_on_kick, h);
     if (h->kick == NULL)
         goto fail_h;

@@ -5,15 +5,17 @@
 #ifndef GW_H2_H
 #define GW_H2_H
 
-#include <stdint.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
 
 struct bufferevent;
 struct gw_ctx;
 
-/* Takes ownership of bev, also on failure. Returns 0 or -1. */
+/* Takes ownership of bev, also on failure. A refused connection (over
+ * max-conns-per-ip; it holds no per-IP slot) answers its first request with
+ * the JSON 429 too_many_connections, then sends GOAWAY. Returns 0 or -1. */
 int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
-                socklen_t peerlen, const char *scheme, uint64_t conn_id);
+                socklen_t peerlen, const char *scheme, uint64_t conn_id, bool refused);
 
 #endif

@@ -62,13 +62,14 @@ static void refuse_on_event(struct bufferevent *bev, short what, void *arg)
     bufferevent_free(bev);
 }
 
-static void refuse(struct bufferevent *bev, bool h2)
+/* An HTTP/1.1 client over the limit; an h2 one is gw_h2_start(refused). */
+static void refuse(struct bufferevent *bev)
 {
     char body[256];
     int n = herr_json(HERR_TOO_MANY_CONNECTIONS, body, sizeof(body));
     struct timeval tv = {5, 0};
 
-    if (h2 || n < 0) { /* an h2 client gets no HTTP/1.1 answer: just close */
+    if (n < 0) {
         bufferevent_free(bev);
         return;
     }
@@ -90,13 +91,14 @@ static void hs_dispatch(struct gw_hs *hs, struct bufferevent *bev, bool h2)
     gw_conn_link_del(ctx, &hs->link);
     bufferevent_setcb(bev, NULL, NULL, NULL, NULL);
     bufferevent_set_timeouts(bev, NULL, NULL);
-    if (hs->refused) {
-        refuse(bev, h2);
+    if (hs->refused && !h2) {
+        refuse(bev);
         free(hs);
         return;
     }
     if (h2)
-        gw_h2_start(ctx, bev, (struct sockaddr *)&hs->peer, hs->peerlen, scheme, hs->id);
+        gw_h2_start(ctx, bev, (struct sockaddr *)&hs->peer, hs->peerlen, scheme, hs->id,
+                    hs->refused);
     else
         gw_h1_start(ctx, bev, (struct sockaddr *)&hs->peer, hs->peerlen, scheme, hs->id);
     free(hs);

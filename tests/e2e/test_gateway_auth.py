@@ -6,6 +6,7 @@ spec names, takeover (replaced / superseded), and garbage after the upgrade."""
 import asyncio
 import json
 import secrets
+import subprocess
 import ssl
 import time
 import urllib.request
@@ -356,6 +357,19 @@ def test_per_ip_limits(build_dir, tmp_path):
         r = raw_request(g, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert r.startswith(b"HTTP/1.1 429"), r[:100]
         assert json.loads(r.split(b"\r\n\r\n", 1)[1])["error"] == "too_many_connections"
+        # an h2 client gets the same 429 (then GOAWAY), not a bare close
+        for _ in range(2):
+            c = subprocess.run(["curl", "-sS", "--http2", "--cacert", str(g.ca), "-w",
+                                "\n%{http_code} %{http_version}",
+                                f"https://localhost:{g.port}/health"],
+                               capture_output=True, timeout=30)
+            assert c.returncode == 0, c.stderr
+            body, code = c.stdout.rsplit(b"\n", 1)
+            assert code == b"429 2", c.stdout
+            assert json.loads(body)["error"] == "too_many_connections"
+        # the refused connections held no slot: still two taken, a third refused
+        r = raw_request(g, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert r.startswith(b"HTTP/1.1 429"), r[:100]
         a.close()
         b.close()
         wait = time.monotonic() + 5
