@@ -495,6 +495,9 @@ static void h2_on_read(struct bufferevent *bev, void *arg)
     struct gw_h2 *h = arg;
     struct evbuffer *in = bufferevent_get_input(bev);
 
+    /* records OpenSSL read ahead come in the next callback, queued before
+     * the body goes upstream (tun_kick), as in h1_on_read */
+    tls_bev_kick_read(bev);
     while (!h->dead && evbuffer_get_length(in) > 0) {
         struct evbuffer_iovec v;
         if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
@@ -588,6 +591,7 @@ int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, sizeof(iv) / sizeof(iv[0]));
     nghttp2_session_set_local_window_size(h->session, NGHTTP2_FLAG_NONE, 0, H2_CONN_WINDOW);
     bufferevent_setcb(bev, h2_on_read, h2_on_write, h2_on_event, h);
+    tls_bev_read_ahead(bev); /* h2_on_read kicks every read */
     bufferevent_setwatermark(bev, EV_WRITE, H2_OUT_LOW, 0);
     bufferevent_set_timeouts(bev, &tv, NULL);
     bufferevent_enable(bev, EV_READ | EV_WRITE);
