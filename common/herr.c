@@ -1,6 +1,8 @@
 /* Public HTTP error table; see herr.h. */
 #include "herr.h"
 
+#include <event2/buffer.h>
+
 #include "util.h"
 
 struct herr_info {
@@ -10,6 +12,7 @@ struct herr_info {
 };
 
 static const struct herr_info herr_table[HERR_COUNT_] = {
+    [HERR_NONE] = {200, "none", "No error."},
     [HERR_BAD_REQUEST] = {400, "bad_request", "The request is not valid HTTP."},
     [HERR_INVALID_SUBDOMAIN] = {400, "invalid_subdomain",
                                 "The host name is not an agent address under this domain."},
@@ -17,6 +20,8 @@ static const struct herr_info herr_table[HERR_COUNT_] = {
                                  "This endpoint only accepts WebSocket upgrades."},
     [HERR_UNSUPPORTED_PROTOCOL] = {400, "unsupported_protocol",
                                    "None of the offered tunnel subprotocols is supported."},
+    [HERR_UNSUPPORTED_UPGRADE] = {501, "unsupported_upgrade",
+                                  "Only WebSocket upgrades can be carried to an agent."},
     [HERR_NOT_FOUND] = {404, "not_found", "No such gateway endpoint."},
     [HERR_UNKNOWN_HOST] = {404, "unknown_host", "This gateway does not serve that host name."},
     [HERR_METHOD_NOT_ALLOWED] = {405, "method_not_allowed",
@@ -45,7 +50,7 @@ static const struct herr_info herr_table[HERR_COUNT_] = {
 
 static const struct herr_info *info(enum herr e)
 {
-    return (unsigned)e < HERR_COUNT_ ? &herr_table[e] : &herr_table[HERR_INTERNAL];
+    return (unsigned)e < HERR_COUNT_ && e != HERR_NONE ? &herr_table[e] : &herr_table[HERR_INTERNAL];
 }
 
 int herr_status(enum herr e)
@@ -67,4 +72,61 @@ int herr_json(enum herr e, char *buf, size_t size)
 {
     return util_snprintf(buf, size, "{\"error\":\"%s\",\"message\":\"%s\"}\n", info(e)->code,
                          info(e)->message);
+}
+
+const char *herr_reason(int status)
+{
+    switch (status) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 413: return "Content Too Large";
+    case 422: return "Unprocessable Content";
+    case 426: return "Upgrade Required";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Status";
+    }
+}
+
+int herr_write_h1(struct evbuffer *out, enum herr e, bool head_only, bool close)
+{
+    char body[256];
+    int blen = herr_json(e, body, sizeof(body));
+    int status = herr_status(e);
+
+    if (blen < 0)
+        return -1;
+    if (evbuffer_add_printf(out,
+                            "HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                            "content-length: %d\r\ncache-control: no-store\r\n%s\r\n",
+                            status, herr_reason(status), blen,
+                            close ? "connection: close\r\n" : "") < 0)
+        return -1;
+    if (!head_only && evbuffer_add(out, body, (size_t)blen) != 0)
+        return -1;
+    return 0;
 }

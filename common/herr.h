@@ -4,13 +4,18 @@
 #ifndef HERR_H
 #define HERR_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
+struct evbuffer;
+
 enum herr {
-    HERR_BAD_REQUEST = 0,
+    HERR_NONE = 0, /* no error */
+    HERR_BAD_REQUEST,
     HERR_INVALID_SUBDOMAIN,
     HERR_WEBSOCKET_REQUIRED,
     HERR_UNSUPPORTED_PROTOCOL,
+    HERR_UNSUPPORTED_UPGRADE,
     HERR_NOT_FOUND,
     HERR_UNKNOWN_HOST,
     HERR_METHOD_NOT_ALLOWED,
@@ -27,7 +32,7 @@ enum herr {
     HERR_GATEWAY_TIMEOUT,
     HERR_REQUEST_TIMEOUT,
     HERR_INTERNAL,
-    HERR_COUNT_ /* not an error */
+    HERR_COUNT_ /* number of entries, not a code */
 };
 
 int herr_status(enum herr e);
@@ -37,5 +42,15 @@ const char *herr_message(enum herr e);
 /* Writes {"error":"<code>","message":"<message>"}\n into buf.
  * Returns the length, or -1 if buf is too small. */
 int herr_json(enum herr e, char *buf, size_t size);
+
+/* The reason phrase of an HTTP status ("Status" for one it does not know). */
+const char *herr_reason(int status);
+
+/* Appends a whole HTTP/1.1 error response for e to out: status line,
+ * content-type application/json, content-length, cache-control no-store,
+ * "connection: close" when close is set, and the JSON body unless head_only
+ * (a HEAD request). The one writer of HTTP/1.1 errors (listener, front end,
+ * agent). Returns 0 or -1 (out of memory). */
+int herr_write_h1(struct evbuffer *out, enum herr e, bool head_only, bool close);
 
 #endif

@@ -551,7 +551,7 @@ static int on_headers_complete(http_parser *p)
     r->body_eof = r->has_content_length && r->content_length == 0;
     gw_req_start(r);
     /* RFC 9110 10.1.1: only once the request will really be forwarded */
-    if (h->expect_continue && !r->body_eof && r->err == HERR_COUNT_ && r->status == 0)
+    if (h->expect_continue && !r->body_eof && r->err == HERR_NONE && r->status == 0)
         evbuffer_add(bufferevent_get_output(h->bev), "HTTP/1.1 100 Continue\r\n\r\n", 25);
     return 0;
 }
@@ -561,7 +561,7 @@ static int on_body(http_parser *p, const char *at, size_t n)
     struct gw_h1 *h = p->data;
     struct gw_req *r = h->req;
 
-    if (h->discard_body || h->resp_done || r->err != HERR_COUNT_)
+    if (h->discard_body || h->resp_done || r->err != HERR_NONE)
         return 0;
     if (evbuffer_add(r->body, at, n) != 0)
         return -1;
@@ -580,7 +580,7 @@ static int on_message_complete(http_parser *p)
     h->msg_done = true;
     if (!r->body_eof) {
         r->body_eof = true;
-        if (!h->discard_body && !h->resp_done && r->err == HERR_COUNT_)
+        if (!h->discard_body && !h->resp_done && r->err == HERR_NONE)
             gw_req_body_more(r);
     }
     /* one request at a time: later pipelined bytes wait in the buffer */
@@ -658,7 +658,7 @@ static void h1_process(struct gw_h1 *h)
         if (err == HPE_PAUSED)
             continue;
         if (err != HPE_OK || (h->parser.upgrade && !h->ws_tunnel)) {
-            if (h->req != NULL && h->req->status == 0 && h->req->err == HERR_COUNT_ &&
+            if (h->req != NULL && h->req->status == 0 && h->req->err == HERR_NONE &&
                 h->req->up == NULL) {
                 if (h->req->method == NULL)
                     h->req->method = strdup("-");

@@ -378,7 +378,7 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
     case NGHTTP2_DATA:
         if (end_stream && !s->req->body_eof) {
             s->req->body_eof = true;
-            if (s->req->err == HERR_COUNT_)
+            if (s->req->err == HERR_NONE)
                 gw_req_body_more(s->req);
         }
         break;
@@ -397,7 +397,7 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream
     if (s == NULL)
         return 0;
     r = s->req;
-    if (r->err != HERR_COUNT_ || (r->status != 0 && r->up == NULL)) {
+    if (r->err != HERR_NONE || (r->status != 0 && r->up == NULL)) {
         /* answered already: drop, but keep the client's window open */
         nghttp2_session_consume(session, stream_id, len);
         return 0;

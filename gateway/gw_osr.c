@@ -295,7 +295,7 @@ static void osr_req_hdrs_cleanup(struct osr_req_hdrs *rh)
     memset(rh, 0, sizeof(*rh));
 }
 
-/* Returns HERR_COUNT_, HERR_INTERNAL (out of memory) or HERR_HEADER_TOO_LARGE
+/* Returns HERR_NONE, HERR_INTERNAL (out of memory) or HERR_HEADER_TOO_LARGE
  * (more names than a client accepts). addr and xff must outlive rh. */
 static enum herr osr_req_hdrs_build(struct osr_req_hdrs *rh, const struct gw_req *r,
                                     const char *addr, const char *xff)
@@ -305,7 +305,7 @@ static enum herr osr_req_hdrs_build(struct osr_req_hdrs *rh, const struct gw_req
     size_t nrefs = 0;
     size_t vbytes = 0;
     char *jp;
-    enum herr e = HERR_COUNT_;
+    enum herr e = HERR_NONE;
 
     memset(rh, 0, sizeof(*rh));
     refs = calloc(in->n + 1, sizeof(*refs));
@@ -359,12 +359,12 @@ static enum herr osr_req_hdrs_build(struct osr_req_hdrs *rh, const struct gw_req
 
 out:
     free(refs);
-    if (e != HERR_COUNT_)
+    if (e != HERR_NONE)
         osr_req_hdrs_cleanup(rh);
     return e;
 }
 
-/* Sends q's `request` frame with the whole body. Returns HERR_COUNT_ or the
+/* Sends q's `request` frame with the whole body. Returns HERR_NONE or the
  * error to answer. */
 static enum herr osr_send_request(struct osr_req *q)
 {
@@ -381,7 +381,7 @@ static enum herr osr_send_request(struct osr_req *q)
 
     id_addr_to_str(r->addr, addr);
     e = osr_req_hdrs_build(&rh, r, addr, r->client_ip);
-    if (e != HERR_COUNT_)
+    if (e != HERR_NONE)
         return e;
     tun_msg_init(&m, TUN_MSG_REQUEST, TUN_MODE_OSAURUS);
     memcpy(m.http.id, q->id, sizeof(q->id));
@@ -416,11 +416,11 @@ static enum herr osr_send_request(struct osr_req *q)
     q->state = OSR_RQ_WAIT;
     LOG_DEBUG(ctx->log, "osr_request", LOG_U("tun", gw_tun_id(o->tun)), LOG_U("req", r->id),
               LOG_S("id", q->id), LOG_U("body", blen));
-    return HERR_COUNT_;
+    return HERR_NONE;
 }
 
 /* Moves what arrived of the body into q; sends the request once it is all
- * there. Returns HERR_COUNT_ or the error to answer. */
+ * there. Returns HERR_NONE or the error to answer. */
 static enum herr osr_take_body(struct osr_req *q)
 {
     struct gw_req *r = q->req;
@@ -436,7 +436,7 @@ static enum herr osr_take_body(struct osr_req *q)
         r->fe->body_drained(r);
     }
     if (!r->body_eof)
-        return HERR_COUNT_;
+        return HERR_NONE;
     return osr_send_request(q);
 }
 
@@ -473,7 +473,7 @@ enum herr gw_osr_open_stream(struct gw_tun *t, struct gw_req *r)
         return HERR_AGENT_OFFLINE;
     if (strcmp(r->method, "OPTIONS") == 0) {
         osr_answer_preflight(r);
-        return HERR_COUNT_;
+        return HERR_NONE;
     }
     if (strcmp(r->method, "CONNECT") == 0)
         return HERR_METHOD_NOT_ALLOWED; /* JSON frames cannot carry a tunnel */
@@ -500,14 +500,14 @@ enum herr gw_osr_open_stream(struct gw_tun *t, struct gw_req *r)
         r->resp_timeout_ms = tmo;
     gw_req_attach(r, &osr_up_ops, q);
     e = osr_take_body(q);
-    if (e != HERR_COUNT_) {
+    if (e != HERR_NONE) {
         /* gw_req_start answers e */
         gw_req_detach(r);
         q->req = NULL;
         osr_req_free(q);
         return e;
     }
-    return HERR_COUNT_;
+    return HERR_NONE;
 }
 
 /* ---- front end -> request ---- */
@@ -520,7 +520,7 @@ static void osr_up_body_more(void *arg)
     if (q->req == NULL || q->state != OSR_RQ_BODY)
         return;
     e = osr_take_body(q);
-    if (e != HERR_COUNT_)
+    if (e != HERR_NONE)
         osr_abort(q, e, false);
 }
 
@@ -688,7 +688,7 @@ static void osr_on_chunk(struct osr_req *q, const struct tun_msg_http *h)
     if (q->unsent > OSR_MAX_UNSENT) {
         LOG_WARN(ctx->log, "slow_consumer", LOG_U("tun", gw_tun_id(o->tun)),
                  LOG_U("req", q->req->id), LOG_S("id", q->id), LOG_U("unsent", q->unsent));
-        osr_abort(q, HERR_COUNT_, true);
+        osr_abort(q, HERR_NONE, true);
     }
 }
 

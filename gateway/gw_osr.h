@@ -20,7 +20,7 @@ struct gw_req;
 /* After auth_ok. Returns 0 or -1 (out of memory). */
 int gw_osr_start(struct gw_tun *t);
 
-/* Opens a request on t. Returns HERR_COUNT_ on success or the error. */
+/* Opens a request on t. Returns HERR_NONE on success or the error. */
 enum herr gw_osr_open_stream(struct gw_tun *t, struct gw_req *r);
 
 /* A decoded ping/pong/response/stream_* frame. */

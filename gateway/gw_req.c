@@ -40,7 +40,7 @@ struct gw_req *gw_req_new(struct gw_ctx *ctx, const struct gw_fe_ops *fe, void *
     r->scheme = scheme;
     r->start_ms = util_mono_ms();
     r->resp_timeout_ms = ctx->cfg->resp_header_timeout_s * 1000u;
-    r->err = HERR_COUNT_;
+    r->err = HERR_NONE;
     return r;
 
 fail_body:
@@ -360,7 +360,7 @@ void gw_req_start(struct gw_req *r)
         return;
     }
     e = gw_tun_open_stream(tun, r);
-    if (e != HERR_COUNT_) {
+    if (e != HERR_NONE) {
         gw_req_fail(r, e);
         return;
     }
@@ -481,5 +481,5 @@ void gw_req_log(struct gw_req *r, const char *outcome)
              LOG_S("path", r->path), LOG_S("addr", addr), LOG_I("status", r->status),
              LOG_U("bytes_in", r->body_in), LOG_U("bytes_out", r->resp_bytes),
              LOG_U("dur_ms", util_mono_ms() - r->start_ms), LOG_S("outcome", outcome),
-             LOG_S("err", r->err != HERR_COUNT_ ? herr_code(r->err) : NULL));
+             LOG_S("err", r->err != HERR_NONE ? herr_code(r->err) : NULL));
 }

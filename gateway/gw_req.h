@@ -116,7 +116,7 @@ struct gw_req {
     uint64_t start_ms;
     uint64_t resp_timeout_ms;        /* response-header timeout; 0 = none */
     struct event *timer;             /* response-header / body-idle timeout */
-    enum herr err;                   /* error answered, or HERR_COUNT_ */
+    enum herr err;                   /* error answered, or HERR_NONE */
     bool logged;                     /* the access line was written */
 };
 

@@ -593,7 +593,7 @@ enum herr gw_tun_open_stream(struct gw_tun *t, struct gw_req *r)
         r->resp_timeout_ms = a->resp_timeout_ms;
     gw_req_attach(r, &tun_up_ops, s);
     tun_kick(t);
-    return HERR_COUNT_;
+    return HERR_NONE;
 }
 
 /* ---- nghttp2 client callbacks ---- */

@@ -30,7 +30,7 @@ int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sock
                   const char *ws_accept, enum tun_mode mode, uint64_t conn_id,
                   const char *client_ip);
 
-/* Opens a stream for r on t and attaches it. Returns HERR_COUNT_ on success,
+/* Opens a stream for r on t and attaches it. Returns HERR_NONE on success,
  * else the error to answer (host_busy past max-streams-per-tunnel,
  * agent_offline if the tunnel is going away). */
 enum herr gw_tun_open_stream(struct gw_tun *t, struct gw_req *r);

@@ -8,7 +8,7 @@ BUILD="build-essential pkg-config meson ninja-build git
   libwslay-dev libhttp-parser-dev libinih-dev libhiredis-dev uuid-dev"
 TEST="libcmocka-dev curl nghttp2-client openssl procps tmux
   python3 python3-pytest python3-websockets python3-ecdsa python3-pycryptodome
-  python3-h2"
+  python3-h2 chromium nodejs node-ws"
 BENCH="nginx-light wrk util-linux"
 
 # --build: compile only; default (--all): build, tests, demo and benchmark
