@@ -1,6 +1,7 @@
-/* The gateway's one context per event loop: every long-lived object reaches
- * the loop, configuration, TLS, registry, log and counters through it. No
- * other mutable state exists outside objects owned from here. */
+/* The gateway's one context per event loop (struct gw_ctx, gw_ctx.c): every
+ * long-lived object reaches the loop, configuration, clock, TLS, registry,
+ * log and counters through it. No other mutable state exists outside objects
+ * owned from here. */
 #ifndef GW_H
 #define GW_H
 
@@ -8,6 +9,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "list.h"
+
+struct clk;
 struct event_base;
 struct event;
 struct log_sink;
@@ -15,7 +19,6 @@ struct gw_cfg;
 struct tls_server;
 struct gw_reg;
 struct gw_lsn;
-struct gw_tun;
 struct gw_allow;
 struct gw_ipt;
 
@@ -25,6 +28,7 @@ struct gw_counters {
     uint64_t conns_refused;        /* refused by max-conns-per-ip */
     uint64_t requests_total;       /* public requests routed to an agent */
     uint64_t requests_failed;      /* of those, answered with a gateway error */
+    uint64_t websockets_total;     /* of those, WebSocket upgrades */
     uint64_t tunnel_connections;   /* tunnel WebSocket upgrades accepted */
     uint64_t auth_failures;        /* tunnels closed for failed auth */
     uint64_t bytes_to_agents;      /* request body bytes forwarded */
@@ -33,22 +37,23 @@ struct gw_counters {
 
 struct gw_ctx {
     struct event_base *base;
-    const struct gw_cfg *cfg;       /* immutable; replaced on SIGHUP */
+    const struct clk *clk;          /* time and randomness (clk_system in the program) */
+    const struct gw_cfg *cfg;       /* immutable; owned by main */
     struct log_sink *log;
     struct tls_server *tls;         /* NULL with --no-tls and no TLS listener */
-    struct gw_reg *reg;             /* address -> tunnel routes */
+    struct gw_reg *reg;             /* address -> route */
     struct gw_allow *allow;         /* --allow list, NULL when open */
     struct gw_ipt *ipt;             /* per-IP connection and tunnel counts */
     struct event *sweep_ev;         /* periodic housekeeping (per-IP table) */
     struct gw_lsn *lsn_main;        /* main listener (TLS unless --no-tls) */
     struct gw_lsn *lsn_plain;       /* --plain-listen, or NULL */
-    struct gw_conn_link *conns;     /* all public connections, for shutdown */
-    struct gw_tun *tuns;            /* all tunnels, authenticated or not */
+    struct list conns;              /* struct gw_conn_link: public connections, for shutdown */
+    struct list tuns;               /* struct gw_tun: all tunnels, authenticated or not */
     struct event *sig_term;
     struct event *sig_int;
     struct event *sig_hup;
     struct event *summary_ev;       /* periodic summary log line */
-    struct event *drain_ev;         /* fires at the end of the drain grace */
+    struct event *drain_ev;         /* polls the drain until streams are done */
     uint64_t next_id;               /* numbers connections, tunnels, streams */
     uint64_t start_ms;              /* monotonic start time */
     bool draining;                  /* SIGTERM seen: no new tunnels */
@@ -58,31 +63,37 @@ struct gw_ctx {
     struct gw_counters n;
 };
 
+/* A context for cfg (borrowed; it outlives the context), with its loop, log,
+ * registry and per-IP table, signals and timers armed. Returns NULL with a
+ * message in err. */
+struct gw_ctx *gw_ctx_new(const struct gw_cfg *cfg, const struct clk *clk, char *err,
+                          size_t errlen);
+
+/* Loads TLS and the allow list, opens the listeners and runs the loop until
+ * the drain ends or a second signal. Returns the process exit status. */
+int gw_ctx_run(struct gw_ctx *ctx);
+
+/* Frees everything, public connections first (their SSLs reference the TLS
+ * state, their requests are borrowed by tunnel streams), then tunnels.
+ * Takes NULL. */
+void gw_ctx_free(struct gw_ctx *ctx);
+
 /* Embedded in every public connection object (handshake, h1, h2) so that
  * shutdown can free them all before the TLS state they reference. */
 struct gw_conn_link {
-    struct gw_conn_link *next, *prev;
-    void (*free_now)(struct gw_conn_link *l); /* frees the containing object */
+    struct list node;                           /* in ctx->conns */
+    void (*free_now)(struct gw_conn_link *l);   /* frees the containing object */
 };
 
 static inline void gw_conn_link_add(struct gw_ctx *ctx, struct gw_conn_link *l)
 {
-    l->prev = NULL;
-    l->next = ctx->conns;
-    if (ctx->conns != NULL)
-        ctx->conns->prev = l;
-    ctx->conns = l;
+    list_insert_tail(&ctx->conns, &l->node);
 }
 
 static inline void gw_conn_link_del(struct gw_ctx *ctx, struct gw_conn_link *l)
 {
-    if (l->prev != NULL)
-        l->prev->next = l->next;
-    else if (ctx->conns == l)
-        ctx->conns = l->next;
-    if (l->next != NULL)
-        l->next->prev = l->prev;
-    l->next = l->prev = NULL;
+    (void)ctx;
+    list_unlink(&l->node);
 }
 
 static inline uint64_t gw_next_id(struct gw_ctx *ctx)

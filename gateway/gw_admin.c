@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "clk.h"
 #include "gw.h"
 #include "gw_reg.h"
 #include "gw_req.h"
@@ -41,13 +42,9 @@ void gw_admin_handle(struct gw_req *r)
     struct gw_ctx *ctx = r->ctx;
     char body[ADMIN_BODY_MAX];
     int n;
-    uint64_t uptime_s = (util_mono_ms() - ctx->start_ms) / 1000u;
+    uint64_t uptime_s = (clk_mono_ms(ctx->clk) - ctx->start_ms) / 1000u;
     size_t agents = gw_reg_count(ctx->reg);
 
-    if (path_is(r->path, "/tunnel/connect")) {
-        gw_req_fail(r, HERR_WEBSOCKET_REQUIRED);
-        return;
-    }
     if (!path_is(r->path, "/health") && !path_is(r->path, "/stats") &&
         !path_is(r->path, "/metrics")) {
         gw_req_fail(r, HERR_NOT_FOUND);

@@ -5,6 +5,18 @@
  * is still going out (pipelining: the parser is paused), a request body
  * buffer above H1_BODY_HIGH (resumed by body_drained), and an upgrade.
  *
+ * Upgrades. `Upgrade: websocket` on a GET becomes the neutral RFC 8441 form
+ * (CONNECT, protocol "websocket", h1_upgrade) and goes to the bridge like any
+ * request; the parser stops after the head, and from then on the
+ * connection's input is the WebSocket's bytes (raw mode), read into the
+ * request body with the same backpressure. The upstream's 2xx head becomes
+ * our 101 with the Sec-WebSocket-Accept for the client's key; any other
+ * answer passes through as it is, then the connection closes. A
+ * /tunnel/connect upgrade is the tunnel endpoint's: it takes the whole
+ * connection (take_conn), which this front end hands over from its own
+ * callback once the parser stopped. `Upgrade: h2c` is ignored (RFC 9110
+ * 7.8 allows it; curl sends it on http://); any other upgrade is 501.
+ *
  * The connection frees itself only from its own event callbacks (read, write,
  * event, and the deferred "kick" event): fe ops called from a tunnel never
  * free it, they set flags and activate the kick. */
@@ -23,11 +35,10 @@
 #include "gw.h"
 #include "gw_cfg.h"
 #include "gw_ipt.h"
+#include "gw_px.h"
 #include "gw_req.h"
-#include "gw_tun.h"
 #include "log.h"
 #include "tls.h"
-#include "tun_msg.h"
 #include "ws.h"
 
 #define H1_BODY_HIGH (256 * 1024)     /* stop reading the client's body */
@@ -62,9 +73,16 @@ struct gw_h1 {
     bool head_too_large;
     bool expect_continue;
     bool missing_host;
-    bool ws_tunnel;                   /* a valid /tunnel/connect upgrade */
-    enum tun_mode ws_mode;
+    bool up_websocket;                /* Upgrade lists websocket */
+    bool up_h2c_only;                 /* Upgrade is h2c alone: ignored */
+
+    /* upgrades */
+    bool ws_pass;                     /* a WebSocket to an agent: raw once the parser stops */
+    bool raw;                         /* the parser stopped: input is the WebSocket's */
+    bool upgraded;                    /* our 101 went out: output is the WebSocket's */
     char ws_accept[29];               /* Sec-WebSocket-Accept for the 101 */
+    gw_take_conn_cb take_cb;          /* the tunnel endpoint wants the connection */
+    const void *take_arg;
 
     /* request state */
     bool msg_done;                    /* parser finished the request message */
@@ -94,6 +112,12 @@ static void h1_process(struct gw_h1 *h);
 
 static void h1_free(struct gw_h1 *h)
 {
+    if (h->take_cb != NULL) {
+        /* promised to the tunnel endpoint, never handed over */
+        gw_take_conn_cb cb = h->take_cb;
+        h->take_cb = NULL;
+        cb(h->req, NULL, h->take_arg);
+    }
     gw_conn_link_del(h->ctx, &h->link);
     if (h->bev != NULL) /* an upgraded connection counts as a tunnel now */
         gw_ipt_conn_release(h->ctx->ipt, (struct sockaddr *)&h->peer);
@@ -133,47 +157,38 @@ static void h1_close_after_flush(struct gw_h1 *h)
 
 /* ---- writing responses ---- */
 
-static const char *reason_phrase(int status)
-{
-    switch (status) {
-    case 100: return "Continue";
-    case 101: return "Switching Protocols";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 303: return "See Other";
-    case 304: return "Not Modified";
-    case 307: return "Temporary Redirect";
-    case 308: return "Permanent Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 413: return "Content Too Large";
-    case 422: return "Unprocessable Content";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return "Status";
-    }
-}
-
 /* The response (error or proxied) is fully in the output buffer. */
 static void h1_resp_finished(struct gw_h1 *h)
 {
     h->resp_done = true;
     h1_kick(h);
+}
+
+/* The local API accepted the WebSocket: our 101, with what it negotiated. */
+static int h1_head_upgraded(struct gw_h1 *h, const nghttp2_nv *nv, size_t n)
+{
+    struct evbuffer *out = bufferevent_get_output(h->bev);
+
+    evbuffer_add_printf(out,
+                        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                        "connection: Upgrade\r\nsec-websocket-accept: %s\r\n",
+                        h->ws_accept);
+    for (size_t i = 0; i < n; i++) {
+        if ((nv[i].namelen == 14 && memcmp(nv[i].name, "content-length", 14) == 0) ||
+            (nv[i].namelen == 17 && memcmp(nv[i].name, "transfer-encoding", 17) == 0))
+            continue;
+        evbuffer_add(out, nv[i].name, nv[i].namelen);
+        evbuffer_add(out, ": ", 2);
+        evbuffer_add(out, nv[i].value, nv[i].valuelen);
+        evbuffer_add(out, "\r\n", 2);
+    }
+    evbuffer_add(out, "\r\n", 2);
+    h->upgraded = true;
+    h->keepalive = false;
+    h->resp_chunked = false;
+    h->resp_no_body = false;
+    bufferevent_enable(h->bev, EV_WRITE);
+    return 0;
 }
 
 static int h1_fe_head(struct gw_req *r, int status, const nghttp2_nv *nv, size_t n)
@@ -185,7 +200,11 @@ static int h1_fe_head(struct gw_req *r, int status, const nghttp2_nv *nv, size_t
 
     if (h->closing)
         return -1;
-    evbuffer_add_printf(out, "HTTP/1.1 %d %s\r\n", status, reason_phrase(status));
+    if (h->ws_pass && status >= 200 && status < 300)
+        return h1_head_upgraded(h, nv, n);
+    if (h->ws_pass)
+        h->keepalive = false; /* refused: the local API's answer, then close */
+    evbuffer_add_printf(out, "HTTP/1.1 %d %s\r\n", status, herr_reason(status));
     for (size_t i = 0; i < n; i++) {
         if (nv[i].namelen == 14 && memcmp(nv[i].name, "content-length", 14) == 0)
             has_length = true;
@@ -264,24 +283,15 @@ static void h1_fe_end(struct gw_req *r, bool complete)
 static void h1_fe_error(struct gw_req *r, enum herr e)
 {
     struct gw_h1 *h = r->fe_data;
-    struct evbuffer *out = bufferevent_get_output(h->bev);
-    char body[256];
-    int blen = herr_json(e, body, sizeof(body));
 
     r->status = herr_status(e);
-    if (!h->msg_done && !(r->has_content_length && r->content_length == 0)) {
-        /* a body is still arriving: answer now and close rather than read
-         * what nobody will use */
+    if (h->ws_pass || (!h->msg_done && !(r->has_content_length && r->content_length == 0))) {
+        /* a body (or a WebSocket's bytes) may still arrive: answer now and
+         * close rather than read what nobody will use */
         h->keepalive = false;
         h->discard_body = true;
     }
-    evbuffer_add_printf(out,
-                        "HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-                        "content-length: %d\r\ncache-control: no-store\r\n%s\r\n",
-                        r->status, reason_phrase(r->status), r->is_head ? 0 : blen,
-                        h->keepalive ? "" : "connection: close\r\n");
-    if (!r->is_head && blen > 0)
-        evbuffer_add(out, body, (size_t)blen);
+    herr_write_h1(bufferevent_get_output(h->bev), e, r->is_head, !h->keepalive);
     bufferevent_enable(h->bev, EV_WRITE);
     gw_req_log(r, "error");
     h1_resp_finished(h);
@@ -297,12 +307,26 @@ static void h1_fe_body_drained(struct gw_req *r)
     }
 }
 
+/* The tunnel endpoint takes the connection once the parser has stopped at
+ * the upgrade (h1_process hands it over). */
+static int h1_fe_take_conn(struct gw_req *r, gw_take_conn_cb cb, const void *arg)
+{
+    struct gw_h1 *h = r->fe_data;
+
+    if (h->closing || h->take_cb != NULL || !r->h1_upgrade)
+        return -1;
+    h->take_cb = cb;
+    h->take_arg = arg;
+    return 0;
+}
+
 static const struct gw_fe_ops h1_fe_ops = {
     .head = h1_fe_head,
     .body = h1_fe_body,
     .end = h1_fe_end,
     .error = h1_fe_error,
     .body_drained = h1_fe_body_drained,
+    .take_conn = h1_fe_take_conn,
 };
 
 /* ---- parsing ---- */
@@ -344,7 +368,8 @@ static int on_message_begin(http_parser *p)
     h->head_bytes = 0;
     h->head_too_large = false;
     h->expect_continue = false;
-    h->ws_tunnel = false;
+    h->up_websocket = false;
+    h->up_h2c_only = false;
     h->msg_done = false;
     h->resp_done = false;
     h->discard_body = false;
@@ -363,6 +388,37 @@ static int on_url(http_parser *p, const char *at, size_t n)
     if (!count_head(h, n))
         return 0;
     return grow_append(&h->url, &h->url_len, at, n);
+}
+
+/* Upgrade: a comma list of protocols (RFC 9110 7.8), case-insensitive. */
+static void note_upgrade(struct gw_h1 *h)
+{
+    const char *v = h->value != NULL ? h->value : "";
+    size_t len = h->value_len;
+    bool other = false;
+    bool h2c = false;
+
+    while (len > 0) {
+        size_t i = 0;
+        while (i < len && v[i] != ',')
+            i++;
+        struct iov item = {v, i};
+        while (item.len > 0 && (item.base[0] == ' ' || item.base[0] == '\t')) {
+            item.base++;
+            item.len--;
+        }
+        while (item.len > 0 && (item.base[item.len - 1] == ' ' || item.base[item.len - 1] == '\t'))
+            item.len--;
+        if (util_iov_ieq_str(item, "websocket"))
+            h->up_websocket = true;
+        else if (util_iov_ieq_str(item, "h2c"))
+            h2c = true;
+        else if (item.len > 0)
+            other = true;
+        v += i < len ? i + 1 : i;
+        len -= i < len ? i + 1 : i;
+    }
+    h->up_h2c_only = h2c && !other && !h->up_websocket;
 }
 
 static int commit_header(struct gw_h1 *h)
@@ -389,10 +445,12 @@ static int commit_header(struct gw_h1 *h)
             h->expect_continue = true;
         goto reset;
     }
-    if (gw_hdr_is_hop_by_hop(h->field, h->field_len)) {
-        /* te: trailers is the one hop-by-hop value worth keeping */
+    if (h->field_len == 7 && util_iov_ieq_str((struct iov){h->field, 7}, "upgrade")) {
+        note_upgrade(h);
         goto reset;
     }
+    if (gw_hdr_is_hop_by_hop(h->field, h->field_len))
+        goto reset;
     rv = gw_hdrs_add(&r->hdrs, h->field, h->field_len, h->value ? h->value : "", h->value_len,
                      h->ctx->cfg->max_header_bytes);
     if (rv == -1)
@@ -431,38 +489,36 @@ static int on_header_value(http_parser *p, const char *at, size_t n)
     return grow_append(&h->value, &h->value_len, at, n);
 }
 
-/* Sec-WebSocket-Protocol: a comma list; decide the tunnel mode. */
-static int pick_subprotocol(const nghttp2_nv *nv, enum tun_mode *mode)
+/* An HTTP/1.1 upgrade, checked once the head is in. Returns HERR_NONE (a
+ * WebSocket, now in RFC 8441 form, or an ignored h2c) or the error. */
+static enum herr h1_take_upgrade(struct gw_h1 *h, http_parser *p)
 {
-    const char *v;
-    size_t len;
+    struct gw_req *r = h->req;
+    const nghttp2_nv *key;
+    const nghttp2_nv *ver;
 
-    if (nv == NULL) {
-        *mode = TUN_MODE_OSAURUS;
-        return 0;
+    if (h->up_h2c_only) {
+        p->upgrade = 0; /* served as plain HTTP/1.1 (RFC 9110 7.8) */
+        return HERR_NONE;
     }
-    v = (const char *)nv->value;
-    len = nv->valuelen;
-    while (len > 0) {
-        size_t i = 0;
-        while (i < len && v[i] != ',')
-            i++;
-        const char *item = v;
-        size_t ilen = i;
-        while (ilen > 0 && (*item == ' ' || *item == '\t')) {
-            item++;
-            ilen--;
-        }
-        while (ilen > 0 && (item[ilen - 1] == ' ' || item[ilen - 1] == '\t'))
-            ilen--;
-        if (ilen == strlen(TUN_SUBPROTOCOL) && memcmp(item, TUN_SUBPROTOCOL, ilen) == 0) {
-            *mode = TUN_MODE_NATIVE;
-            return 0;
-        }
-        v += i < len ? i + 1 : i;
-        len -= i < len ? i + 1 : i;
-    }
-    return -1;
+    if (!h->up_websocket || p->method != HTTP_GET)
+        return HERR_UNSUPPORTED_UPGRADE;
+    key = gw_hdrs_get(&r->hdrs, "sec-websocket-key");
+    ver = gw_hdrs_get(&r->hdrs, "sec-websocket-version");
+    /* a WebSocket handshake has no body (RFC 6455 4.1) */
+    if (key == NULL || ver == NULL || strcmp((const char *)ver->value, "13") != 0 ||
+        ws_accept_key((const char *)key->value, key->valuelen, h->ws_accept) != 0 ||
+        !(r->has_content_length && r->content_length == 0))
+        return HERR_BAD_REQUEST;
+    free(r->method);
+    r->method = strdup("CONNECT");
+    r->protocol = strdup("websocket");
+    if (r->method == NULL || r->protocol == NULL)
+        return HERR_INTERNAL;
+    r->h1_upgrade = true;
+    h->ws_pass = true;
+    h->keepalive = false;
+    return HERR_NONE;
 }
 
 static int on_headers_complete(http_parser *p)
@@ -472,19 +528,18 @@ static int on_headers_complete(http_parser *p)
 
     if (commit_header(h) != 0)
         return -1;
+    r->method = strdup(http_method_str(p->method));
+    r->path = h->head_too_large ? strdup("-")
+                                : (h->url != NULL ? strndup(h->url, h->url_len) : strdup("/"));
+    if (r->method == NULL || r->path == NULL)
+        return -1;
+    gw_req_set_peer(r, (struct sockaddr *)&h->peer);
     if (h->head_too_large) {
-        r->method = strdup(http_method_str(p->method));
-        r->path = strdup("-");
-        gw_req_set_peer(r, (struct sockaddr *)&h->peer);
         gw_req_fail(r, HERR_HEADER_TOO_LARGE);
         h->keepalive = false;
         h->discard_body = true;
         return 0;
     }
-    r->method = strdup(http_method_str(p->method));
-    r->path = h->url != NULL ? strndup(h->url, h->url_len) : strdup("/");
-    if (r->method == NULL || r->path == NULL)
-        return -1;
     r->is_head = p->method == HTTP_HEAD;
     h->keepalive = http_should_keep_alive(p) != 0;
     if ((p->flags & F_CONTENTLENGTH) != 0) {
@@ -494,64 +549,27 @@ static int on_headers_complete(http_parser *p)
         r->has_content_length = true; /* no body at all */
         r->content_length = 0;
     }
-    gw_req_set_peer(r, (struct sockaddr *)&h->peer);
     if (r->authority == NULL || p->method == HTTP_CONNECT) {
         gw_req_fail(r, HERR_BAD_REQUEST);
         h->keepalive = false;
         h->discard_body = true;
         return 0;
     }
-    gw_req_route(r);
-
-    if (p->upgrade && r->route == GW_ROUTE_APEX && strcmp(r->path, "/tunnel/connect") == 0) {
-        const nghttp2_nv *key = gw_hdrs_get(&r->hdrs, "sec-websocket-key");
-        const nghttp2_nv *ver = gw_hdrs_get(&r->hdrs, "sec-websocket-version");
-        if (p->method != HTTP_GET || key == NULL ||
-            ver == NULL || strcmp((const char *)ver->value, "13") != 0) {
-            gw_req_fail(r, HERR_WEBSOCKET_REQUIRED);
-            h->keepalive = false;
-            return 0;
-        }
-        if (pick_subprotocol(gw_hdrs_get(&r->hdrs, "sec-websocket-protocol"), &h->ws_mode) != 0) {
-            gw_req_fail(r, HERR_UNSUPPORTED_PROTOCOL);
-            h->keepalive = false;
-            return 0;
-        }
-        if (ws_accept_key((const char *)key->value, key->valuelen, h->ws_accept) != 0) {
-            gw_req_fail(r, HERR_WEBSOCKET_REQUIRED);
-            h->keepalive = false;
-            return 0;
-        }
-        if (h->ctx->draining) {
-            gw_req_fail(r, HERR_SHUTTING_DOWN);
-            h->keepalive = false;
-            return 0;
-        }
-        const struct gw_cfg *cfg = h->ctx->cfg;
-        enum gw_ipt_verdict v = gw_ipt_tunnel_acquire(
-            h->ctx->ipt, (struct sockaddr *)&h->peer, cfg->max_tunnels_per_ip,
-            cfg->tunnel_connects_per_ip_per_min, util_mono_ms());
-        if (v != GW_IPT_OK) {
-            LOG_WARN(h->ctx->log, "tunnel_refused", LOG_U("conn", h->id),
-                     LOG_S("peer", r->client_ip),
-                     LOG_S("err", v == GW_IPT_RATE ? "rate_limited" : "too_many_connections"));
-            gw_req_fail(r, v == GW_IPT_RATE ? HERR_RATE_LIMITED : HERR_TOO_MANY_CONNECTIONS);
-            h->keepalive = false;
-            return 0;
-        }
-        h->ws_tunnel = true;
-        return 0;
-    }
     if (p->upgrade) {
-        /* WebSocket pass-through to agents arrives with extended CONNECT;
-         * until then an upgrade is served as an ordinary request whose
-         * Upgrade header was dropped as hop-by-hop. */
-        r->is_upgrade = false;
+        enum herr e = h1_take_upgrade(h, p);
+        if (e != HERR_NONE) {
+            gw_req_fail(r, e);
+            h->keepalive = false;
+            h->discard_body = true;
+            return 0;
+        }
     }
-    r->body_eof = r->has_content_length && r->content_length == 0;
-    gw_req_start(r);
+    /* a WebSocket's bytes come after the head, for as long as it lives */
+    r->body_eof = !h->ws_pass && r->has_content_length && r->content_length == 0;
+    gw_px_start(r);
     /* RFC 9110 10.1.1: only once the request will really be forwarded */
-    if (h->expect_continue && !r->body_eof && r->err == HERR_NONE && r->status == 0)
+    if (h->expect_continue && !r->body_eof && !h->ws_pass && r->err == HERR_NONE &&
+        r->status == 0 && r->up != NULL)
         evbuffer_add(bufferevent_get_output(h->bev), "HTTP/1.1 100 Continue\r\n\r\n", 25);
     return 0;
 }
@@ -561,28 +579,23 @@ static int on_body(http_parser *p, const char *at, size_t n)
     struct gw_h1 *h = p->data;
     struct gw_req *r = h->req;
 
-    if (h->discard_body || h->resp_done || r->err != HERR_NONE)
+    if (h->discard_body || h->resp_done)
         return 0;
-    if (evbuffer_add(r->body, at, n) != 0)
+    if (gw_req_body_add(r, at, n) < 0)
         return -1;
-    r->body_in += n;
-    if (evbuffer_get_length(r->body) > H1_BODY_HIGH)
+    if (gw_req_body_avail(r) > H1_BODY_HIGH)
         h->body_paused = true;
-    gw_req_body_more(r);
     return 0;
 }
 
 static int on_message_complete(http_parser *p)
 {
     struct gw_h1 *h = p->data;
-    struct gw_req *r = h->req;
 
     h->msg_done = true;
-    if (!r->body_eof) {
-        r->body_eof = true;
-        if (!h->discard_body && !h->resp_done && r->err == HERR_NONE)
-            gw_req_body_more(r);
-    }
+    /* an upgrade "completes" at its head; its bytes follow in raw mode */
+    if (!h->ws_pass && !h->discard_body && !h->resp_done)
+        gw_req_body_eof(h->req);
     /* one request at a time: later pipelined bytes wait in the buffer */
     http_parser_pause(p, 1);
     return 0;
@@ -598,21 +611,49 @@ static const http_parser_settings h1_settings = {
     .on_message_complete = on_message_complete,
 };
 
-/* Hands the connection to the tunnel module after a valid upgrade. */
-static void h1_upgrade_to_tunnel(struct gw_h1 *h)
+/* Hands the connection to the tunnel endpoint (take_conn); bytes after the
+ * head stay in the bufferevent's input for the tunnel. */
+static void h1_hand_over(struct gw_h1 *h)
 {
     struct bufferevent *bev = h->bev;
-    struct gw_req *r = h->req;
+    gw_take_conn_cb cb = h->take_cb;
 
     bufferevent_setcb(bev, NULL, NULL, NULL, NULL);
     bufferevent_set_timeouts(bev, NULL, NULL);
     h->bev = NULL;
+    h->take_cb = NULL;
+    /* it counts as a tunnel now, not as a public connection */
     gw_ipt_conn_release(h->ctx->ipt, (struct sockaddr *)&h->peer);
-    gw_tun_accept(h->ctx, bev, (struct sockaddr *)&h->peer, h->ws_accept, h->ws_mode, h->id,
-                  r->client_ip);
-    gw_req_free(r);
+    cb(h->req, bev, h->take_arg);
+    gw_req_free(h->req);
     h->req = NULL;
     h->dead = true;
+}
+
+/* Raw mode: the input is the WebSocket's, into the request body with the
+ * same backpressure as a body. */
+static void h1_process_raw(struct gw_h1 *h)
+{
+    struct evbuffer *in = bufferevent_get_input(h->bev);
+    struct gw_req *r = h->req;
+
+    while (!h->body_paused && !h->closing && !h->dead && r->up != NULL) {
+        struct evbuffer_iovec v;
+        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
+            return;
+        if (gw_req_body_add(r, v.iov_base, v.iov_len) < 0) {
+            gw_req_cancel(r);
+            h->dead = true;
+            return;
+        }
+        evbuffer_drain(in, v.iov_len);
+        if (gw_req_body_avail(r) > H1_BODY_HIGH)
+            h->body_paused = true;
+    }
+    if (r->up == NULL && r->status == 0 && r->err == HERR_NONE)
+        return; /* not opened yet */
+    if (r->up == NULL || r->err != HERR_NONE)
+        evbuffer_drain(in, evbuffer_get_length(in)); /* answered: nobody reads these */
 }
 
 /* Feeds buffered input to the parser until something says stop. */
@@ -626,6 +667,10 @@ static void h1_process(struct gw_h1 *h)
 
         if (h->req != NULL && h->resp_done && !h->keepalive) {
             h1_close_after_flush(h);
+            return;
+        }
+        if (h->raw) {
+            h1_process_raw(h);
             return;
         }
         if (h->req != NULL && h->msg_done) {
@@ -651,13 +696,24 @@ static void h1_process(struct gw_h1 *h)
         size_t used = http_parser_execute(&h->parser, &h1_settings, v.iov_base, n);
         evbuffer_drain(in, used);
         enum http_errno err = HTTP_PARSER_ERRNO(&h->parser);
-        if (h->ws_tunnel && h->parser.upgrade) {
-            h1_upgrade_to_tunnel(h);
-            return;
+        if (h->parser.upgrade && (err == HPE_OK || err == HPE_PAUSED) && h->req != NULL &&
+            h->msg_done) {
+            /* the parser stopped at the upgrade: the rest is not HTTP */
+            if (h->take_cb != NULL) {
+                h1_hand_over(h);
+                return;
+            }
+            if (h->ws_pass) {
+                h->raw = true;
+                continue;
+            }
+            /* refused (answered already): close once it is out */
+            h->keepalive = false;
+            continue;
         }
         if (err == HPE_PAUSED)
             continue;
-        if (err != HPE_OK || (h->parser.upgrade && !h->ws_tunnel)) {
+        if (err != HPE_OK) {
             if (h->req != NULL && h->req->status == 0 && h->req->err == HERR_NONE &&
                 h->req->up == NULL) {
                 if (h->req->method == NULL)
@@ -671,22 +727,12 @@ static void h1_process(struct gw_h1 *h)
                 h1_close_after_flush(h);
                 return;
             }
-            if (h->req == NULL) {
-                /* garbage between requests */
-                char body[256];
-                int blen = herr_json(err == HPE_HEADER_OVERFLOW ? HERR_HEADER_TOO_LARGE
-                                                                : HERR_BAD_REQUEST,
-                                     body, sizeof(body));
-                evbuffer_add_printf(bufferevent_get_output(h->bev),
-                                    "HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-                                    "content-length: %d\r\nconnection: close\r\n\r\n%s",
-                                    err == HPE_HEADER_OVERFLOW ? 431 : 400,
-                                    err == HPE_HEADER_OVERFLOW ? reason_phrase(431)
-                                                               : reason_phrase(400),
-                                    blen, body);
-            } else {
+            if (h->req == NULL) /* garbage between requests */
+                herr_write_h1(bufferevent_get_output(h->bev),
+                              err == HPE_HEADER_OVERFLOW ? HERR_HEADER_TOO_LARGE : HERR_BAD_REQUEST,
+                              false, true);
+            else
                 gw_req_cancel(h->req);
-            }
             h1_close_after_flush(h);
             return;
         }
@@ -741,11 +787,30 @@ static void h1_on_write(struct bufferevent *bev, void *arg)
     h1_finish(h);
 }
 
+/* Raw mode, the client half-closed: the upstream gets the end of its bytes
+ * (the local API sees the FIN), and what it still sends may go out; the
+ * connection lives on only for a linger. */
+static void h1_raw_eof(struct gw_h1 *h)
+{
+    struct timeval tv = {H1_CLOSE_LINGER_S, 0};
+
+    bufferevent_disable(h->bev, EV_READ);
+    if (h->req == NULL || h->req->up == NULL || h->resp_done) {
+        h->dead = true;
+        return;
+    }
+    gw_req_body_eof(h->req);
+    bufferevent_set_timeouts(h->bev, &tv, &tv);
+}
+
 static void h1_on_event(struct bufferevent *bev, short what, void *arg)
 {
     struct gw_h1 *h = arg;
 
-    if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT)) {
+    if ((what & BEV_EVENT_EOF) && !(what & BEV_EVENT_ERROR) && h->raw && !h->dead &&
+        !h->closing && !(h->req != NULL && h->req->body_eof)) {
+        h1_raw_eof(h);
+    } else if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT)) {
         if (what & BEV_EVENT_ERROR)
             tls_drain_errors();
         h->dead = true;

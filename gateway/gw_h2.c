@@ -19,6 +19,7 @@
 #include "gw.h"
 #include "gw_cfg.h"
 #include "gw_ipt.h"
+#include "gw_px.h"
 #include "gw_req.h"
 #include "log.h"
 #include "tls.h"
@@ -197,6 +198,7 @@ static const struct gw_fe_ops h2_fe_ops = {
     .end = h2_fe_end,
     .error = h2_fe_error,
     .body_drained = h2_fe_body_drained,
+    .take_conn = NULL, /* streams share the connection: no tunnels over h2 */
 };
 
 /* ---- nghttp2 callbacks ---- */
@@ -354,8 +356,7 @@ static void h2_request_ready(struct gw_h2 *h, struct gw_h2s *s, bool end_stream)
         gw_req_fail(r, HERR_METHOD_NOT_ALLOWED);
         return;
     }
-    gw_req_route(r);
-    gw_req_start(r);
+    gw_px_start(r);
 }
 
 static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
@@ -370,17 +371,12 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
     case NGHTTP2_HEADERS:
         if (frame->headers.cat == NGHTTP2_HCAT_REQUEST)
             h2_request_ready(h, s, end_stream);
-        else if (end_stream && !s->req->body_eof) { /* trailers end the body */
-            s->req->body_eof = true;
-            gw_req_body_more(s->req);
-        }
+        else if (end_stream) /* trailers end the body */
+            gw_req_body_eof(s->req);
         break;
     case NGHTTP2_DATA:
-        if (end_stream && !s->req->body_eof) {
-            s->req->body_eof = true;
-            if (s->req->err == HERR_NONE)
-                gw_req_body_more(s->req);
-        }
+        if (end_stream)
+            gw_req_body_eof(s->req);
         break;
     default:
         break;
@@ -397,16 +393,15 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream
     if (s == NULL)
         return 0;
     r = s->req;
-    if (r->err != HERR_NONE || (r->status != 0 && r->up == NULL)) {
-        /* answered already: drop, but keep the client's window open */
+    switch (gw_req_body_add(r, data, len)) {
+    case 0:
+        return 0;
+    case 1: /* answered already: dropped, but keep the client's window open */
         nghttp2_session_consume(session, stream_id, len);
         return 0;
-    }
-    if (evbuffer_add(r->body, data, len) != 0)
+    default:
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-    r->body_in += len;
-    gw_req_body_more(r);
-    return 0;
+    }
 }
 
 /* Unlinks and frees a stream and its request, cancelling the upstream. */

@@ -65,20 +65,14 @@ static void refuse_on_event(struct bufferevent *bev, short what, void *arg)
 /* An HTTP/1.1 client over the limit; an h2 one is gw_h2_start(refused). */
 static void refuse(struct bufferevent *bev)
 {
-    char body[256];
-    int n = herr_json(HERR_TOO_MANY_CONNECTIONS, body, sizeof(body));
     struct timeval tv = {5, 0};
 
-    if (n < 0) {
+    bufferevent_setcb(bev, NULL, refuse_on_write, refuse_on_event, NULL);
+    bufferevent_set_timeouts(bev, &tv, &tv);
+    if (herr_write_h1(bufferevent_get_output(bev), HERR_TOO_MANY_CONNECTIONS, false, true) != 0) {
         bufferevent_free(bev);
         return;
     }
-    bufferevent_setcb(bev, NULL, refuse_on_write, refuse_on_event, NULL);
-    bufferevent_set_timeouts(bev, &tv, &tv);
-    evbuffer_add_printf(bufferevent_get_output(bev),
-                        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
-                        "content-length: %d\r\nconnection: close\r\n\r\n%s",
-                        n, body);
     bufferevent_disable(bev, EV_READ);
     bufferevent_enable(bev, EV_WRITE);
 }

@@ -16,8 +16,8 @@
  * -> OSR_RQ_STREAM (`stream_start` relayed; never cut for being quiet).
  *
  * The osr_req borrows its gw_req and clears the link before ending it. The
- * struct gw_osr is owned by its gw_tun (gw_tun_set_osr), freed by
- * gw_osr_free_all(). Header handling follows the relay where it differs from
+ * struct gw_osr is the tunnel's session (struct gw_tun_proto), owned by its
+ * gw_tun and freed with it (osr_sess_free). Header handling follows the relay where it differs from
  * the native path: X-Forwarded-Proto/-Host, fly-* and cf-* are stripped,
  * OPTIONS is answered here (CORS), and CORS headers are added. Cookies pass
  * through (the relay drops them; PRODUCT.md forwards the client's headers,
@@ -30,10 +30,12 @@
 #include <event2/buffer.h>
 #include <nghttp2/nghttp2.h>
 
+#include "clk.h"
 #include "gw.h"
 #include "gw_cfg.h"
 #include "gw_req.h"
 #include "gw_tun.h"
+#include "gw_up.h"
 #include "id.h"
 #include "log.h"
 #include "util.h"
@@ -68,6 +70,10 @@ struct osr_req {
 
 struct gw_osr {
     struct gw_tun *tun;                   /* owner */
+    struct gw_ctx *ctx;
+    struct ws_conn *ws;                   /* the tunnel's; borrowed */
+    uint64_t id;                          /* the tunnel's, for logs */
+    bool base64;                          /* the client asked for base64 bodies */
     struct osr_req *buckets[OSR_BUCKETS]; /* id table, chained */
     size_t pending;                       /* requests in the table */
     unsigned unanswered_pings;            /* JSON pings sent since the last pong */
@@ -76,19 +82,11 @@ struct gw_osr {
     bool closed;                          /* gw_osr_fail_all ran: the tunnel is going */
 };
 
-static void osr_up_body_more(void *arg);
-static void osr_up_consumed(void *arg, size_t n);
-static void osr_up_cancel(void *arg);
-
-static const struct gw_up_ops osr_up_ops = {
-    .body_more = osr_up_body_more,
-    .consumed = osr_up_consumed,
-    .cancel = osr_up_cancel,
-};
+static const struct gw_up_ops osr_up_ops;
 
 static struct gw_ctx *osr_ctx(const struct gw_osr *o)
 {
-    return gw_tun_ctx(o->tun);
+    return o->ctx;
 }
 
 /* ---- id table ---- */
@@ -148,7 +146,7 @@ static int osr_send(struct gw_osr *o, const struct tun_msg *m)
 
     if (s == NULL)
         return -1;
-    rv = gw_tun_send_text(o->tun, s, len);
+    rv = ws_send_text(o->ws, s, len);
     free(s);
     return rv;
 }
@@ -229,7 +227,7 @@ static void osr_violation(struct osr_req *q, enum herr e, const char *why)
 {
     struct gw_osr *o = q->osr;
 
-    LOG_WARN(osr_ctx(o)->log, "bad_host_response", LOG_U("tun", gw_tun_id(o->tun)),
+    LOG_WARN(osr_ctx(o)->log, "bad_host_response", LOG_U("tun", o->id),
              LOG_U("req", q->req != NULL ? q->req->id : 0), LOG_S("id", q->id), LOG_S("why", why));
     osr_abort(q, e, true);
 }
@@ -400,12 +398,12 @@ static enum herr osr_send_request(struct osr_req *q)
     }
     /* text bodies: the codec turns invalid UTF-8 into U+FFFD, as the relay's
      * TextDecoder does; base64 only for clients that asked for it */
-    m.http.base64 = gw_tun_wants_base64(o->tun);
+    m.http.base64 = o->base64;
     s = tun_msg_encode(&m, &len);
     osr_req_hdrs_cleanup(&rh);
     if (s == NULL)
         return HERR_INTERNAL;
-    if (gw_tun_send_text(o->tun, s, len) != 0) {
+    if (ws_send_text(o->ws, s, len) != 0) {
         free(s);
         return HERR_TUNNEL_CLOSED;
     }
@@ -414,7 +412,7 @@ static enum herr osr_send_request(struct osr_req *q)
     evbuffer_free(q->body);
     q->body = NULL;
     q->state = OSR_RQ_WAIT;
-    LOG_DEBUG(ctx->log, "osr_request", LOG_U("tun", gw_tun_id(o->tun)), LOG_U("req", r->id),
+    LOG_DEBUG(ctx->log, "osr_request", LOG_U("tun", o->id), LOG_U("req", r->id),
               LOG_S("id", q->id), LOG_U("body", blen));
     return HERR_NONE;
 }
@@ -424,16 +422,14 @@ static enum herr osr_send_request(struct osr_req *q)
 static enum herr osr_take_body(struct osr_req *q)
 {
     struct gw_req *r = q->req;
-    size_t n = evbuffer_get_length(r->body);
+    size_t n = gw_req_body_avail(r);
 
     if (n > 0) {
         /* 413 past 10 MB, chunked or not, as the relay */
         if (n > OSR_MAX_REQ_BODY - evbuffer_get_length(q->body))
             return HERR_BODY_TOO_LARGE;
-        if (evbuffer_add_buffer(q->body, r->body) != 0)
+        if (gw_req_body_take(r, q->body, n) != 0)
             return HERR_INTERNAL;
-        r->body_out += n;
-        r->fe->body_drained(r);
     }
     if (!r->body_eof)
         return HERR_NONE;
@@ -461,22 +457,24 @@ static void osr_answer_preflight(struct gw_req *r)
         gw_req_end(r, true);
 }
 
-enum herr gw_osr_open_stream(struct gw_tun *t, struct gw_req *r)
+static enum herr osr_up_open(struct gw_route *rt, struct gw_req *r)
 {
-    struct gw_osr *o = gw_tun_osr(t);
-    const struct gw_cfg *cfg = gw_tun_ctx(t)->cfg;
+    struct gw_osr *o = rt->owner;
+    const struct gw_cfg *cfg = o->ctx->cfg;
     struct osr_req *q;
-    uint64_t tmo;
     enum herr e;
 
-    if (o == NULL || o->draining || o->closed)
+    if (o->draining || o->closed)
         return HERR_AGENT_OFFLINE;
+    /* JSON frames cannot carry a tunnel */
+    if (gw_req_is_websocket(r))
+        return HERR_UNSUPPORTED_UPGRADE;
+    if (strcmp(r->method, "CONNECT") == 0)
+        return HERR_METHOD_NOT_ALLOWED;
     if (strcmp(r->method, "OPTIONS") == 0) {
         osr_answer_preflight(r);
         return HERR_NONE;
     }
-    if (strcmp(r->method, "CONNECT") == 0)
-        return HERR_METHOD_NOT_ALLOWED; /* JSON frames cannot carry a tunnel */
     if (cfg->max_streams_per_tunnel != 0 && o->pending >= cfg->max_streams_per_tunnel)
         return HERR_HOST_BUSY;
     if (r->has_content_length && r->content_length > OSR_MAX_REQ_BODY)
@@ -495,13 +493,10 @@ enum herr gw_osr_open_stream(struct gw_tun *t, struct gw_req *r)
     q->req = r;
     q->state = OSR_RQ_BODY;
     osr_insert(o, q);
-    tmo = gw_tun_agent_resp_timeout_ms(t, r->addr);
-    if (r->resp_timeout_ms != 0 && tmo > r->resp_timeout_ms)
-        r->resp_timeout_ms = tmo;
     gw_req_attach(r, &osr_up_ops, q);
     e = osr_take_body(q);
     if (e != HERR_NONE) {
-        /* gw_req_start answers e */
+        /* the bridge answers e */
         gw_req_detach(r);
         q->req = NULL;
         osr_req_free(q);
@@ -536,7 +531,7 @@ static void osr_up_cancel(void *arg)
     struct osr_req *q = arg;
     struct gw_osr *o = q->osr;
 
-    LOG_DEBUG(osr_ctx(o)->log, "osr_cancel", LOG_U("tun", gw_tun_id(o->tun)),
+    LOG_DEBUG(osr_ctx(o)->log, "osr_cancel", LOG_U("tun", o->id),
               LOG_U("req", q->req != NULL ? q->req->id : 0), LOG_S("id", q->id),
               LOG_B("sent", q->state != OSR_RQ_BODY));
     q->req = NULL;
@@ -686,19 +681,17 @@ static void osr_on_chunk(struct osr_req *q, const struct tun_msg_http *h)
     /* JSON frames have no flow control: past this the caller is not keeping
      * up, and the relay gives up too (slow_consumer) */
     if (q->unsent > OSR_MAX_UNSENT) {
-        LOG_WARN(ctx->log, "slow_consumer", LOG_U("tun", gw_tun_id(o->tun)),
+        LOG_WARN(ctx->log, "slow_consumer", LOG_U("tun", o->id),
                  LOG_U("req", q->req->id), LOG_S("id", q->id), LOG_U("unsent", q->unsent));
         osr_abort(q, HERR_NONE, true);
     }
 }
 
-void gw_osr_on_frame(struct gw_tun *t, const struct tun_msg *m)
+static void osr_on_data(void *arg, const struct tun_msg *m)
 {
-    struct gw_osr *o = gw_tun_osr(t);
+    struct gw_osr *o = arg;
     struct osr_req *q;
 
-    if (o == NULL)
-        return;
     switch (m->type) {
     case TUN_MSG_PONG:
         o->unanswered_pings = 0;
@@ -713,7 +706,7 @@ void gw_osr_on_frame(struct gw_tun *t, const struct tun_msg *m)
     }
     q = osr_find(o, m->http.id);
     if (q == NULL || q->state == OSR_RQ_BODY) {
-        LOG_DEBUG(osr_ctx(o)->log, "osr_frame_ignored", LOG_U("tun", gw_tun_id(t)),
+        LOG_DEBUG(osr_ctx(o)->log, "osr_frame_ignored", LOG_U("tun", o->id),
                   LOG_S("type", tun_msg_type_name(m->type)), LOG_S("id", m->http.id));
         return;
     }
@@ -745,19 +738,17 @@ void gw_osr_on_frame(struct gw_tun *t, const struct tun_msg *m)
     }
 }
 
-bool gw_osr_on_bad_frame(struct gw_tun *t, const struct tun_msg *m, enum tun_err e)
+static bool osr_on_bad_data(void *arg, const struct tun_msg *m, enum tun_err e)
 {
-    struct gw_osr *o = gw_tun_osr(t);
+    struct gw_osr *o = arg;
     struct osr_req *q;
 
     if (m->type < TUN_MSG_RESPONSE || m->type > TUN_MSG_STREAM_END)
         return false;
-    if (o == NULL)
-        return true;
     q = m->http.id[0] != '\0' ? osr_find(o, m->http.id) : NULL;
     if (q == NULL || q->state == OSR_RQ_BODY) {
         /* no live id to fail: dropped, as the relay does */
-        LOG_DEBUG(osr_ctx(o)->log, "osr_frame_ignored", LOG_U("tun", gw_tun_id(t)),
+        LOG_DEBUG(osr_ctx(o)->log, "osr_frame_ignored", LOG_U("tun", o->id),
                   LOG_S("type", tun_msg_type_name(m->type)), LOG_S("id", m->http.id),
                   LOG_S("err", tun_err_code(e)));
         return true;
@@ -767,82 +758,86 @@ bool gw_osr_on_bad_frame(struct gw_tun *t, const struct tun_msg *m, enum tun_err
     return true;
 }
 
-/* ---- tunnel lifecycle ---- */
+/* ---- the session (struct gw_tun_proto) ---- */
 
-int gw_osr_start(struct gw_tun *t)
+static void *osr_sess_new(struct gw_tun *t, struct gw_ctx *ctx, struct ws_conn *ws, uint64_t id)
 {
-    struct gw_osr *o;
+    struct gw_osr *o = calloc(1, sizeof(*o));
 
-    if (gw_tun_osr(t) != NULL)
-        return 0;
-    o = calloc(1, sizeof(*o));
     if (o == NULL)
-        return -1;
+        return NULL;
     o->tun = t;
-    gw_tun_set_osr(t, o);
+    o->ctx = ctx;
+    o->ws = ws;
+    o->id = id;
+    return o;
+}
+
+static int osr_start(void *arg, unsigned features)
+{
+    struct gw_osr *o = arg;
+
+    o->base64 = (features & TUN_FEAT_BASE64) != 0;
     return 0;
 }
 
-void gw_osr_ping(struct gw_tun *t)
+static void osr_ping(void *arg)
 {
-    struct gw_osr *o = gw_tun_osr(t);
+    struct gw_osr *o = arg;
     struct tun_msg m;
 
-    if (o == NULL || o->closed)
+    if (o->closed)
         return;
     if (o->unanswered_pings >= TUN_DEAD_AFTER_PINGS) {
-        LOG_INFO(osr_ctx(o)->log, "tunnel_silent", LOG_U("tun", gw_tun_id(t)),
+        LOG_INFO(osr_ctx(o)->log, "tunnel_silent", LOG_U("tun", o->id),
                  LOG_U("pings_unanswered", o->unanswered_pings));
-        gw_tun_close(t, WS_CLOSE_GOING_AWAY, "keepalive timeout");
+        gw_tun_close(o->tun, WS_CLOSE_GOING_AWAY, "keepalive timeout");
         return;
     }
     tun_msg_init(&m, TUN_MSG_PING, TUN_MODE_OSAURUS);
     m.ping.has_ts = true;
-    m.ping.ts = util_unix_time();
+    m.ping.ts = clk_unix_s(o->ctx->clk);
     if (osr_send(o, &m) == 0)
         o->unanswered_pings++;
+    ws_ping(o->ws); /* the relay's WebSocket layer pings too */
 }
 
-void gw_osr_drain(struct gw_tun *t)
+static void osr_flush(void *arg)
 {
-    struct gw_osr *o = gw_tun_osr(t);
+    (void)arg; /* every frame went out when it was made */
+}
+
+static void osr_drain(void *arg)
+{
+    struct gw_osr *o = arg;
     struct tun_msg m;
 
-    if (o == NULL) {
-        gw_tun_close(t, WS_CLOSE_RESTART, "relay_restarting");
-        return;
-    }
     if (o->draining || o->closed)
         return;
     o->draining = true;
     tun_msg_init(&m, TUN_MSG_ERROR, TUN_MODE_OSAURUS);
     m.error.err = TUN_E_RELAY_RESTARTING;
     osr_send(o, &m);
-    LOG_INFO(osr_ctx(o)->log, "tunnel_draining", LOG_U("tun", gw_tun_id(t)),
-             LOG_U("pending", o->pending));
+    LOG_INFO(osr_ctx(o)->log, "tunnel_draining", LOG_U("tun", o->id), LOG_U("pending", o->pending));
     /* Unlike the relay, in-flight requests finish (up to the drain grace):
      * the client reconnects at once for new ones. */
     osr_maybe_close(o);
 }
 
-void gw_osr_drain_when_idle(struct gw_tun *t)
+/* The tunnel lost its last agent (superseded): close (1000) once the
+ * requests already pending are answered. */
+static void osr_retire(void *arg)
 {
-    struct gw_osr *o = gw_tun_osr(t);
+    struct gw_osr *o = arg;
 
-    if (o == NULL) {
-        gw_tun_close(t, WS_CLOSE_NORMAL, "no agents");
-        return;
-    }
     o->retiring = true;
     osr_maybe_close(o);
 }
 
-void gw_osr_fail_all(struct gw_tun *t)
+static void osr_fail_all(void *arg)
 {
-    struct gw_osr *o = gw_tun_osr(t);
+    struct gw_osr *o = arg;
 
-    if (o == NULL)
-        return;
     o->closed = true;
     for (size_t b = 0; b < OSR_BUCKETS; b++) {
         while (o->buckets[b] != NULL)
@@ -850,20 +845,60 @@ void gw_osr_fail_all(struct gw_tun *t)
     }
 }
 
-void gw_osr_free_all(struct gw_tun *t)
+static void osr_sess_free(void *arg)
 {
-    struct gw_osr *o = gw_tun_osr(t);
+    struct gw_osr *o = arg;
 
     if (o == NULL)
         return;
-    gw_osr_fail_all(t); /* normally empty already: the tunnel closed first */
-    gw_tun_set_osr(t, NULL);
+    osr_fail_all(o); /* normally empty already: the tunnel closed first */
     free(o);
 }
 
-size_t gw_osr_pending(const struct gw_tun *t)
+static size_t osr_streams(const void *arg)
 {
-    const struct gw_osr *o = gw_tun_osr(t);
+    const struct gw_osr *o = arg;
 
-    return o != NULL ? o->pending : 0;
+    return o->pending;
 }
+
+static int osr_signed_text(char *buf, size_t size, const char *domain,
+                           const struct tun_msg_agent_auth *a, const char *nonce, int64_t ts)
+{
+    /* the address exactly as sent (the Osaurus app sends EIP-55 mixed case);
+     * no domain in this protocol */
+    (void)domain;
+    return tun_msg_osaurus_signed_text(buf, size, a->addr_str, nonce, ts);
+}
+
+static const struct gw_up_ops osr_up_ops = {
+    .name = "osaurus",
+    .open = osr_up_open,
+    .body_more = osr_up_body_more,
+    .consumed = osr_up_consumed,
+    .cancel = osr_up_cancel,
+};
+
+const struct gw_tun_proto gw_osr_proto = {
+    .name = "osaurus",
+    .mode = TUN_MODE_OSAURUS,
+    .subprotocol = NULL,
+    .max_text = TUN_OSR_MAX_FRAME_BYTES,
+    .ctl_per_min = TUN_CTL_RATE_OSAURUS,
+    .removed_reason = TUN_REASON_NONE,
+    .auth_all_or_nothing = true,
+    .up = &osr_up_ops,
+    .signed_text = osr_signed_text,
+    .sess_new = osr_sess_new,
+    .start = osr_start,
+    .on_binary = NULL, /* binary frames are ignored, as the relay does */
+    .on_data = osr_on_data,
+    .on_bad_data = osr_on_bad_data,
+    .ping = osr_ping,
+    .flush = osr_flush,
+    .drain = osr_drain,
+    .retire = osr_retire,
+    .fail_all = osr_fail_all,
+    .sess_free = osr_sess_free,
+    .streams = osr_streams,
+};

@@ -7,11 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gw_tun.h"
 
 struct slot {
     uint8_t addr[ID_ADDR_LEN];
-    struct gw_tun_agent *a;      /* borrowed; NULL = empty slot */
+    struct gw_route *a;          /* borrowed; NULL = empty slot */
 };
 
 struct gw_reg {
@@ -80,23 +79,16 @@ static int grow(struct gw_reg *reg)
     return 0;
 }
 
-struct gw_tun_agent *gw_reg_get(const struct gw_reg *reg, const uint8_t addr[ID_ADDR_LEN])
+struct gw_route *gw_reg_get(const struct gw_reg *reg, const uint8_t addr[ID_ADDR_LEN])
 {
     return find(reg, addr)->a;
 }
 
-struct gw_tun *gw_reg_lookup(const struct gw_reg *reg, const uint8_t addr[ID_ADDR_LEN])
-{
-    struct gw_tun_agent *a = gw_reg_get(reg, addr);
-
-    return a != NULL ? gw_tun_agent_tun(a) : NULL;
-}
-
-struct gw_tun_agent *gw_reg_set(struct gw_reg *reg, const uint8_t addr[ID_ADDR_LEN],
-                                struct gw_tun_agent *a, int *oom)
+struct gw_route *gw_reg_set(struct gw_reg *reg, const uint8_t addr[ID_ADDR_LEN],
+                            struct gw_route *a, int *oom)
 {
     struct slot *s;
-    struct gw_tun_agent *old;
+    struct gw_route *old;
 
     *oom = 0;
     if ((reg->n + 1) * 4 > reg->cap * 3 && grow(reg) != 0) {
@@ -114,7 +106,7 @@ struct gw_tun_agent *gw_reg_set(struct gw_reg *reg, const uint8_t addr[ID_ADDR_L
 }
 
 void gw_reg_remove(struct gw_reg *reg, const uint8_t addr[ID_ADDR_LEN],
-                   const struct gw_tun_agent *a)
+                   const struct gw_route *a)
 {
     size_t mask = reg->cap - 1;
     struct slot *s = find(reg, addr);

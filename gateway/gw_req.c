@@ -1,20 +1,20 @@
 /* Protocol-neutral public request: header list, routing by host name,
- * forwarding-header trust, dispatch to admin endpoints or a tunnel, and the
- * request's timers. See gw_req.h for the lifecycle. */
+ * forwarding-header trust, the request body between front end and upstream,
+ * the response calls, and the request's timers. See gw_req.h for the
+ * lifecycle; dispatch is gw_px's. */
 #include "gw_req.h"
 
 #include <arpa/inet.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <event2/buffer.h>
 #include <event2/event.h>
 
+#include "clk.h"
 #include "gw.h"
-#include "gw_admin.h"
 #include "gw_cfg.h"
-#include "gw_reg.h"
-#include "gw_tun.h"
 #include "log.h"
 
 static void req_on_timer(evutil_socket_t fd, short what, void *arg);
@@ -38,7 +38,7 @@ struct gw_req *gw_req_new(struct gw_ctx *ctx, const struct gw_fe_ops *fe, void *
     r->fe = fe;
     r->fe_data = fe_data;
     r->scheme = scheme;
-    r->start_ms = util_mono_ms();
+    r->start_ms = clk_mono_ms(ctx->clk);
     r->resp_timeout_ms = ctx->cfg->resp_header_timeout_s * 1000u;
     r->err = HERR_NONE;
     return r;
@@ -269,6 +269,8 @@ void gw_req_set_peer(struct gw_req *r, const struct sockaddr *peer)
     const struct gw_cfg *cfg = r->ctx->cfg;
     const nghttp2_nv *xff;
 
+    memcpy(&r->peer, peer,
+           peer->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
     sa_to_ip(peer, r->client_ip, sizeof(r->client_ip));
     util_snprintf(r->fwd_proto, sizeof(r->fwd_proto), "%s", r->scheme);
     r->xff_chain[0] = '\0';
@@ -315,75 +317,94 @@ void gw_req_set_peer(struct gw_req *r, const struct sockaddr *peer)
     }
 }
 
-/* ---- dispatch ---- */
+/* ---- request body ---- */
+
+bool gw_req_is_websocket(const struct gw_req *r)
+{
+    return r->protocol != NULL && r->method != NULL && strcmp(r->method, "CONNECT") == 0 &&
+           strcasecmp(r->protocol, "websocket") == 0;
+}
 
 /* While the body is arriving, the body-idle clock runs and restarts with every
- * byte; once it is complete, the response-header clock runs. Both stop when
- * the response head arrives. */
-static void req_arm_wait(struct gw_req *r)
+ * byte; once it is complete, the response-header clock runs. A WebSocket's
+ * "body" is its bytes after the head, so only the response-header clock runs
+ * before the head, and no clock after it: a quiet WebSocket lives as long as
+ * both ends do. Both stop when the response head arrives. */
+void gw_req_arm_wait(struct gw_req *r)
 {
     uint64_t idle = r->ctx->cfg->stream_idle_timeout_s * 1000u;
 
-    if (r->status != 0 || r->route != GW_ROUTE_AGENT)
+    if (r->status != 0 || r->up == NULL)
         return;
-    if (!r->body_eof)
+    if (!r->body_eof && !gw_req_is_websocket(r))
         gw_req_arm_timer(r, idle);
     else
         gw_req_arm_timer(r, r->resp_timeout_ms);
 }
 
-void gw_req_start(struct gw_req *r)
+/* Answered already (an error, or a response that ended before the body did):
+ * the client's remaining body goes nowhere. */
+static bool body_unwanted(const struct gw_req *r)
 {
-    struct gw_ctx *ctx = r->ctx;
-    struct gw_tun *tun;
-    enum herr e;
-
-    switch (r->route) {
-    case GW_ROUTE_APEX:
-        gw_admin_handle(r);
-        return;
-    case GW_ROUTE_ERROR:
-        gw_req_fail(r, r->route_err);
-        return;
-    case GW_ROUTE_AGENT:
-        break;
-    }
-    ctx->n.requests_total++;
-    if (ctx->cfg->max_body_bytes != 0 && r->has_content_length &&
-        r->content_length > ctx->cfg->max_body_bytes) {
-        gw_req_fail(r, HERR_BODY_TOO_LARGE);
-        return;
-    }
-    tun = gw_reg_lookup(ctx->reg, r->addr);
-    if (tun == NULL) {
-        gw_req_fail(r, HERR_AGENT_OFFLINE);
-        return;
-    }
-    e = gw_tun_open_stream(tun, r);
-    if (e != HERR_NONE) {
-        gw_req_fail(r, e);
-        return;
-    }
-    req_arm_wait(r);
+    return r->err != HERR_NONE || (r->status != 0 && r->up == NULL);
 }
 
-void gw_req_body_more(struct gw_req *r)
+static void body_notify(struct gw_req *r)
 {
     const struct gw_cfg *cfg = r->ctx->cfg;
 
-    if (cfg->max_body_bytes != 0 && r->body_in > cfg->max_body_bytes) {
-        if (r->status == 0) {
-            gw_req_cancel(r);
+    if (!gw_req_is_websocket(r) && cfg->max_body_bytes != 0 && r->body_in > cfg->max_body_bytes) {
+        gw_req_cancel(r);
+        if (r->status == 0)
             gw_req_fail(r, HERR_BODY_TOO_LARGE);
-        } else {
-            gw_req_cancel(r);
+        else
             gw_req_end(r, false);
-        }
         return;
     }
-    req_arm_wait(r);
+    if (!gw_req_is_websocket(r))
+        gw_req_arm_wait(r);
     if (r->up != NULL)
         r->up->body_more(r->up_data);
+}
+
+int gw_req_body_add(struct gw_req *r, const void *data, size_t len)
+{
+    if (body_unwanted(r))
+        return 1;
+    if (len == 0)
+        return 0;
+    if (evbuffer_add(r->body, data, len) != 0)
+        return -1;
+    r->body_in += len;
+    body_notify(r);
+    return 0;
+}
+
+void gw_req_body_eof(struct gw_req *r)
+{
+    if (r->body_eof)
+        return;
+    r->body_eof = true;
+    if (!body_unwanted(r))
+        body_notify(r);
+}
+
+size_t gw_req_body_avail(const struct gw_req *r)
+{
+    return evbuffer_get_length(r->body);
+}
+
+int gw_req_body_take(struct gw_req *r, struct evbuffer *dst, size_t n)
+{
+    if (dst != NULL) {
+        if (evbuffer_remove_buffer(r->body, dst, n) != (int)n)
+            return -1;
+    } else if (evbuffer_drain(r->body, n) != 0) {
+        return -1;
+    }
+    r->body_out += n;
+    r->fe->body_drained(r);
+    return 0;
 }
 
 void gw_req_consumed(struct gw_req *r, size_t n)
@@ -480,6 +501,6 @@ void gw_req_log(struct gw_req *r, const char *outcome)
              LOG_S("client", r->client_ip), LOG_S("method", r->method),
              LOG_S("path", r->path), LOG_S("addr", addr), LOG_I("status", r->status),
              LOG_U("bytes_in", r->body_in), LOG_U("bytes_out", r->resp_bytes),
-             LOG_U("dur_ms", util_mono_ms() - r->start_ms), LOG_S("outcome", outcome),
+             LOG_U("dur_ms", clk_mono_ms(r->ctx->clk) - r->start_ms), LOG_S("outcome", outcome),
              LOG_S("err", r->err != HERR_NONE ? herr_code(r->err) : NULL));
 }

@@ -1,16 +1,26 @@
 /* A public request, independent of the HTTP version it arrived in. gw_h1 and
- * gw_h2 (front ends) build one per request and own it; an upstream (a tunnel
- * stream, native or Osaurus) borrows it while the exchange runs. The two meet
- * only through the ops tables below, so one proxy path serves both front ends
- * (the shape of h2o's h2o_req_t + generator).
+ * gw_h2 (front ends) build one per request and own it; the bridge (gw_px)
+ * routes it, and an upstream stream (gw_up.h) borrows it while the exchange
+ * runs. Front end and upstream meet only through this API and the two ops
+ * tables (struct gw_fe_ops here, struct gw_up_ops in gw_up.h), so one proxy
+ * path serves both front ends and every upstream (the shape of h2o's
+ * h2o_req_t + generator).
  *
  * Lifecycle:
- *   1. front end: gw_req_new(), fills the head, gw_req_route(), gw_req_start()
- *   2. upstream: attaches (gw_req_attach), streams the response through fe ops
- *   3. the upstream always ends with exactly one of fe->error (no head sent),
- *      fe->end (after head) — and detaches before calling it;
- *      or the front end cancels first: up->cancel() detaches and drops.
- *   4. front end: gw_req_free() once its response is out. */
+ *   1. front end: gw_req_new(), fills the head (method, path, authority,
+ *      protocol, headers), gw_req_set_peer(), then gw_px_start()
+ *   2. the bridge routes it and an upstream attaches (gw_req_attach)
+ *   3. request body, front end -> upstream: gw_req_body_add() /
+ *      gw_req_body_eof(); the upstream takes it with gw_req_body_take(),
+ *      which tells the front end to read more (fe->body_drained)
+ *   4. response, upstream -> front end: gw_req_head(), gw_req_body(), then
+ *      gw_req_end(); or gw_req_fail() when no head was sent. end and fail
+ *      detach the upstream first; or the front end cancels first
+ *      (gw_req_cancel: up->cancel detaches and drops)
+ *   5. front end: gw_req_free() once its response is out.
+ * WebSocket upgrades have one form whatever the client spoke (RFC 8441):
+ * method "CONNECT", protocol "websocket"; h1_upgrade says the client asked
+ * with HTTP/1.1 Upgrade (the front end then answers 101 itself). */
 #ifndef GW_REQ_H
 #define GW_REQ_H
 
@@ -22,14 +32,20 @@
 
 #include <nghttp2/nghttp2.h>
 
+#include "gw_up.h"
 #include "herr.h"
 #include "id.h"
 #include "util.h"
 
+struct bufferevent;
 struct evbuffer;
 struct event;
 struct gw_ctx;
 struct gw_req;
+
+/* Called once with the connection a front end handed over (take_conn), or
+ * with bev NULL if the connection ended before it could be handed over. */
+typedef void (*gw_take_conn_cb)(struct gw_req *r, struct bufferevent *bev, const void *arg);
 
 /* Header list in HTTP/2 form: lowercase names, owned copies. */
 struct gw_hdrs {
@@ -55,20 +71,16 @@ struct gw_fe_ops {
     void (*error)(struct gw_req *r, enum herr e);
     /* The upstream took bytes from r->body; the front end may read more. */
     void (*body_drained)(struct gw_req *r);
+    /* Hands the whole connection over (a /tunnel/connect upgrade): the front
+     * end stops reading requests and, from its own event callback once the
+     * current read is done, gives its bufferevent (bytes after the head still
+     * in its input) to cb and frees itself; cb gets NULL if the connection
+     * ends first. NULL (or -1) where it cannot: HTTP/2 streams share their
+     * connection. */
+    int (*take_conn)(struct gw_req *r, gw_take_conn_cb cb, const void *arg);
 };
 
-/* Implemented by tunnel streams; called by the front end. */
-struct gw_up_ops {
-    /* r->body has new bytes or r->body_eof became true. */
-    void (*body_more)(void *up);
-    /* n response bytes handed to fe->body left for the client. */
-    void (*consumed)(void *up, size_t n);
-    /* The client went away or the front end gave up: reset the stream, detach
-     * (r->up becomes NULL) and never touch r again. */
-    void (*cancel)(void *up);
-};
-
-enum gw_route {
+enum gw_route_kind {
     GW_ROUTE_AGENT = 0, /* <address>.<domain> */
     GW_ROUTE_APEX,      /* <domain>, or a host outside the domain (IP literal) */
     GW_ROUTE_ERROR,     /* see route_err */
@@ -90,17 +102,18 @@ struct gw_req {
     char *protocol;                  /* owned; :protocol (extended CONNECT) or NULL */
     const char *scheme;              /* "https" or "http" (static) */
     struct gw_hdrs hdrs;             /* client headers, hop-by-hop removed */
+    struct sockaddr_storage peer;    /* the TCP peer */
     char client_ip[INET6_ADDRSTRLEN];
     char xff_chain[512];             /* trusted X-Forwarded-For prefix, or "" */
     char fwd_proto[8];               /* scheme for X-Forwarded-Proto */
     char *fwd_host;                  /* owned or NULL: trusted X-Forwarded-Host */
     bool is_head;                    /* HEAD: no response body */
-    bool is_upgrade;                 /* WebSocket pass-through */
+    bool h1_upgrade;                 /* an HTTP/1.1 Upgrade: websocket (answered 101) */
     bool has_content_length;
     uint64_t content_length;
 
     /* routing */
-    enum gw_route route;
+    enum gw_route_kind route;
     enum herr route_err;
     uint8_t addr[ID_ADDR_LEN];       /* agent address when route == AGENT */
 
@@ -139,19 +152,32 @@ const nghttp2_nv *gw_hdrs_get(const struct gw_hdrs *h, const char *name);
 bool gw_hdr_is_hop_by_hop(const char *name, size_t len);
 bool gw_hdr_is_gateway_set(const char *name, size_t len);
 
-/* Sets r->route/route_err/addr from r->authority and the configured domain. */
+/* Sets r->route/route_err/addr from r->authority and the configured domain
+ * (gw_px_start calls it). */
 void gw_req_route(struct gw_req *r);
 
-/* Fills client_ip / xff_chain / fwd_proto / fwd_host from the peer address
- * and, when the peer is a trusted proxy, its forwarding headers. */
+/* Fills peer / client_ip / xff_chain / fwd_proto / fwd_host from the peer
+ * address and, when the peer is a trusted proxy, its forwarding headers. */
 void gw_req_set_peer(struct gw_req *r, const struct sockaddr *peer);
 
-/* Dispatches a routed request with a complete head: admin endpoints, agent
- * streams, or an error through fe->error. Call once. */
-void gw_req_start(struct gw_req *r);
+/* True for an extended CONNECT websocket request (either HTTP version). */
+bool gw_req_is_websocket(const struct gw_req *r);
 
-/* Called by the front end when bytes arrive in r->body (or eof). */
-void gw_req_body_more(struct gw_req *r);
+/* Front end: request body bytes from the client (copied), and its end. Both
+ * apply max-body-bytes and tell the upstream. add returns 0 (taken), 1
+ * (dropped: the request was answered already; an HTTP/2 front end returns
+ * the window itself) or -1 (out of memory: the front end closes). */
+int gw_req_body_add(struct gw_req *r, const void *data, size_t len);
+void gw_req_body_eof(struct gw_req *r);
+
+/* Upstream: request body bytes waiting, and taking n of them (into dst, or
+ * dropped when dst is NULL); the front end is told to read more. Returns 0
+ * or -1. */
+size_t gw_req_body_avail(const struct gw_req *r);
+int gw_req_body_take(struct gw_req *r, struct evbuffer *dst, size_t n);
+
+/* Starts the request's wait clock once it has an upstream (gw_px). */
+void gw_req_arm_wait(struct gw_req *r);
 
 /* The front end tells the upstream n response bytes left. */
 void gw_req_consumed(struct gw_req *r, size_t n);
@@ -159,7 +185,7 @@ void gw_req_consumed(struct gw_req *r, size_t n);
 /* Cancels the upstream, if any (client gone). Safe to call twice. */
 void gw_req_cancel(struct gw_req *r);
 
-/* Upstream side: attach / detach. */
+/* Upstream side: attach (in up->open) / detach. */
 void gw_req_attach(struct gw_req *r, const struct gw_up_ops *up, void *up_data);
 void gw_req_detach(struct gw_req *r);
 

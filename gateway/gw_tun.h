@@ -1,9 +1,16 @@
 /* One tunnel: the WebSocket an agent daemon opened to /tunnel/connect, its
- * authentication (challenge-response, several agents), and, once live,
- * either the native protocol (an HTTP/2 connection in binary messages, the
- * gateway as h2 client, one stream per public request) or the Osaurus JSON
- * protocol (gw_osr). Owned by the gw_ctx list; it frees itself when its
- * WebSocket ends. Streams borrow their gw_req and detach before ending it. */
+ * authentication (challenge-response, several agents, each its own route),
+ * control messages (add/remove agents, rate-limited), keepalive, drain, and
+ * close. What runs inside the WebSocket once it is authenticated is a tunnel
+ * protocol (struct gw_tun_proto): the native HTTP/2 session (gw_tun_h2) or
+ * the Osaurus JSON frames (gw_osr). This file knows neither; it drives the
+ * protocol's session through the table below, and the session opens public
+ * requests on the tunnel's routes as an upstream (gw_up.h).
+ *
+ * Owned by the gw_ctx list; it frees itself (and its session) from its own
+ * event callbacks once its WebSocket has ended, never under a caller's frame.
+ * Agent entries (each embedding the struct gw_route the registry borrows) are
+ * owned by the tunnel and leave the registry before they are freed. */
 #ifndef GW_TUN_H
 #define GW_TUN_H
 
@@ -17,29 +24,63 @@
 
 struct bufferevent;
 struct gw_ctx;
-struct gw_req;
+struct gw_route;
 struct gw_tun;
-struct gw_tun_agent;
+struct gw_up_ops;
+struct ws_conn;
 
-/* Completes the upgrade (writes the 101 answer with ws_accept, the
- * Sec-WebSocket-Accept value) and starts authentication. The caller has
- * counted a tunnel for peer in ctx->ipt; the tunnel releases it when it
- * goes (also on failure here). Takes ownership of bev, also on failure.
- * Returns 0 or -1. */
+/* A tunnel protocol. Every hook gets the session sess_new returned. None is
+ * called from inside another hook of the same session. */
+struct gw_tun_proto {
+    const char *name;            /* "native", "osaurus": logs */
+    enum tun_mode mode;          /* for the tun_msg codec and its error mapping */
+    const char *subprotocol;     /* answered in the 101, NULL for none */
+    size_t max_text;             /* largest text message accepted */
+    unsigned ctl_per_min;        /* control messages per minute */
+    enum tun_reason removed_reason; /* in agent_removed after a remove_agent */
+    bool auth_all_or_nothing;    /* one bad entry fails the whole auth message */
+    const struct gw_up_ops *up;  /* opens public requests on its routes */
+    /* The text an agent entry of an auth or add_agent message signed. */
+    int (*signed_text)(char *buf, size_t size, const char *domain,
+                       const struct tun_msg_agent_auth *a, const char *nonce, int64_t ts);
+    /* At accept, before authentication. NULL = out of memory. */
+    void *(*sess_new)(struct gw_tun *t, struct gw_ctx *ctx, struct ws_conn *ws, uint64_t id);
+    /* auth_ok went out: start; features are the auth message's (TUN_FEAT_*).
+     * 0, or -1 (the tunnel closes). */
+    int (*start)(void *sess, unsigned features);
+    /* A binary message after auth. 0, or -1: the tunnel closes (protocol
+     * error). NULL: the protocol has none, binary messages are ignored
+     * (before auth too); otherwise one before auth closes the tunnel. */
+    int (*on_binary)(void *sess, const uint8_t *data, size_t len);
+    /* A decoded ping/pong/response/stream_* text message after auth. */
+    void (*on_data)(void *sess, const struct tun_msg *m);
+    /* One that failed to decode: true if the session handled it. */
+    bool (*on_bad_data)(void *sess, const struct tun_msg *m, enum tun_err e);
+    /* Keepalive tick. */
+    void (*ping)(void *sess);
+    /* The tunnel's kick, or its WebSocket became writable: send what waits. */
+    void (*flush)(void *sess);
+    /* SIGTERM (the routes are gone already): tell the agent, finish the
+     * streams in flight, then close the tunnel. */
+    void (*drain)(void *sess);
+    /* The tunnel lost its last agent: close once the streams are done. */
+    void (*retire)(void *sess);
+    /* The tunnel is closing: every stream fails or aborts now. */
+    void (*fail_all)(void *sess);
+    void (*sess_free)(void *sess);
+    /* Streams in flight. */
+    size_t (*streams)(const void *sess);
+};
+
+/* Writes the 101 answer (ws_accept: the Sec-WebSocket-Accept value; the
+ * protocol's subprotocol) and starts authentication. The caller has counted
+ * a tunnel for peer in ctx->ipt; the tunnel releases it when it goes (also on
+ * failure here). Takes ownership of bev, also on failure. Returns 0 or -1. */
 int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
-                  const char *ws_accept, enum tun_mode mode, uint64_t conn_id,
+                  const char *ws_accept, const struct gw_tun_proto *proto, uint64_t conn_id,
                   const char *client_ip);
 
-/* Opens a stream for r on t and attaches it. Returns HERR_NONE on success,
- * else the error to answer (host_busy past max-streams-per-tunnel,
- * agent_offline if the tunnel is going away). */
-enum herr gw_tun_open_stream(struct gw_tun *t, struct gw_req *r);
-
-/* The tunnel an agent entry belongs to. */
-struct gw_tun *gw_tun_agent_tun(const struct gw_tun_agent *a);
-
-/* SIGTERM: every tunnel is told to go (native: GOAWAY + "draining"; Osaurus:
- * relay_restarting + 1012 once its requests are done), its routes removed. */
+/* SIGTERM: routes removed, every tunnel told to go (its protocol's drain). */
 void gw_tun_drain_all(struct gw_ctx *ctx);
 
 /* Streams in flight over all tunnels. */
@@ -51,18 +92,17 @@ void gw_tun_apply_allow(struct gw_ctx *ctx);
 /* Shutdown: frees every tunnel at once (their requests are aborted). */
 void gw_tun_free_all(struct gw_ctx *ctx);
 
-/* For gw_osr, the Osaurus half of a tunnel. */
-struct gw_osr;
-struct gw_ctx *gw_tun_ctx(const struct gw_tun *t);
-uint64_t gw_tun_id(const struct gw_tun *t);
-int gw_tun_send_text(struct gw_tun *t, const char *data, size_t len);
-bool gw_tun_wants_base64(const struct gw_tun *t);
-struct gw_osr *gw_tun_osr(const struct gw_tun *t);
-void gw_tun_set_osr(struct gw_tun *t, struct gw_osr *osr);
-/* Starts closing the tunnel (frees it later, from its own callbacks). */
+/* ---- for tunnel sessions ---- */
+
+/* Sends a control message (JSON text). Returns 0 or -1. */
+int gw_tun_send_msg(struct gw_tun *t, const struct tun_msg *m);
+
+/* Starts closing the tunnel: routes go, streams fail (fail_all), the close
+ * frame goes out; freed later from the tunnel's own callbacks. */
 void gw_tun_close(struct gw_tun *t, int code, const char *reason);
-size_t gw_tun_agent_count(const struct gw_tun *t);
-/* The agent's response-header timeout request, 0 = the gateway default. */
-uint64_t gw_tun_agent_resp_timeout_ms(const struct gw_tun *t, const uint8_t *addr);
+
+/* Runs the session's flush from the loop, after every callback already
+ * queued in this pass (so what one read brought leaves as one message). */
+void gw_tun_kick(struct gw_tun *t);
 
 #endif

@@ -1,0 +1,265 @@
+/* The gateway context; see gw.h. Signals (SIGTERM/SIGINT drain, SIGHUP reload
+ * of certificates and the allow list), the periodic summary and sweep, and
+ * the start-up and shutdown order live here so that gw_main only parses the
+ * command line. */
+#include "gw.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/event.h>
+
+#include "clk.h"
+#include "gw_allow.h"
+#include "gw_cfg.h"
+#include "gw_ipt.h"
+#include "gw_lsn.h"
+#include "gw_reg.h"
+#include "gw_tun.h"
+#include "log.h"
+#include "tg_config.h"
+#include "tls.h"
+#include "util.h"
+
+#define DRAIN_POLL_MS 200
+#define SWEEP_INTERVAL_S 60
+
+static void on_drain_poll(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_ctx *ctx = arg;
+    size_t streams = gw_tun_streams_total(ctx);
+
+    if (streams == 0 || clk_mono_ms(ctx->clk) >= ctx->drain_deadline_ms) {
+        LOG_INFO(ctx->log, "drain_done", LOG_U("streams_cut", streams));
+        event_base_loopexit(ctx->base, NULL);
+    }
+}
+
+static void start_drain(struct gw_ctx *ctx)
+{
+    struct timeval tv = {0, DRAIN_POLL_MS * 1000};
+
+    ctx->draining = true;
+    ctx->drain_deadline_ms = clk_mono_ms(ctx->clk) + ctx->cfg->drain_timeout_s * 1000u;
+    LOG_INFO(ctx->log, "drain_start", LOG_U("tunnels", ctx->tunnels_live),
+             LOG_U("grace_s", ctx->cfg->drain_timeout_s));
+    gw_tun_drain_all(ctx);
+    evtimer_add(ctx->drain_ev, &tv);
+}
+
+static void on_term(evutil_socket_t sig, short what, void *arg)
+{
+    struct gw_ctx *ctx = arg;
+
+    if (ctx->draining) {
+        LOG_INFO(ctx->log, "shutdown_now", LOG_I("signal", sig));
+        event_base_loopexit(ctx->base, NULL);
+        return;
+    }
+    start_drain(ctx);
+}
+
+static void on_hup(evutil_socket_t sig, short what, void *arg)
+{
+    struct gw_ctx *ctx = arg;
+    char err[512];
+
+    if (ctx->tls != NULL) {
+        if (tls_server_reload(ctx->tls, err, sizeof(err)) != 0)
+            LOG_ERROR(ctx->log, "reload_failed", LOG_S("what", "tls"), LOG_S("err", err));
+        else
+            LOG_INFO(ctx->log, "reloaded", LOG_S("what", "tls"));
+    }
+    if (ctx->cfg->allow_path != NULL) {
+        struct gw_allow *a = gw_allow_load(ctx->cfg->allow_path, err, sizeof(err));
+        if (a == NULL) {
+            LOG_ERROR(ctx->log, "reload_failed", LOG_S("what", "allow"), LOG_S("err", err));
+        } else {
+            gw_allow_free(ctx->allow);
+            ctx->allow = a;
+            LOG_INFO(ctx->log, "reloaded", LOG_S("what", "allow"),
+                     LOG_U("addresses", gw_allow_count(a)));
+            gw_tun_apply_allow(ctx);
+        }
+    }
+}
+
+static void on_summary(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_ctx *ctx = arg;
+
+    LOG_INFO(ctx->log, "summary", LOG_U("tunnels", ctx->tunnels_live),
+             LOG_U("agents", gw_reg_count(ctx->reg)), LOG_U("streams", gw_tun_streams_total(ctx)),
+             LOG_U("requests", ctx->n.requests_total), LOG_U("failed", ctx->n.requests_failed));
+}
+
+static void on_sweep(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_ctx *ctx = arg;
+
+    gw_ipt_sweep(ctx->ipt, clk_mono_ms(ctx->clk));
+}
+
+struct gw_ctx *gw_ctx_new(const struct gw_cfg *cfg, const struct clk *clk, char *err,
+                          size_t errlen)
+{
+    struct gw_ctx *ctx = calloc(1, sizeof(*ctx));
+    struct timeval sweep = {SWEEP_INTERVAL_S, 0};
+
+    if (ctx == NULL)
+        goto oom;
+    ctx->cfg = cfg;
+    ctx->clk = clk;
+    list_init(&ctx->conns);
+    list_init(&ctx->tuns);
+    ctx->start_ms = clk_mono_ms(clk);
+    ctx->log = log_new("tunnel-gateway", cfg->log_level, cfg->log_format, 2);
+    if (ctx->log == NULL)
+        goto fail_ctx;
+    if (cfg->log_dir != NULL && log_open_dir(ctx->log, cfg->log_dir) != 0) {
+        util_snprintf(err, errlen, "--log-dir %s: %s", cfg->log_dir, strerror(errno));
+        goto fail_log_msg;
+    }
+    ctx->base = util_event_base_new();
+    if (ctx->base == NULL)
+        goto fail_log;
+    ctx->reg = gw_reg_new();
+    if (ctx->reg == NULL)
+        goto fail_base;
+    ctx->ipt = gw_ipt_new();
+    if (ctx->ipt == NULL)
+        goto fail_reg;
+    ctx->sig_term = evsignal_new(ctx->base, SIGTERM, on_term, ctx);
+    ctx->sig_int = evsignal_new(ctx->base, SIGINT, on_term, ctx);
+    ctx->sig_hup = evsignal_new(ctx->base, SIGHUP, on_hup, ctx);
+    ctx->drain_ev = event_new(ctx->base, -1, EV_PERSIST, on_drain_poll, ctx);
+    ctx->summary_ev = event_new(ctx->base, -1, EV_PERSIST, on_summary, ctx);
+    ctx->sweep_ev = event_new(ctx->base, -1, EV_PERSIST, on_sweep, ctx);
+    if (ctx->sig_term == NULL || ctx->sig_int == NULL || ctx->sig_hup == NULL ||
+        ctx->drain_ev == NULL || ctx->summary_ev == NULL || ctx->sweep_ev == NULL)
+        goto fail_events;
+    evsignal_add(ctx->sig_term, NULL);
+    evsignal_add(ctx->sig_int, NULL);
+    evsignal_add(ctx->sig_hup, NULL);
+    evtimer_add(ctx->sweep_ev, &sweep);
+    if (cfg->summary_interval_s != 0) {
+        struct timeval tv = {(time_t)cfg->summary_interval_s, 0};
+        evtimer_add(ctx->summary_ev, &tv);
+    }
+    for (size_t i = 0; i < cfg->n_warnings; i++)
+        LOG_WARN(ctx->log, "config_warning", LOG_S("msg", cfg->warnings[i]));
+    return ctx;
+
+fail_events:
+    if (ctx->sweep_ev != NULL)
+        event_free(ctx->sweep_ev);
+    if (ctx->summary_ev != NULL)
+        event_free(ctx->summary_ev);
+    if (ctx->drain_ev != NULL)
+        event_free(ctx->drain_ev);
+    if (ctx->sig_hup != NULL)
+        event_free(ctx->sig_hup);
+    if (ctx->sig_int != NULL)
+        event_free(ctx->sig_int);
+    if (ctx->sig_term != NULL)
+        event_free(ctx->sig_term);
+    gw_ipt_free(ctx->ipt);
+fail_reg:
+    gw_reg_free(ctx->reg);
+fail_base:
+    event_base_free(ctx->base);
+fail_log:
+    log_free(ctx->log);
+fail_ctx:
+    free(ctx);
+oom:
+    util_snprintf(err, errlen, "out of memory");
+    return NULL;
+fail_log_msg:
+    log_free(ctx->log);
+    free(ctx);
+    return NULL;
+}
+
+int gw_ctx_run(struct gw_ctx *ctx)
+{
+    const struct gw_cfg *cfg = ctx->cfg;
+    char err[1024];
+    const char *ca_path = NULL;
+
+    if (!cfg->no_tls) {
+        struct tls_server_opts o = {
+            .cert_file = cfg->cert_path,
+            .key_file = cfg->key_path,
+            .state_dir = cfg->state_dir,
+            .domain = cfg->domain,
+            .alpn = "h2,http/1.1",
+            .log = ctx->log,
+        };
+        ctx->tls = tls_server_new(&o, err, sizeof(err));
+        if (ctx->tls == NULL) {
+            LOG_ERROR(ctx->log, "tls_failed", LOG_S("err", err));
+            return 1;
+        }
+        if (tls_server_is_local_ca(ctx->tls))
+            ca_path = tls_server_ca_path(ctx->tls);
+    }
+    if (cfg->allow_path != NULL) {
+        ctx->allow = gw_allow_load(cfg->allow_path, err, sizeof(err));
+        if (ctx->allow == NULL) {
+            LOG_ERROR(ctx->log, "allow_failed", LOG_S("err", err));
+            return 1;
+        }
+    }
+    ctx->lsn_main = gw_lsn_new(ctx, &cfg->listen, !cfg->no_tls, err, sizeof(err));
+    if (ctx->lsn_main == NULL) {
+        LOG_ERROR(ctx->log, "listen_failed", LOG_S("err", err));
+        return 1;
+    }
+    if (cfg->plain_listen.text != NULL) {
+        ctx->lsn_plain = gw_lsn_new(ctx, &cfg->plain_listen, false, err, sizeof(err));
+        if (ctx->lsn_plain == NULL) {
+            LOG_ERROR(ctx->log, "listen_failed", LOG_S("err", err));
+            return 1;
+        }
+    }
+    LOG_INFO(ctx->log, "listening", LOG_S("addr", cfg->listen.host),
+             LOG_U("port", gw_lsn_port(ctx->lsn_main)), LOG_S("scheme", cfg->no_tls ? "http" : "https"),
+             LOG_S("domain", cfg->domain), LOG_S("ca", ca_path),
+             LOG_S("access", cfg->open_effective ? "open" : "allow-list"),
+             LOG_S("version", TG_VERSION));
+    if (ctx->lsn_plain != NULL)
+        LOG_INFO(ctx->log, "listening", LOG_S("addr", cfg->plain_listen.host),
+                 LOG_U("port", gw_lsn_port(ctx->lsn_plain)), LOG_S("scheme", "http"),
+                 LOG_S("domain", cfg->domain));
+    event_base_dispatch(ctx->base);
+    return ctx->exit_code;
+}
+
+void gw_ctx_free(struct gw_ctx *ctx)
+{
+    if (ctx == NULL)
+        return;
+    while (!list_is_empty(&ctx->conns)) {
+        struct gw_conn_link *l = LIST_ENTRY(ctx->conns.next, struct gw_conn_link, node);
+        l->free_now(l);
+    }
+    gw_tun_free_all(ctx);
+    gw_lsn_free(ctx->lsn_plain);
+    gw_lsn_free(ctx->lsn_main);
+    event_free(ctx->sweep_ev);
+    event_free(ctx->summary_ev);
+    event_free(ctx->drain_ev);
+    event_free(ctx->sig_hup);
+    event_free(ctx->sig_int);
+    event_free(ctx->sig_term);
+    gw_allow_free(ctx->allow);
+    gw_ipt_free(ctx->ipt);
+    tls_server_free(ctx->tls);
+    gw_reg_free(ctx->reg);
+    event_base_free(ctx->base);
+    log_free(ctx->log);
+    free(ctx);
+}

@@ -1,0 +1,111 @@
+/* The tunnel endpoint; see gw_tep.h. The per-IP tunnel slot is taken here
+ * and handed to the tunnel with the connection; if the front end's
+ * connection ends before the hand-over, on_conn gets NULL and releases it. */
+#include "gw_tep.h"
+
+#include <string.h>
+
+#include <event2/bufferevent.h>
+
+#include "clk.h"
+#include "gw.h"
+#include "gw_cfg.h"
+#include "gw_ipt.h"
+#include "gw_osr.h"
+#include "gw_req.h"
+#include "gw_tun.h"
+#include "gw_tun_h2.h"
+#include "log.h"
+#include "tun_msg.h"
+#include "ws.h"
+
+/* Sec-WebSocket-Protocol: a comma list; picks the tunnel protocol (none
+ * offered: Osaurus, which has no subprotocol). NULL if none is known. */
+static const struct gw_tun_proto *pick_proto(const nghttp2_nv *nv)
+{
+    const char *v;
+    size_t len;
+
+    if (nv == NULL)
+        return &gw_osr_proto;
+    v = (const char *)nv->value;
+    len = nv->valuelen;
+    while (len > 0) {
+        size_t i = 0;
+        while (i < len && v[i] != ',')
+            i++;
+        const char *item = v;
+        size_t ilen = i;
+        while (ilen > 0 && (*item == ' ' || *item == '\t')) {
+            item++;
+            ilen--;
+        }
+        while (ilen > 0 && (item[ilen - 1] == ' ' || item[ilen - 1] == '\t'))
+            ilen--;
+        if (ilen == strlen(TUN_SUBPROTOCOL) && memcmp(item, TUN_SUBPROTOCOL, ilen) == 0)
+            return &gw_tun_h2_proto;
+        v += i < len ? i + 1 : i;
+        len -= i < len ? i + 1 : i;
+    }
+    return NULL;
+}
+
+/* The front end handed the connection over (or it ended first). */
+static void on_conn(struct gw_req *r, struct bufferevent *bev, const void *arg)
+{
+    const struct gw_tun_proto *proto = arg;
+    const nghttp2_nv *key = gw_hdrs_get(&r->hdrs, "sec-websocket-key");
+    char accept[29];
+
+    if (bev == NULL || key == NULL ||
+        ws_accept_key((const char *)key->value, key->valuelen, accept) != 0) {
+        gw_ipt_tunnel_release(r->ctx->ipt, (struct sockaddr *)&r->peer);
+        if (bev != NULL)
+            bufferevent_free(bev);
+        return;
+    }
+    gw_tun_accept(r->ctx, bev, (struct sockaddr *)&r->peer, accept, proto, r->conn_id,
+                  r->client_ip);
+}
+
+void gw_tep_handle(struct gw_req *r)
+{
+    struct gw_ctx *ctx = r->ctx;
+    const struct gw_cfg *cfg = ctx->cfg;
+    const nghttp2_nv *key = gw_hdrs_get(&r->hdrs, "sec-websocket-key");
+    const nghttp2_nv *ver = gw_hdrs_get(&r->hdrs, "sec-websocket-version");
+    const struct gw_tun_proto *proto;
+    char accept[29];
+    enum gw_ipt_verdict v;
+
+    /* tunnels are HTTP/1.1 upgrades: an h2 extended CONNECT would share its
+     * connection, and the tunnel needs one of its own */
+    if (!r->h1_upgrade || !gw_req_is_websocket(r) || key == NULL || ver == NULL ||
+        strcmp((const char *)ver->value, "13") != 0 ||
+        ws_accept_key((const char *)key->value, key->valuelen, accept) != 0 ||
+        !(r->has_content_length && r->content_length == 0) || r->fe->take_conn == NULL) {
+        gw_req_fail(r, HERR_WEBSOCKET_REQUIRED);
+        return;
+    }
+    proto = pick_proto(gw_hdrs_get(&r->hdrs, "sec-websocket-protocol"));
+    if (proto == NULL) {
+        gw_req_fail(r, HERR_UNSUPPORTED_PROTOCOL);
+        return;
+    }
+    if (ctx->draining) {
+        gw_req_fail(r, HERR_SHUTTING_DOWN);
+        return;
+    }
+    v = gw_ipt_tunnel_acquire(ctx->ipt, (struct sockaddr *)&r->peer, cfg->max_tunnels_per_ip,
+                              cfg->tunnel_connects_per_ip_per_min, clk_mono_ms(ctx->clk));
+    if (v != GW_IPT_OK) {
+        LOG_WARN(ctx->log, "tunnel_refused", LOG_U("conn", r->conn_id), LOG_S("peer", r->client_ip),
+                 LOG_S("err", v == GW_IPT_RATE ? "rate_limited" : "too_many_connections"));
+        gw_req_fail(r, v == GW_IPT_RATE ? HERR_RATE_LIMITED : HERR_TOO_MANY_CONNECTIONS);
+        return;
+    }
+    if (r->fe->take_conn(r, on_conn, proto) != 0) {
+        gw_ipt_tunnel_release(ctx->ipt, (struct sockaddr *)&r->peer);
+        gw_req_fail(r, HERR_WEBSOCKET_REQUIRED);
+    }
+}
