@@ -47,6 +47,7 @@ struct gw_ctx {
     struct event *sweep_ev;         /* periodic housekeeping (per-IP table) */
     struct gw_lsn *lsn_main;        /* main listener (TLS unless --no-tls) */
     struct gw_lsn *lsn_plain;       /* --plain-listen, or NULL */
+    uint16_t main_port;             /* the main listener's bound port (for URLs) */
     struct list conns;              /* struct gw_conn_link: public connections, for shutdown */
     struct list tuns;               /* struct gw_tun: all tunnels, authenticated or not */
     struct event *sig_term;

@@ -218,6 +218,7 @@ int gw_ctx_run(struct gw_ctx *ctx)
         LOG_ERROR(ctx->log, "listen_failed", LOG_S("err", err));
         return 1;
     }
+    ctx->main_port = gw_lsn_port(ctx->lsn_main);
     if (cfg->plain_listen.text != NULL) {
         ctx->lsn_plain = gw_lsn_new(ctx, &cfg->plain_listen, false, err, sizeof(err));
         if (ctx->lsn_plain == NULL) {

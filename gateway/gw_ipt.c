@@ -174,7 +174,9 @@ enum gw_ipt_verdict gw_ipt_tunnel_acquire(struct gw_ipt *t, const struct sockadd
 
     if (e == NULL)
         return max_tunnels == 0 && per_min == 0 ? GW_IPT_OK : GW_IPT_TOO_MANY;
-    if (now_ms - e->window_start_ms >= RATE_WINDOW_MS) {
+    /* a new entry's first upgrade starts its window (not the clock's zero) */
+    if (e->window_count == 0 || now_ms < e->window_start_ms ||
+        now_ms - e->window_start_ms >= RATE_WINDOW_MS) {
         e->window_start_ms = now_ms;
         e->window_count = 0;
     }

@@ -104,8 +104,12 @@ int gw_hdrs_add(struct gw_hdrs *h, const char *name, size_t nlen, const char *va
     char *n;
     char *v;
 
-    if (max_bytes != 0 && (nlen + vlen > max_bytes || h->bytes > max_bytes - nlen - vlen))
+    /* no sum before the checks: lengths near SIZE_MAX must not wrap */
+    if (max_bytes != 0 && (nlen > max_bytes || vlen > max_bytes - nlen ||
+                           h->bytes > max_bytes - nlen - vlen))
         return -2;
+    if (nlen == SIZE_MAX || vlen == SIZE_MAX)
+        return -1;
     if (h->n == h->cap) {
         size_t cap = h->cap ? h->cap * 2 : 16;
         nghttp2_nv *nv = realloc(h->nv, cap * sizeof(*nv));

@@ -27,7 +27,6 @@
 #include "gw_allow.h"
 #include "gw_cfg.h"
 #include "gw_ipt.h"
-#include "gw_lsn.h"
 #include "gw_reg.h"
 #include "gw_up.h"
 #include "id.h"
@@ -195,9 +194,7 @@ static void agent_url(const struct gw_tun *t, const char *addr, char *out, size_
                           addr, cfg->public_url.host);
         return;
     }
-    uint16_t port = cfg->listen.port;
-    if (t->ctx->lsn_main != NULL)
-        port = gw_lsn_port(t->ctx->lsn_main);
+    uint16_t port = t->ctx->main_port != 0 ? t->ctx->main_port : cfg->listen.port;
     bool https = !cfg->no_tls;
     if ((https && port == 443) || (!https && port == 80))
         util_snprintf(out, size, "%s://%s.%s", https ? "https" : "http", addr, cfg->domain);

@@ -217,8 +217,9 @@ static enum herr up_open(struct gw_route *rt, struct gw_req *r)
         if (gw_hdr_is_gateway_set((const char *)h->name, h->namelen))
             continue;
         /* an HTTP/1.1 client's key is answered by the gateway's 101; RFC
-         * 8441 streams carry none */
-        if (ws && h->namelen == 17 && memcmp(h->name, "sec-websocket-key", 17) == 0)
+         * 8441 streams carry neither it nor the version (PROTOCOL.md 6) */
+        if (ws && ((h->namelen == 17 && memcmp(h->name, "sec-websocket-key", 17) == 0) ||
+                   (h->namelen == 21 && memcmp(h->name, "sec-websocket-version", 21) == 0)))
             continue;
         nv[n++] = *h;
     }
@@ -358,6 +359,12 @@ static int h2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame
         struct gw_req *r = st->req;
         st->req = NULL;
         tstream_release_window(st);
+        /* the response is complete but our side is not (a WebSocket the
+         * local API closed, an answer before the whole upload): nobody will
+         * send the rest, so close the stream instead of leaving it
+         * half-open on the tunnel (RFC 9113 8.1) */
+        if (!nghttp2_session_get_stream_local_close(session, st->id))
+            nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
         gw_req_end(r, true);
     }
     return 0;
