@@ -1,8 +1,11 @@
 /* tunnel-bench-origin: the benchmark's local API. An HTTP/1.1 keep-alive
  * server (libevent + http-parser) whose responses are generated, never read
- * from disk: /small, /1m, /1g, /bytes?n=, /sse?n=&interval_ms=, and /sink
- * (POST/PUT body counted, answered after its last byte). bench/run drives it;
- * one struct origin_ctx per process holds all state. */
+ * from disk: /small, /1m, /1g, /bytes?n=, /sse?n=&interval_ms=, /sink
+ * (POST/PUT body counted, answered after its last byte), and /ws, an RFC 6455
+ * echo: a single-frame binary message is unmasked and streamed back as it
+ * arrives; anything else goes to wslay, which assembles each message (echoed
+ * whole) and answers pings and closes. bench/run drives it; one struct
+ * origin_ctx per process holds all state. */
 #include <errno.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -25,9 +28,11 @@
 #include <event2/listener.h>
 #include <event2/util.h>
 #include <http_parser.h>
+#include <wslay/wslay.h>
 
 #include "log.h"
 #include "util.h"
+#include "ws.h"
 
 #define ORIGIN_PATTERN_BYTES (64u * 1024u)    /* one shared body segment */
 #define ORIGIN_OUT_HIGH_BYTES (1024u * 1024u) /* stop generating above this */
@@ -41,11 +46,14 @@
 #define ORIGIN_SSE_MAX_EVENTS 1000000u
 #define ORIGIN_SSE_MAX_INTERVAL_MS 60000u
 #define ORIGIN_BYTES_MAX (UINT64_C(1) << 40)
+#define ORIGIN_WS_MAX_MSG_BYTES (16u * 1024u * 1024u) /* larger: close 1009 */
+#define ORIGIN_WS_QUEUE_HIGH_BYTES (1024u * 1024u)    /* echoes queued: stop reading */
 
 enum origin_route {
     ORIGIN_R_BYTES = 0, /* generated body of body_left bytes */
     ORIGIN_R_SSE,
     ORIGIN_R_SINK,
+    ORIGIN_R_WS, /* GET /ws: WebSocket echo */
     ORIGIN_R_NOT_FOUND,
     ORIGIN_R_BAD_METHOD,
     ORIGIN_R_BAD_QUERY,
@@ -64,6 +72,7 @@ struct origin_ctx {
     struct origin_conn *conns;     /* live connections, for teardown */
     uint64_t next_id;              /* numbers connections for logs */
     uint64_t requests;             /* requests answered */
+    uint64_t ws_messages;          /* WebSocket messages echoed */
 };
 
 /* One client connection; owned by the ctx's conns list. */
@@ -84,6 +93,17 @@ struct origin_conn {
     size_t hdr_value_len;                     /* bytes in hdr_value */
     bool in_value;                            /* last header callback was a value */
     bool expect_continue;                     /* client sent Expect: 100-continue */
+    bool h_upgrade_ws;                        /* Upgrade: websocket */
+    bool h_connection_upgrade;                /* Connection lists "upgrade" */
+    bool h_ws_version_13;                     /* Sec-WebSocket-Version: 13 */
+    char ws_key[ORIGIN_HDR_VALUE_MAX + 1];    /* Sec-WebSocket-Key (truncated) */
+    size_t ws_key_len;                        /* bytes in ws_key */
+    wslay_event_context_ptr ws;               /* owned; set once upgraded to /ws */
+    uint64_t ws_wslay_left;                   /* bytes of the frame wslay reads still owed it */
+    uint64_t ws_fast_left;                    /* payload of the fast-path frame still to echo */
+    uint64_t ws_fast_off;                     /* its payload bytes echoed so far */
+    uint8_t ws_fast_key[4];                   /* its masking key */
+    bool ws_frag_open;                        /* wslay is inside a fragmented message */
     bool keep_alive;                          /* answer allows another request */
     bool busy;           /* a streamed response is in progress; parser paused */
     bool closing;        /* free once the output has drained */
@@ -106,6 +126,8 @@ static void conn_free(struct origin_conn *c)
         c->next->prev = c->prev;
     if (c->sse_ev != NULL)
         event_free(c->sse_ev);
+    if (c->ws != NULL)
+        wslay_event_context_free(c->ws);
     bufferevent_free(c->bev);
     free(c);
 }
@@ -254,6 +276,278 @@ static int conn_start_sse(struct origin_conn *c, uint64_t n, uint64_t interval_m
     return 0;
 }
 
+/* True if the comma-separated header value list holds token (ASCII case
+ * insensitive, optional whitespace around elements; RFC 9110 5.6.1). */
+static bool has_token(const char *list, const char *token)
+{
+    size_t tlen = strlen(token);
+    const char *p = list;
+    while (*p != '\0') {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        const char *start = p;
+        while (*p != '\0' && *p != ',')
+            p++;
+        const char *end = p;
+        while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
+            end--;
+        if ((size_t)(end - start) == tlen && strncasecmp(start, token, tlen) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* ---- /ws: WebSocket echo ---------------------------------------------------
+ * After the 101 the connection belongs to wslay: conn_ws_run() feeds it the
+ * input and lets it write its queue into the output. Backpressure: above
+ * ORIGIN_OUT_HIGH_BYTES of output, or ORIGIN_WS_QUEUE_HIGH_BYTES of echoes
+ * queued inside wslay, the recv callback reports WOULDBLOCK and input waits
+ * in the bufferevent (whose read high watermark then stops the socket); the
+ * write callback, at the low watermark, runs it again. */
+
+static ssize_t ws_on_recv(wslay_event_context_ptr ws, uint8_t *buf, size_t len, int flags,
+                          void *arg)
+{
+    struct origin_conn *c = arg;
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    if (evbuffer_get_length(bufferevent_get_output(c->bev)) >= ORIGIN_OUT_HIGH_BYTES ||
+        wslay_event_get_queued_msg_length(ws) >= ORIGIN_WS_QUEUE_HIGH_BYTES) {
+        wslay_event_set_error(ws, WSLAY_ERR_WOULDBLOCK);
+        return -1;
+    }
+    if (len > c->ws_wslay_left)
+        len = (size_t)c->ws_wslay_left; /* never past its frame: the next may be ours */
+    int n = len > 0 ? evbuffer_remove(in, buf, len) : 0;
+    if (n <= 0) {
+        wslay_event_set_error(ws, WSLAY_ERR_WOULDBLOCK);
+        return -1;
+    }
+    if (c->ws_wslay_left != UINT64_MAX)
+        c->ws_wslay_left -= (uint64_t)n;
+    return n;
+}
+
+static ssize_t ws_on_send(wslay_event_context_ptr ws, const uint8_t *data, size_t len, int flags,
+                          void *arg)
+{
+    struct origin_conn *c = arg;
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    if (evbuffer_get_length(out) >= ORIGIN_OUT_HIGH_BYTES) {
+        wslay_event_set_error(ws, WSLAY_ERR_WOULDBLOCK);
+        return -1;
+    }
+    if (evbuffer_add(out, data, len) != 0) {
+        wslay_event_set_error(ws, WSLAY_ERR_CALLBACK_FAILURE);
+        return -1;
+    }
+    return (ssize_t)len;
+}
+
+/* A whole message: data goes back as one frame of the same opcode. wslay
+ * answers pings and closes itself. */
+static void ws_on_msg(wslay_event_context_ptr ws, const struct wslay_event_on_msg_recv_arg *a,
+                      void *arg)
+{
+    struct origin_conn *c = arg;
+    if (wslay_is_ctrl_frame(a->opcode))
+        return;
+    struct wslay_event_msg m = {.opcode = a->opcode, .msg = a->msg, .msg_length = a->msg_length};
+    if (wslay_event_queue_msg(ws, &m) != 0) {
+        /* Out of memory, or a close is already under way: say so, then stop. */
+        (void)wslay_event_queue_close(ws, WSLAY_CODE_INTERNAL_SERVER_ERROR, NULL, 0);
+        return;
+    }
+    c->ctx->ws_messages++;
+}
+
+static const struct wslay_event_callbacks origin_ws_cbs = {
+    .recv_callback = ws_on_recv,
+    .send_callback = ws_on_send,
+    .on_msg_recv_callback = ws_on_msg,
+};
+
+/* XORs len bytes with key, the payload starting at offset off of its frame
+ * (RFC 6455 5.3), eight bytes at a time (8 is a multiple of 4, so one 64-bit
+ * pattern serves every step). wslay unmasks a byte at a time, which was a
+ * third of the origin's CPU with 64 KiB messages. */
+static void ws_unmask(uint8_t *dst, const uint8_t *src, size_t len, const uint8_t key[4],
+                      uint64_t off)
+{
+    uint8_t k8[8];
+    uint64_t k64;
+    size_t i = 0;
+    for (size_t j = 0; j < 8; j++)
+        k8[j] = key[(off + j) & 3];
+    memcpy(&k64, k8, sizeof(k64));
+    for (; len - i >= 8; i += 8) {
+        uint64_t v;
+        memcpy(&v, src + i, sizeof(v));
+        v ^= k64;
+        memcpy(dst + i, &v, sizeof(v));
+    }
+    for (; i < len; i++)
+        dst[i] = src[i] ^ key[(off + i) & 3];
+}
+
+/* At a frame boundary: either the fast path takes the frame (a masked,
+ * unfragmented binary message while wslay has nothing half done or queued:
+ * its echo header goes out now, the payload in conn_ws_fast_echo), or wslay
+ * gets exactly this frame. Returns false while the header is incomplete. */
+static bool conn_ws_next_frame(struct origin_conn *c)
+{
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    uint8_t b[14];
+    uint64_t payload = 0;
+    int hlen = ws_peek_header(in, b, &payload);
+    if (hlen == 0)
+        return false;
+    if (hlen > 0 && b[0] == (0x80u | WSLAY_BINARY_FRAME) && (b[1] & 0x80u) != 0 &&
+        payload <= ORIGIN_WS_MAX_MSG_BYTES && !c->ws_frag_open && !wslay_event_want_write(c->ws)) {
+        uint8_t h[10];
+        size_t n = 2;
+        h[0] = b[0];
+        if (payload < 126) {
+            h[1] = (uint8_t)payload;
+        } else if (payload <= 0xffff) {
+            h[1] = 126;
+            h[2] = (uint8_t)(payload >> 8);
+            h[3] = (uint8_t)payload;
+            n = 4;
+        } else {
+            h[1] = 127;
+            for (int i = 0; i < 8; i++)
+                h[2 + i] = (uint8_t)(payload >> (56 - 8 * i));
+            n = 10;
+        }
+        if (evbuffer_add(bufferevent_get_output(c->bev), h, n) != 0) {
+            c->closing = true;
+            return false;
+        }
+        memcpy(c->ws_fast_key, b + hlen - 4, 4);
+        c->ws_fast_left = payload;
+        c->ws_fast_off = 0;
+        evbuffer_drain(in, (size_t)hlen);
+        c->ctx->ws_messages++;
+        return true;
+    }
+    uint8_t opcode = b[0] & 0x0fu;
+    bool fin = (b[0] & 0x80u) != 0;
+    if ((opcode == WSLAY_TEXT_FRAME || opcode == WSLAY_BINARY_FRAME) && !fin)
+        c->ws_frag_open = true;
+    else if (opcode == WSLAY_CONTINUATION_FRAME && fin)
+        c->ws_frag_open = false;
+    c->ws_wslay_left = hlen < 0 ? UINT64_MAX : (uint64_t)hlen + payload;
+    return true;
+}
+
+/* Streams the fast-path frame's payload, unmasked, from input to output. */
+static void conn_ws_fast_echo(struct origin_conn *c)
+{
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    while (c->ws_fast_left > 0 && evbuffer_get_length(out) < ORIGIN_OUT_HIGH_BYTES) {
+        struct evbuffer_iovec src;
+        struct evbuffer_iovec dst;
+        if (evbuffer_peek(in, -1, NULL, &src, 1) < 1)
+            return;
+        size_t n = src.iov_len < c->ws_fast_left ? src.iov_len : (size_t)c->ws_fast_left;
+        if (n > ORIGIN_PATTERN_BYTES)
+            n = ORIGIN_PATTERN_BYTES;
+        if (evbuffer_reserve_space(out, (ev_ssize_t)n, &dst, 1) < 1) {
+            c->closing = true;
+            return;
+        }
+        ws_unmask(dst.iov_base, src.iov_base, n, c->ws_fast_key, c->ws_fast_off);
+        dst.iov_len = n;
+        if (evbuffer_commit_space(out, &dst, 1) != 0) {
+            c->closing = true;
+            return;
+        }
+        evbuffer_drain(in, n);
+        c->ws_fast_left -= n;
+        c->ws_fast_off += n;
+    }
+}
+
+/* Moves input through wslay and its answers to the output until neither
+ * makes progress. Never frees c: a finished or failed WebSocket sets
+ * c->closing and the bufferevent callbacks free c once the output is out. */
+static void conn_ws_run(struct origin_conn *c)
+{
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    while (!c->closing) {
+        size_t in0 = evbuffer_get_length(in);
+        size_t out0 = evbuffer_get_length(out);
+        if (c->ws_fast_left > 0)
+            conn_ws_fast_echo(c);
+        else if (c->ws_wslay_left == 0 && wslay_event_want_read(c->ws) && in0 > 0)
+            (void)conn_ws_next_frame(c);
+        if (c->closing)
+            break;
+        int rv = 0;
+        if (c->ws_wslay_left > 0 && wslay_event_want_read(c->ws))
+            rv = wslay_event_recv(c->ws);
+        if (rv != 0) {
+            /* A frame-level error (bad length encoding, oversized or fragmented
+             * control frame): say 1002 if wslay has not queued a close. */
+            if (rv != WSLAY_ERR_NOMEM) {
+                (void)wslay_event_queue_close(c->ws, WSLAY_CODE_PROTOCOL_ERROR, NULL, 0);
+                (void)wslay_event_send(c->ws);
+            }
+            c->closing = true;
+            break;
+        }
+        /* Never inside a fast-path frame: wslay's frames go between. */
+        if (c->ws_fast_left == 0 && wslay_event_want_write(c->ws) && wslay_event_send(c->ws) != 0) {
+            c->closing = true;
+            break;
+        }
+        /* RFC 6455 7.1.1: after the closing handshake the server closes TCP. */
+        if (!wslay_event_want_read(c->ws) && !wslay_event_want_write(c->ws)) {
+            c->closing = true;
+            break;
+        }
+        size_t in1 = evbuffer_get_length(in);
+        size_t out1 = evbuffer_get_length(out);
+        if (in1 == 0 || out1 >= ORIGIN_OUT_HIGH_BYTES || (in1 == in0 && out1 == out0))
+            break;
+    }
+    if (c->closing) {
+        bufferevent_disable(c->bev, EV_READ);
+        evbuffer_drain(in, evbuffer_get_length(in));
+    }
+}
+
+/* GET /ws: the RFC 6455 4.2 handshake, then the connection is an echo.
+ * Returns 0 (also for a refused upgrade, answered with 426 or 400) or -1. */
+static int conn_start_ws(struct origin_conn *c)
+{
+    char accept[29];
+    if (!c->h_upgrade_ws || !c->h_connection_upgrade || !c->h_ws_version_13) {
+        static const char body[] = "{\"error\":\"websocket_upgrade_required\"}\n";
+        return conn_add_printf(c,
+                               "HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n"
+                               "Sec-WebSocket-Version: 13\r\nContent-Type: application/json\r\n"
+                               "Content-Length: %zu\r\nConnection: %s\r\n\r\n%s",
+                               sizeof(body) - 1, conn_connection_hdr(c), body);
+    }
+    if (ws_accept_key(c->ws_key, c->ws_key_len, accept) != 0)
+        return conn_simple(c, 400, "Bad Request", "{\"error\":\"bad_websocket_key\"}\n");
+    if (wslay_event_context_server_init(&c->ws, &origin_ws_cbs, c) != 0) {
+        c->ws = NULL;
+        return -1;
+    }
+    wslay_event_config_set_max_recv_msg_length(c->ws, ORIGIN_WS_MAX_MSG_BYTES);
+    if (conn_add_printf(c,
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                        "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
+                        accept) != 0)
+        return -1;
+    c->busy = true; /* the parser is done with this connection */
+    return 0;
+}
+
 /* Splits the URL into path and query (in place) and picks the route. */
 static enum origin_route conn_route(struct origin_conn *c, uint64_t *a, uint64_t *b)
 {
@@ -267,6 +561,8 @@ static enum origin_route conn_route(struct origin_conn *c, uint64_t *a, uint64_t
     if (strcmp(path, "/sink") == 0)
         return m == HTTP_POST || m == HTTP_PUT ? ORIGIN_R_SINK : ORIGIN_R_BAD_METHOD;
     bool is_get = m == HTTP_GET;
+    if (strcmp(path, "/ws") == 0)
+        return is_get ? ORIGIN_R_WS : ORIGIN_R_BAD_METHOD;
     if (strcmp(path, "/small") == 0) {
         *a = ORIGIN_SMALL_BYTES;
     } else if (strcmp(path, "/1m") == 0) {
@@ -314,6 +610,8 @@ static int conn_respond(struct origin_conn *c)
         return 0;
     case ORIGIN_R_SSE:
         return conn_start_sse(c, a, b);
+    case ORIGIN_R_WS:
+        return conn_start_ws(c);
     case ORIGIN_R_SINK: {
         char body[64];
         int len = util_snprintf(body, sizeof(body), "{\"bytes\":%llu}\n",
@@ -345,6 +643,11 @@ static int on_message_begin(http_parser *p)
     c->hdr_value_len = 0;
     c->in_value = false;
     c->expect_continue = false;
+    c->h_upgrade_ws = false;
+    c->h_connection_upgrade = false;
+    c->h_ws_version_13 = false;
+    c->ws_key_len = 0;
+    c->ws_key[0] = '\0';
     c->sink_bytes = 0;
     return 0;
 }
@@ -362,13 +665,25 @@ static int on_url(http_parser *p, const char *at, size_t len)
     return 0;
 }
 
-/* Only Expect matters here; names and values may arrive in pieces. */
+/* Only Expect and the WebSocket upgrade headers matter here; names and
+ * values may arrive in pieces. */
 static void conn_header_end(struct origin_conn *c)
 {
     c->hdr_name[c->hdr_name_len] = '\0';
     c->hdr_value[c->hdr_value_len] = '\0';
     if (strcasecmp(c->hdr_name, "expect") == 0 && strcasecmp(c->hdr_value, "100-continue") == 0)
         c->expect_continue = true;
+    else if (strcasecmp(c->hdr_name, "upgrade") == 0 && has_token(c->hdr_value, "websocket"))
+        c->h_upgrade_ws = true;
+    else if (strcasecmp(c->hdr_name, "connection") == 0 && has_token(c->hdr_value, "upgrade"))
+        c->h_connection_upgrade = true;
+    else if (strcasecmp(c->hdr_name, "sec-websocket-version") == 0 &&
+             strcmp(c->hdr_value, "13") == 0)
+        c->h_ws_version_13 = true;
+    else if (strcasecmp(c->hdr_name, "sec-websocket-key") == 0) {
+        memcpy(c->ws_key, c->hdr_value, c->hdr_value_len + 1);
+        c->ws_key_len = c->hdr_value_len;
+    }
     c->hdr_name_len = 0;
     c->hdr_value_len = 0;
 }
@@ -456,6 +771,8 @@ static void conn_process_input(struct origin_conn *c)
             c->closing = true;
         }
     }
+    if (c->ws != NULL && !c->closing)
+        conn_ws_run(c);
     if (c->closing)
         bufferevent_disable(c->bev, EV_READ);
 }
@@ -471,6 +788,8 @@ static void on_read(struct bufferevent *bev, void *arg)
 static void on_write(struct bufferevent *bev, void *arg)
 {
     struct origin_conn *c = arg;
+    if (c->ws != NULL && !c->closing)
+        conn_ws_run(c);
     if (c->body_left > 0) {
         if (conn_fill(c) != 0) {
             conn_free(c);
@@ -551,7 +870,7 @@ static void usage(FILE *f)
     fprintf(f, "usage: tunnel-bench-origin [--listen ADDR:PORT]\n"
                "  HTTP/1.1 origin for bench/run (default 127.0.0.1:0). Prints\n"
                "  'listening ADDR:PORT' on stdout once ready. Routes: GET /small /1m /1g\n"
-               "  /bytes?n=N /sse?n=N&interval_ms=MS; POST|PUT /sink.\n");
+               "  /bytes?n=N /sse?n=N&interval_ms=MS /ws (WebSocket echo); POST|PUT /sink.\n");
 }
 
 /* Parses "ADDR:PORT" (IPv4) into sin. Returns 0 or -1. */
@@ -641,7 +960,8 @@ int main(int argc, char **argv)
     fflush(stdout);
     if (event_base_dispatch(ctx.base) == -1)
         goto out;
-    LOG_INFO(ctx.log, "origin_stop", LOG_U("requests", ctx.requests));
+    LOG_INFO(ctx.log, "origin_stop", LOG_U("requests", ctx.requests),
+             LOG_U("ws_messages", ctx.ws_messages));
     rc = 0;
 out:
     ctx_cleanup(&ctx);

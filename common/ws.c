@@ -579,10 +579,7 @@ static void ws_after_recv(struct ws_conn *ws, int rv)
     }
 }
 
-/* The frame header at the start of in. Returns its length, 0 if in does not
- * hold all of it yet, or -1 if the length field is not minimally encoded
- * (wslay then fails the connection). */
-static int ws_peek_header(struct evbuffer *in, uint8_t b[14], uint64_t *payload)
+int ws_peek_header(struct evbuffer *in, uint8_t b[14], uint64_t *payload)
 {
     size_t have = evbuffer_get_length(in);
     size_t hlen;

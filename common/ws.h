@@ -172,4 +172,11 @@ int ws_client_request(struct evbuffer *out, const char *host_port, const char *p
 int ws_client_parse_response(struct evbuffer *in, const char *key, const char *subprotocol,
                              int *status, char *err, size_t errlen);
 
+/* The RFC 6455 frame header at the start of in, copied into b (up to 14
+ * bytes) with its payload length. Returns the header's length, 0 if in does
+ * not hold all of it yet, or -1 if the length field is not minimally encoded
+ * or too large. For a fast path in front of wslay (ws_recv; the benchmark's
+ * origin). */
+int ws_peek_header(struct evbuffer *in, uint8_t b[14], uint64_t *payload);
+
 #endif
