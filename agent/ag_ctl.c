@@ -25,6 +25,7 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "list.h"
 #include "util.h"
 
 #define CTL_TIMEOUT_S 5
@@ -318,9 +319,12 @@ void ag_ctl_notify(const char *home)
 
 /* ---- server --------------------------------------------------------------- */
 
+/* One control connection. Owned by its server (srv->clients); freed from its
+ * own bufferevent callbacks (answer written, EOF, error, timeout, an
+ * over-long line) or with the server. */
 struct ctl_client {
     struct ag_ctl_server *srv;
-    struct ctl_client *next, *prev;
+    struct list link; /* srv->clients */
     struct bufferevent *bev;
 };
 
@@ -333,17 +337,12 @@ struct ag_ctl_server {
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     dev_t dev; /* identity of the socket file we bound */
     ino_t ino;
-    struct ctl_client *clients;
+    struct list clients; /* struct ctl_client */
 };
 
 static void client_free(struct ctl_client *c)
 {
-    if (c->prev != NULL)
-        c->prev->next = c->next;
-    else
-        c->srv->clients = c->next;
-    if (c->next != NULL)
-        c->next->prev = c->prev;
+    list_unlink(&c->link);
     bufferevent_free(c->bev);
     free(c);
 }
@@ -400,10 +399,7 @@ static void on_accept(struct evconnlistener *lsn, evutil_socket_t fd, struct soc
         free(c);
         return;
     }
-    c->next = s->clients;
-    if (s->clients != NULL)
-        s->clients->prev = c;
-    s->clients = c;
+    list_insert_head(&s->clients, &c->link);
     bufferevent_setcb(c->bev, client_on_read, NULL, client_on_event, c);
     bufferevent_set_timeouts(c->bev, &tv, &tv);
     bufferevent_enable(c->bev, EV_READ | EV_WRITE);
@@ -427,6 +423,7 @@ struct ag_ctl_server *ag_ctl_server_new(struct event_base *base, const char *hom
     s->base = base;
     s->cb = cb;
     s->arg = arg;
+    list_init(&s->clients);
     if (util_snprintf(lock_path, sizeof(lock_path), "%s/%s", home, AG_CTL_LOCK_NAME) < 0 ||
         sock_path(home, s->path, sizeof(s->path)) != 0) {
         snprintf(err, errlen, "home directory path too long for a control socket: %s", home);
@@ -502,11 +499,14 @@ fail_s:
 void ag_ctl_server_free(struct ag_ctl_server *s)
 {
     struct stat st;
+    struct list *n, *tmp;
 
     if (s == NULL)
         return;
-    while (s->clients != NULL)
-        client_free(s->clients);
+    LIST_FOREACH_SAFE(n, tmp, &s->clients)
+    {
+        client_free(LIST_ENTRY(n, struct ctl_client, link));
+    }
     evconnlistener_free(s->lsn);
     if (stat(s->path, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino)
         unlink(s->path);

@@ -24,8 +24,10 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "ag_agt.h"
 #include "ag_ctx.h"
 #include "ag_net.h"
+#include "list.h"
 #include "log.h"
 #include "ws.h"
 
@@ -49,8 +51,7 @@
  * far below the loopback's speed; here one readv() takes up to 256 KiB. */
 struct ag_fwd_conn {
     struct ag_fwd_pool *pool;
-    struct ag_fwd_conn *next; /* idle list */
-    struct ag_fwd_conn *prev;
+    struct list link; /* pool->idle while idle, else unlinked */
     evutil_socket_t fd;
     struct event *rev; /* EV_READ | EV_PERSIST; idle timeout while pooled */
     struct event *wev; /* EV_WRITE | EV_PERSIST, added while out is not empty */
@@ -62,8 +63,8 @@ struct ag_fwd_conn {
 };
 
 struct ag_fwd_pool {
-    struct ag_agt *agt;       /* owner (back-pointer) */
-    struct ag_fwd_conn *idle; /* most recently used first */
+    struct ag_agt *agt; /* owner (back-pointer) */
+    struct list idle;   /* struct ag_fwd_conn, most recently used first */
     size_t nidle;
 };
 
@@ -121,34 +122,31 @@ struct ag_fwd_pool *ag_fwd_pool_new(struct ag_agt *a)
 {
     struct ag_fwd_pool *p = calloc(1, sizeof(*p));
 
-    if (p != NULL)
-        p->agt = a;
+    if (p == NULL)
+        return NULL;
+    p->agt = a;
+    list_init(&p->idle);
     return p;
 }
 
 static void pool_unlink(struct ag_fwd_conn *c)
 {
-    struct ag_fwd_pool *p = c->pool;
-
-    if (c->prev != NULL)
-        c->prev->next = c->next;
-    else
-        p->idle = c->next;
-    if (c->next != NULL)
-        c->next->prev = c->prev;
-    c->next = NULL;
-    c->prev = NULL;
-    p->nidle--;
+    list_unlink(&c->link);
+    c->pool->nidle--;
 }
+
+#define CONN_OF(node) LIST_ENTRY(node, struct ag_fwd_conn, link)
 
 void ag_fwd_pool_flush(struct ag_fwd_pool *p)
 {
+    struct list *n, *tmp;
+
     if (p == NULL)
         return;
-    while (p->idle != NULL) {
-        struct ag_fwd_conn *c = p->idle;
-        pool_unlink(c);
-        conn_free(c);
+    LIST_FOREACH_SAFE(n, tmp, &p->idle)
+    {
+        pool_unlink(CONN_OF(n));
+        conn_free(CONN_OF(n));
     }
 }
 
@@ -196,6 +194,7 @@ static struct ag_fwd_conn *conn_new(struct event_base *base, struct ag_fwd_pool 
     }
     c->fd = fd;
     c->pool = pool;
+    list_init(&c->link);
     LOG_DEBUG(pool->agt->ctx->log, "local_open", LOG_I("fd", fd));
     c->gen = gen;
     c->rev = event_new(base, fd, EV_READ | EV_PERSIST, conn_on_read, c);
@@ -271,18 +270,17 @@ static void pool_put(struct ag_fwd_pool *p, struct ag_fwd_conn *c)
     }
     event_del(c->wev);
     event_add(c->rev, &tv);
-    c->next = p->idle;
-    c->prev = NULL;
-    if (p->idle != NULL)
-        p->idle->prev = c;
-    p->idle = c;
+    list_insert_head(&p->idle, &c->link);
     p->nidle++;
 }
 
 static struct ag_fwd_conn *pool_take(struct ag_fwd_pool *p)
 {
-    while (p->idle != NULL) {
-        struct ag_fwd_conn *c = p->idle;
+    struct list *n, *tmp;
+
+    LIST_FOREACH_SAFE(n, tmp, &p->idle)
+    {
+        struct ag_fwd_conn *c = CONN_OF(n);
         pool_unlink(c);
         if (c->gen == p->agt->target_gen)
             return c;

@@ -1,7 +1,9 @@
 /* The agent's end-to-end probe (ag_probe.h): one short-lived HTTP/1.1
  * connection per probe, "Connection: close", the answer parsed with
- * http-parser. Every outcome goes through probe_done(), which frees the probe
- * before reporting. */
+ * http-parser. Every outcome goes through probe_done(), called only from the
+ * probe's own events (dial, bufferevent, timeout): it marks the probe dead,
+ * quiets its connection and reports; the struct and its connection are freed
+ * by the owner from the loop (ag_probe_free), never under these frames. */
 #include "ag_probe.h"
 
 #include <stdbool.h>
@@ -17,6 +19,7 @@
 #include <http_parser.h>
 #include <openssl/ssl.h>
 
+#include "ag_agt.h"
 #include "ag_ctx.h"
 #include "ag_net.h"
 #include "log.h"
@@ -28,6 +31,9 @@
 
 struct ag_probe {
     struct ag_agt *agt; /* borrowed: the agent owns the probe */
+    const struct ag_probe_cbs *cb;
+    void *arg;
+    bool done; /* on_done reported: dead, waiting for ag_probe_free() */
     struct ag_net_dial *dial;
     struct bufferevent *bev;
     struct event *timeout_ev;
@@ -46,6 +52,8 @@ struct ag_probe {
     bool complete;
 };
 
+bool ag_probe_is_done(const struct ag_probe *p) { return p->done; }
+
 void ag_probe_free(struct ag_probe *p)
 {
     if (p == NULL)
@@ -55,21 +63,31 @@ void ag_probe_free(struct ag_probe *p)
         bufferevent_free(p->bev);
     if (p->timeout_ev != NULL)
         event_free(p->timeout_ev);
-    if (p->agt->probe == p)
-        p->agt->probe = NULL;
-    p->agt->probe_nonce[0] = '\0';
+    if (!p->done)
+        p->agt->probe_nonce[0] = '\0'; /* a done probe cleared it; a newer one may own it */
     free(p);
 }
 
+/* The one way out: marks p dead, stops its I/O, reports. Nothing is freed
+ * here (we are inside one of p's callbacks); the owner frees p later. */
 static void probe_done(struct ag_probe *p, bool ok, const char *err)
 {
-    struct ag_agt *a = p->agt;
-    uint64_t rtt = util_mono_ms() - p->start_ms;
+    uint64_t rtt = clk_mono_ms(p->agt->ctx->clk) - p->start_ms;
     char e[200];
 
+    if (p->done)
+        return;
+    p->done = true;
     (void)util_snprintf(e, sizeof(e), "%s", err != NULL ? err : "");
-    ag_probe_free(p);
-    ag_daemon_on_probe_done(a->ctx, a, ok, rtt, e);
+    ag_net_dial_cancel(p->dial); /* not the dial's own callback: that clears p->dial first */
+    p->dial = NULL;
+    if (p->bev != NULL) {
+        bufferevent_disable(p->bev, EV_READ | EV_WRITE);
+        bufferevent_setcb(p->bev, NULL, NULL, NULL, NULL);
+    }
+    event_del(p->timeout_ev);
+    p->agt->probe_nonce[0] = '\0'; /* an echo of it is no longer ours */
+    p->cb->on_done(p->arg, ok, rtt, e);
 }
 
 static int pr_on_field(http_parser *hp, const char *at, size_t len)
@@ -292,7 +310,7 @@ static int parse_url(const char *url, char *host_port, char *host, size_t len)
     return 0;
 }
 
-struct ag_probe *ag_probe_start(struct ag_agt *a)
+struct ag_probe *ag_probe_start(struct ag_agt *a, const struct ag_probe_cbs *cb, void *arg)
 {
     struct ag_ctx *ctx = a->ctx;
     struct ag_probe *p = calloc(1, sizeof(*p));
@@ -302,11 +320,13 @@ struct ag_probe *ag_probe_start(struct ag_agt *a)
     if (p == NULL)
         return NULL;
     p->agt = a;
-    p->start_ms = util_mono_ms();
+    p->cb = cb;
+    p->arg = arg;
+    p->start_ms = clk_mono_ms(ctx->clk);
     http_parser_init(&p->parser, HTTP_RESPONSE);
     p->parser.data = p;
     if (parse_url(a->url, p->host_port, p->host, sizeof(p->host)) != 0 ||
-        util_rand_bytes(raw, sizeof(raw)) != 0)
+        clk_rand(ctx->clk, raw, sizeof(raw)) != 0)
         goto fail_p;
     p->timeout_ev = evtimer_new(ctx->base, pr_on_timeout, p);
     if (p->timeout_ev == NULL)
@@ -316,14 +336,13 @@ struct ag_probe *ag_probe_start(struct ag_agt *a)
     p->dial = ag_net_dial_start(ctx->base, ctx->dns, ctx->opts->gateway.host,
                                 ctx->opts->gateway.port, PROBE_TIMEOUT_S * 1000u, pr_on_dialled, p);
     if (p->dial == NULL)
-        goto fail_p;
-    a->probe = p;
+        goto fail_nonce;
     return p;
 
-fail_p:
-    if (p->timeout_ev != NULL)
-        event_free(p->timeout_ev);
+fail_nonce:
     a->probe_nonce[0] = '\0';
+    event_free(p->timeout_ev);
+fail_p:
     free(p);
     return NULL;
 }

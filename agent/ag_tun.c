@@ -5,9 +5,15 @@
  * the phase deadline, PINGs, the keepalive check and delayed add retries.
  *
  * Re-entrancy: nghttp2 calls are made only from loop entry points (WebSocket
- * callbacks, timers, the flush event). ag_fwd callbacks and the daemon's
- * calls only queue frames and activate the flush event, so a stream is never
- * freed while its forwarder is on the stack (STYLE.md 3.4). */
+ * callbacks, timers, the flush event). ag_fwd callbacks and the owner's
+ * ag_tun_* calls only queue frames and activate the flush event, so a stream
+ * is never freed while its forwarder is on the stack (STYLE.md 3.4).
+ *
+ * Reports go to the owner through t->cb, only from those entry points. The
+ * end is tun_down(): it marks the tunnel dead, stops its timer, dial and
+ * reads, then reports on_down. The owner frees the tunnel later from the
+ * loop, so the code after a tun_down() call still runs on a live struct;
+ * every entry point returns at once on a dead tunnel. */
 #include "ag_tun.h"
 
 #include <assert.h>
@@ -25,11 +31,13 @@
 #include <openssl/err.h>
 #include <openssl/x509.h>
 
+#include "ag_agt.h"
 #include "ag_ctx.h"
 #include "ag_fwd.h"
 #include "ag_net.h"
 #include "herr.h"
 #include "id.h"
+#include "list.h"
 #include "log.h"
 #include "tls.h"
 #include "tun_msg.h"
@@ -81,7 +89,7 @@ struct tun_hdr {
  * on_stream_close (or with the tunnel). */
 struct tun_stream {
     struct ag_tun *t;
-    struct tun_stream *next, *prev; /* t->streams */
+    struct list link; /* t->streams */
     int32_t id;
     uint64_t log_id;
     struct ag_agt *agt; /* reference held once routed */
@@ -108,6 +116,9 @@ struct tun_stream {
 
 struct ag_tun {
     struct ag_ctx *ctx;
+    const struct ag_tun_cbs *cb; /* reports to the owner */
+    void *arg;
+    struct list link; /* the owner's (ctx->old, ctx->dead) */
     uint64_t id;
     enum tun_state state;
     struct ag_net_dial *dial;
@@ -127,9 +138,9 @@ struct ag_tun {
     size_t nregs;
     bool challenge_wanted; /* request_challenge sent, challenge not yet here */
     bool auth_sent;
-    bool goaway_sent; /* we drain */
-    bool down;        /* reported to the daemon */
-    struct tun_stream *streams;
+    bool goaway_sent;    /* we drain */
+    bool down;           /* dead: on_down reported, waiting to be freed */
+    struct list streams; /* struct tun_stream */
     size_t nstreams;
     char close_reason[160];
 };
@@ -140,6 +151,14 @@ static void tun_down(struct ag_tun *t, const char *reason, const char *auth_code
 static void stream_free(struct tun_stream *s);
 
 uint64_t ag_tun_id(const struct ag_tun *t) { return t->id; }
+
+struct list *ag_tun_link(struct ag_tun *t) { return &t->link; }
+
+struct ag_tun *ag_tun_from_link(struct list *node) { return LIST_ENTRY(node, struct ag_tun, link); }
+
+bool ag_tun_is_dead(const struct ag_tun *t) { return t->down; }
+
+static uint64_t tun_now_ms(const struct ag_tun *t) { return clk_mono_ms(t->ctx->clk); }
 
 bool ag_tun_is_up(const struct ag_tun *t) { return t->state == TUN_ST_UP; }
 
@@ -245,7 +264,7 @@ static struct ag_agt *msg_agent(struct ag_tun *t, const uint8_t addr[ID_ADDR_LEN
                                 char out[ID_ADDR_STR_LEN + 1])
 {
     id_addr_to_str(addr, out);
-    return ag_ctx_find_addr(t->ctx, out);
+    return ag_agt_find(t->ctx, out);
 }
 
 static void tun_fail(struct ag_tun *t, int code, const char *reason, const char *why)
@@ -259,8 +278,9 @@ static void send_auth(struct ag_tun *t, const char *nonce)
 {
     struct ag_ctx *ctx = t->ctx;
     struct tun_msg *m = calloc(1, sizeof(*m));
-    int64_t ts = util_unix_time();
+    int64_t ts = clk_unix_s(ctx->clk);
     struct tun_msg_auth *au;
+    struct list *n, *tmp;
 
     if (m == NULL) {
         tun_fail(t, WS_CLOSE_INTERNAL, "internal_error", "out of memory");
@@ -271,9 +291,13 @@ static void send_auth(struct ag_tun *t, const char *nonce)
     memcpy(au->nonce, nonce, sizeof(au->nonce));
     au->timestamp = ts;
     (void)util_snprintf(au->instance, sizeof(au->instance), "%s", ctx->instance);
-    for (struct ag_agt *a = ctx->agents; a != NULL && au->n_agents < TUN_MAX_AGENTS; a = a->next) {
+    LIST_FOREACH_SAFE(n, tmp, &ctx->agents)
+    {
+        struct ag_agt *a = AG_AGT_OF(n);
         struct tun_reg *r;
 
+        if (au->n_agents == TUN_MAX_AGENTS)
+            break;
         if (!ag_agt_wanted(a))
             continue;
         r = reg_get(t, a->cfg.address);
@@ -302,7 +326,7 @@ static void send_auth(struct ag_tun *t, const char *nonce)
 /* Asks for a challenge if some registration waits for one. */
 static void adds_kick(struct ag_tun *t)
 {
-    uint64_t now = util_mono_ms();
+    uint64_t now = tun_now_ms(t);
 
     if (t->state != TUN_ST_UP || t->challenge_wanted)
         return;
@@ -318,18 +342,18 @@ static void adds_kick(struct ag_tun *t)
 /* A challenge on a live tunnel: spend it on the first waiting registration. */
 static void on_add_challenge(struct ag_tun *t, const char *nonce)
 {
-    uint64_t now = util_mono_ms();
+    uint64_t now = tun_now_ms(t);
 
     t->challenge_wanted = false;
     for (size_t i = 0; i < t->nregs; i++) {
         struct tun_reg *r = &t->regs[i];
         struct ag_agt *a;
         struct tun_msg m;
-        int64_t ts = util_unix_time();
+        int64_t ts = clk_unix_s(t->ctx->clk);
 
         if (r->pending != REG_WANT_ADD || r->retry_at_ms > now)
             continue;
-        a = ag_ctx_find_addr(t->ctx, r->addr);
+        a = ag_agt_find(t->ctx, r->addr);
         if (a == NULL || !ag_agt_wanted(a)) {
             r->pending = REG_NONE;
             continue;
@@ -358,7 +382,7 @@ static void reg_accepted(struct ag_tun *t, struct tun_reg *r, struct ag_agt *a, 
         return;
     }
     r->active = true;
-    ag_daemon_on_agent_online(t->ctx, t, a, url);
+    t->cb->on_agent_online(t->arg, t, a, url);
 }
 
 /* PROTOCOL.md 4.7: retried with the normal backoff. */
@@ -374,11 +398,12 @@ static int h2_start(struct ag_tun *t);
 static void on_auth_ok(struct ag_tun *t, const struct tun_msg_auth_ok *ok)
 {
     char addr[ID_ADDR_STR_LEN + 1];
+    struct list *n, *tmp;
 
     t->ping_s = ok->ping_interval_s >= 1 && ok->ping_interval_s <= 3600 ? ok->ping_interval_s
                                                                         : TUN_DEFAULT_PING_S;
     t->state = TUN_ST_UP;
-    t->up_ms = util_mono_ms();
+    t->up_ms = tun_now_ms(t);
     t->next_ping_ms = t->up_ms + (uint64_t)t->ping_s * 1000u;
     if (h2_start(t) != 0) {
         tun_fail(t, WS_CLOSE_INTERNAL, "internal_error", "cannot start HTTP/2");
@@ -387,7 +412,7 @@ static void on_auth_ok(struct ag_tun *t, const struct tun_msg_auth_ok *ok)
     LOG_INFO(t->ctx->log, "auth_ok", LOG_U("tun", t->id), LOG_U("agents", ok->n_agents),
              LOG_U("rejected", ok->n_rejected), LOG_S("region", ok->region),
              LOG_U("ping_interval", t->ping_s));
-    ag_daemon_on_tun_up(t->ctx, t);
+    t->cb->on_up(t->arg, t);
     for (size_t i = 0; i < ok->n_agents; i++) {
         struct ag_agt *a = msg_agent(t, ok->agents[i].addr, addr);
         struct tun_reg *r = reg_find(t, addr);
@@ -406,16 +431,18 @@ static void on_auth_ok(struct ag_tun *t, const struct tun_msg_auth_ok *ok)
         r->pending = REG_NONE;
         if (err_is_transient(rj->err)) {
             r->pending = REG_WANT_ADD;
-            r->retry_at_ms = util_mono_ms() + TUN_ADD_RETRY_MS;
+            r->retry_at_ms = tun_now_ms(t) + TUN_ADD_RETRY_MS;
         } else if (a != NULL) {
-            ag_daemon_on_agent_refused(t->ctx, t, a, rj->error, NULL);
+            t->cb->on_agent_refused(t->arg, t, a, rj->error, NULL);
         }
     }
     /* listed in auth but in neither list, or wanted since: add them now */
     for (size_t i = 0; i < t->nregs; i++)
         if (t->regs[i].pending == REG_IN_AUTH)
             t->regs[i].pending = REG_WANT_ADD;
-    for (struct ag_agt *a = t->ctx->agents; a != NULL; a = a->next) {
+    LIST_FOREACH_SAFE(n, tmp, &t->ctx->agents)
+    {
+        struct ag_agt *a = AG_AGT_OF(n);
         struct tun_reg *r;
         if (!ag_agt_wanted(a) || ag_tun_serves(t, a->cfg.address))
             continue;
@@ -440,7 +467,7 @@ static void on_error_msg(struct ag_tun *t, const struct tun_msg_error *e)
         for (size_t i = 0; i < t->nregs; i++)
             if (t->regs[i].pending == REG_ADDING) {
                 t->regs[i].pending = REG_WANT_ADD;
-                t->regs[i].retry_at_ms = util_mono_ms() + TUN_ADD_RETRY_MS;
+                t->regs[i].retry_at_ms = tun_now_ms(t) + TUN_ADD_RETRY_MS;
             }
         if (e->err == TUN_E_INVALID_NONCE || e->err == TUN_E_RATE_LIMITED)
             t->challenge_wanted = false;
@@ -451,10 +478,9 @@ static void on_error_msg(struct ag_tun *t, const struct tun_msg_error *e)
     r->pending = REG_NONE;
     if (err_is_transient(e->err)) {
         r->pending = REG_WANT_ADD;
-        r->retry_at_ms = util_mono_ms() + TUN_ADD_RETRY_MS;
+        r->retry_at_ms = tun_now_ms(t) + TUN_ADD_RETRY_MS;
     } else if (a != NULL) {
-        ag_daemon_on_agent_refused(t->ctx, t, a, e->code,
-                                   e->message[0] != '\0' ? e->message : NULL);
+        t->cb->on_agent_refused(t->arg, t, a, e->code, e->message[0] != '\0' ? e->message : NULL);
     }
 }
 
@@ -467,7 +493,7 @@ static void tun_start_draining(struct ag_tun *t, const char *why)
         t->regs[i].pending = REG_NONE;
     LOG_INFO(t->ctx->log, "tunnel_draining", LOG_U("tun", t->id), LOG_S("reason", why),
              LOG_U("streams", t->nstreams));
-    ag_daemon_on_tun_draining(t->ctx, t);
+    t->cb->on_draining(t->arg, t);
     tun_schedule_flush(t); /* closes at once if no stream is open */
 }
 
@@ -496,8 +522,8 @@ static void on_text(void *arg, const char *data, size_t len)
     const char *code = NULL;
     char addr[ID_ADDR_STR_LEN + 1];
 
-    if (m == NULL)
-        return;
+    if (m == NULL || t->down)
+        goto out;
     if (tun_msg_decode(data, len, TUN_MODE_NATIVE, m, &code) != 0) {
         /* unknown types are ignored (PROTOCOL.md 3 rule 4); a bad known one is logged */
         if (m->type != TUN_MSG_NONE)
@@ -506,8 +532,7 @@ static void on_text(void *arg, const char *data, size_t len)
         else
             LOG_DEBUG(t->ctx->log, "tunnel_unknown_message", LOG_U("tun", t->id),
                       LOG_U("bytes", len));
-        free(m);
-        return;
+        goto out;
     }
     switch (m->type) {
     case TUN_MSG_CHALLENGE:
@@ -523,16 +548,11 @@ static void on_text(void *arg, const char *data, size_t len)
     case TUN_MSG_AUTH_ERROR:
         if (t->state != TUN_ST_AUTH)
             break;
-        {
-            char c[TUN_CODE_MAX + 1];
-            memcpy(c, m->error.code, sizeof(c));
-            (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "auth_error %s%s%s", c,
-                                m->error.message[0] != '\0' ? ": " : "", m->error.message);
-            tun_msg_clear(m);
-            free(m);
-            tun_down(t, t->close_reason, c); /* t is freed */
-            return;
-        }
+        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "auth_error %s%s%s",
+                            m->error.code, m->error.message[0] != '\0' ? ": " : "",
+                            m->error.message);
+        tun_down(t, t->close_reason, m->error.code);
+        break;
     case TUN_MSG_AGENT_ADDED: {
         struct ag_agt *a = msg_agent(t, m->agent_added.addr, addr);
         struct tun_reg *r = reg_find(t, addr);
@@ -551,7 +571,7 @@ static void on_text(void *arg, const char *data, size_t len)
         LOG_INFO(t->ctx->log, "agent_removed", LOG_U("tun", t->id), LOG_S("addr", addr),
                  LOG_S("reason", reason));
         if (a != NULL)
-            ag_daemon_on_agent_removed(t->ctx, t, a, reason);
+            t->cb->on_agent_removed(t->arg, t, a, reason);
         break;
     }
     case TUN_MSG_ERROR:
@@ -567,6 +587,7 @@ static void on_text(void *arg, const char *data, size_t len)
         break;
     }
     tun_msg_clear(m);
+out:
     free(m);
 }
 
@@ -765,7 +786,7 @@ static void stream_start(struct tun_stream *s, bool end_stream)
 
     s->started = true;
     s->req_end = end_stream;
-    a = s->addr[0] != '\0' ? ag_ctx_find_addr(t->ctx, s->addr) : NULL;
+    a = s->addr[0] != '\0' ? ag_agt_find(t->ctx, s->addr) : NULL;
     if (a == NULL || !ag_tun_serves(t, s->addr) || !ag_agt_wanted(a) || t->ctx->stopping ||
         s->method == NULL || s->path == NULL) {
         (void)util_snprintf(s->err, sizeof(s->err), "refused_stream");
@@ -787,10 +808,7 @@ static void stream_start(struct tun_stream *s, bool end_stream)
     }
     if (s->protocol != NULL && (!rc_is(s->method, "CONNECT") || !rc_is(s->protocol, "websocket"))) {
         /* RFC 8441 extended CONNECT: only the WebSocket protocol is known */
-        (void)util_snprintf(s->err, sizeof(s->err), "not_implemented");
-        stream_respond(s, 501, NULL, 0, "application/json",
-                       "{\"error\":\"not_implemented\",\"message\":\"only the websocket "
-                       "protocol can be tunnelled\"}\n");
+        stream_respond_herr(s, HERR_UNSUPPORTED_UPGRADE);
         return;
     }
     if (a->inflight >= a->cfg.max_inflight) {
@@ -833,7 +851,7 @@ static void stream_log(struct tun_stream *s, uint32_t error_code)
     LOG_INFO(s->t->ctx->log, "request", LOG_U("tun", s->t->id), LOG_U("stream", s->log_id),
              LOG_S("addr", s->addr), LOG_M("method", m.base, m.len), LOG_M("path", p.base, p.len),
              LOG_U("status", s->status), LOG_U("bytes_in", s->bytes_in),
-             LOG_U("bytes_out", s->bytes_out), LOG_U("dur_ms", util_mono_ms() - s->start_ms),
+             LOG_U("bytes_out", s->bytes_out), LOG_U("dur_ms", tun_now_ms(s->t) - s->start_ms),
              LOG_S("err", s->err[0] != '\0' ? s->err : NULL), LOG_U("h2_error", error_code));
 }
 
@@ -846,12 +864,7 @@ static void stream_free(struct tun_stream *s)
         s->agt->inflight--;
     if (s->agt != NULL)
         ag_agt_unref(s->agt);
-    if (s->prev != NULL)
-        s->prev->next = s->next;
-    else
-        t->streams = s->next;
-    if (s->next != NULL)
-        s->next->prev = s->prev;
+    list_unlink(&s->link);
     t->nstreams--;
     for (size_t i = 0; i < s->nhdrs; i++) {
         nghttp2_rcbuf_decref(s->hdrs[i].name);
@@ -900,11 +913,8 @@ static int on_begin_headers(nghttp2_session *h2, const nghttp2_frame *frame, voi
     s->t = t;
     s->id = frame->hd.stream_id;
     s->log_id = ++t->ctx->next_id;
-    s->start_ms = util_mono_ms();
-    s->next = t->streams;
-    if (t->streams != NULL)
-        t->streams->prev = s;
-    t->streams = s;
+    s->start_ms = tun_now_ms(t);
+    list_insert_head(&t->streams, &s->link);
     t->nstreams++;
     nghttp2_session_set_stream_user_data(h2, s->id, s);
     return 0;
@@ -997,7 +1007,7 @@ static int on_frame_recv(nghttp2_session *h2, const nghttp2_frame *frame, void *
             uint64_t sent = 0;
             for (size_t i = 0; i < 8; i++)
                 sent = (sent << 8) | frame->ping.opaque_data[i];
-            t->rtt_ms = util_mono_ms() - sent;
+            t->rtt_ms = tun_now_ms(t) - sent;
         }
         break;
     case NGHTTP2_GOAWAY:
@@ -1130,6 +1140,8 @@ static void on_flush_ev(evutil_socket_t fd, short what, void *arg)
 {
     struct ag_tun *t = arg;
 
+    if (t->down)
+        return;
     if (t->state == TUN_ST_CLOSING && t->ws == NULL) {
         tun_down(t, "closed before authentication", NULL); /* drained while dialling */
         return;
@@ -1142,8 +1154,10 @@ static void tun_schedule_flush(struct ag_tun *t) { event_active(t->flush_ev, 0, 
 static void on_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct ag_tun *t = arg;
-    uint64_t now = util_mono_ms();
+    uint64_t now = tun_now_ms(t);
 
+    if (t->down)
+        return;
     switch (t->state) {
     case TUN_ST_DIAL:
     case TUN_ST_UPGRADE:
@@ -1185,6 +1199,8 @@ static int on_binary(void *arg, const uint8_t *data, size_t len)
     struct ag_tun *t = arg;
     ssize_t rv;
 
+    if (t->down)
+        return 0;
     if (t->h2 == NULL) {
         (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "binary data before auth_ok");
         ws_close(t->ws, 4000, "protocol_error");
@@ -1214,6 +1230,8 @@ static void on_ws_close(void *arg, int code, const char *reason)
     struct ag_tun *t = arg;
     char why[256];
 
+    if (t->down)
+        return;
     if (t->close_reason[0] != '\0')
         (void)util_snprintf(why, sizeof(why), "%s", t->close_reason);
     else
@@ -1221,7 +1239,13 @@ static void on_ws_close(void *arg, int code, const char *reason)
     tun_down(t, why, NULL);
 }
 
-static void on_writable(void *arg) { tun_flush(arg); }
+static void on_writable(void *arg)
+{
+    struct ag_tun *t = arg;
+
+    if (!t->down)
+        tun_flush(t);
+}
 
 static const struct ws_callbacks tun_ws_cbs = {
     .on_text = on_text,
@@ -1237,9 +1261,12 @@ static void up_on_read(struct bufferevent *bev, void *arg)
     struct ag_tun *t = arg;
     char err[256];
     int status = 0;
-    int rc = ws_client_parse_response(bufferevent_get_input(bev), t->ws_key, AG_TUN_SUBPROTOCOL,
-                                      &status, err, sizeof(err));
+    int rc;
 
+    if (t->down)
+        return;
+    rc = ws_client_parse_response(bufferevent_get_input(bev), t->ws_key, AG_TUN_SUBPROTOCOL,
+                                  &status, err, sizeof(err));
     if (rc == 1)
         return;
     if (rc != 0) {
@@ -1269,7 +1296,7 @@ static void up_on_event(struct bufferevent *bev, short what, void *arg)
     struct ag_tun *t = arg;
     char why[320];
 
-    if (what & BEV_EVENT_CONNECTED)
+    if (t->down || (what & BEV_EVENT_CONNECTED))
         return;
     if (t->ctx->ssl_ctx != NULL) {
         SSL *ssl = bufferevent_openssl_get_ssl(bev);
@@ -1345,7 +1372,7 @@ static void on_dialled(void *arg, evutil_socket_t fd, const char *err)
     bufferevent_enable(t->bev, EV_READ | EV_WRITE);
 }
 
-struct ag_tun *ag_tun_new(struct ag_ctx *ctx)
+struct ag_tun *ag_tun_new(struct ag_ctx *ctx, const struct ag_tun_cbs *cb, void *arg)
 {
     struct ag_tun *t = calloc(1, sizeof(*t));
     struct timeval sec = {1, 0};
@@ -1353,8 +1380,12 @@ struct ag_tun *ag_tun_new(struct ag_ctx *ctx)
     if (t == NULL)
         return NULL;
     t->ctx = ctx;
+    t->cb = cb;
+    t->arg = arg;
+    list_init(&t->link);
+    list_init(&t->streams);
     t->id = ++ctx->next_id;
-    t->start_ms = util_mono_ms();
+    t->start_ms = clk_mono_ms(ctx->clk);
     t->ping_s = TUN_DEFAULT_PING_S;
     t->out = evbuffer_new();
     t->tick_ev = event_new(ctx->base, -1, EV_PERSIST, on_tick, t);
@@ -1379,8 +1410,8 @@ void ag_tun_free(struct ag_tun *t)
 {
     if (t == NULL)
         return;
-    while (t->streams != NULL)
-        stream_free(t->streams); /* nghttp2_session_del() does not report closes */
+    while (!list_is_empty(&t->streams)) /* nghttp2_session_del() does not report closes */
+        stream_free(LIST_ENTRY(t->streams.next, struct tun_stream, link));
     if (t->h2 != NULL)
         nghttp2_session_del(t->h2);
     t->h2 = NULL;
@@ -1397,16 +1428,27 @@ void ag_tun_free(struct ag_tun *t)
     free(t);
 }
 
-/* Reports the end once; the daemon frees t inside the call. */
+/* The end, reported once: t goes dead and quiet (no timer, dial or reads;
+ * the connection stays open until ag_tun_free()) and tells its owner, which
+ * frees it later from the loop. The caller may go on touching t. */
 static void tun_down(struct ag_tun *t, const char *reason, const char *auth_code)
 {
     char why[256];
+    char code[TUN_CODE_MAX + 1];
 
     if (t->down)
         return;
     t->down = true;
+    t->state = TUN_ST_CLOSING;
     (void)util_snprintf(why, sizeof(why), "%s", reason);
-    ag_daemon_on_tun_down(t->ctx, t, why, auth_code);
+    (void)util_snprintf(code, sizeof(code), "%s", auth_code != NULL ? auth_code : "");
+    event_del(t->tick_ev);
+    event_del(t->flush_ev);
+    ag_net_dial_cancel(t->dial); /* NULL when called from on_dialled */
+    t->dial = NULL;
+    if (t->bev != NULL)
+        bufferevent_disable(t->bev, EV_READ | EV_WRITE);
+    t->cb->on_down(t->arg, t, why, auth_code != NULL ? code : NULL);
 }
 
 /* ---- daemon API ------------------------------------------------------------ */
@@ -1442,14 +1484,14 @@ void ag_tun_unregister(struct ag_tun *t, struct ag_agt *a)
 
 void ag_tun_drain(struct ag_tun *t)
 {
-    if (t->goaway_sent)
+    if (t->goaway_sent || t->down)
         return;
     t->goaway_sent = true;
     if (t->h2 == NULL || t->state == TUN_ST_CLOSING) {
         if (t->ws != NULL && t->state != TUN_ST_CLOSING) {
             ws_close(t->ws, WS_CLOSE_NORMAL, "shutting down");
             t->state = TUN_ST_CLOSING;
-        } else if (t->ws == NULL && !t->down) {
+        } else if (t->ws == NULL) {
             /* still dialling or upgrading: nothing to finish */
             t->state = TUN_ST_CLOSING;
             event_active(t->flush_ev, 0, 0);

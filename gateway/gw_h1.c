@@ -807,8 +807,12 @@ static void h1_on_event(struct bufferevent *bev, short what, void *arg)
 {
     struct gw_h1 *h = arg;
 
-    if ((what & BEV_EVENT_EOF) && !(what & BEV_EVENT_ERROR) && h->raw && !h->dead &&
-        !h->closing && !(h->req != NULL && h->req->body_eof)) {
+    /* EOF while reading is the client's half-close; while writing (the
+     * OpenSSL bufferevent reports a reset so when output is pending) the
+     * connection is gone */
+    if ((what & BEV_EVENT_EOF) && (what & BEV_EVENT_READING) &&
+        !(what & (BEV_EVENT_ERROR | BEV_EVENT_WRITING)) && h->raw && !h->dead && !h->closing &&
+        !(h->req != NULL && h->req->body_eof)) {
         h1_raw_eof(h);
     } else if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT)) {
         if (what & BEV_EVENT_ERROR)

@@ -43,6 +43,7 @@ struct gw_tun_h2 {
     bool in_io;                          /* inside mem_recv / session_send */
     bool goaway;                         /* no new streams */
     bool retiring;                       /* close once the streams are done */
+    bool draining;                       /* ... with 1012: the gateway drains */
     bool closed;                         /* fail_all ran: the tunnel is going */
 };
 
@@ -399,8 +400,12 @@ static int h2_on_stream_close(nghttp2_session *session, int32_t stream_id, uint3
     tstream_fail(st, error_code == NGHTTP2_REFUSED_STREAM ? HERR_AGENT_OFFLINE
                                                           : HERR_LOCAL_UNREACHABLE);
     tstream_free(s, st);
-    if (s->retiring && s->nstreams == 0 && !s->closed)
-        gw_tun_close(s->tun, WS_CLOSE_NORMAL, "no agents");
+    if (s->retiring && s->nstreams == 0 && !s->closed) {
+        if (s->draining)
+            gw_tun_close(s->tun, WS_CLOSE_RESTART, "draining");
+        else
+            gw_tun_close(s->tun, WS_CLOSE_NORMAL, "no agents");
+    }
     return 0;
 }
 
@@ -547,6 +552,7 @@ static void h2s_drain(void *arg)
     gw_tun_send_msg(s->tun, &m);
     h2s_goaway(s);
     s->retiring = true;
+    s->draining = true;
     if (s->nstreams == 0)
         gw_tun_close(s->tun, WS_CLOSE_RESTART, "draining");
     else

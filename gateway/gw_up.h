@@ -19,8 +19,9 @@
  *              client's raw bytes, for as long as the connection lives;
  *   consumed   n response bytes the upstream delivered left for the client:
  *              flow-control window may go back to the agent;
- *   cancel     the client left or the front end gave up: reset, detach, and
- *              never touch r again.
+ *   cancel     the client left or the front end gave up: reset and never
+ *              touch r again. Front ends call gw_req_cancel(), which calls
+ *              it and clears r->up; nothing calls the op directly.
  * and the stream answers through gw_req_head/_body/_end/_fail.
  *
  * Upgrades (WebSocket) are requests like the others, in RFC 8441 form:
