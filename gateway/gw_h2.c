@@ -108,7 +108,8 @@ static int h2_submit(struct gw_h2s *s, int status, const nghttp2_nv *nv, size_t 
         return -1;
     snprintf(st, sizeof(st), "%03d", status);
     all[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)st, 7, 3, NGHTTP2_NV_FLAG_NONE};
-    memcpy(all + 1, nv, n * sizeof(*nv));
+    if (n > 0) /* nv may be NULL then (a WebSocket accept with nothing negotiated) */
+        memcpy(all + 1, nv, n * sizeof(*nv));
     rv = nghttp2_submit_response(s->h2->session, s->stream_id, all, n + 1, body ? &prd : NULL);
     free(all);
     s->submitted = true;
