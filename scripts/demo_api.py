@@ -1,8 +1,13 @@
 #!/usr/bin/python3
 """A small local API for the demo: /hello, /echo (POST body back), and
-/stream (server-sent events, one per 0.5 s)."""
+/stream (server-sent events, one per 0.5 s). Prints "demo_api: listening
+port=N" once it accepts connections (--port 0 picks a free port).
+DEMO_API_DELAY=SECONDS waits that long before listening, to stand in for a
+local API that is slow to start (tests use it)."""
 import argparse
 import json
+import os
+import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -54,7 +59,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=8080)
     a = ap.parse_args()
-    ThreadingHTTPServer(("127.0.0.1", a.port), Handler).serve_forever()
+    delay = os.environ.get("DEMO_API_DELAY", "0")
+    try:
+        delay_s = float(delay)
+    except ValueError:
+        delay_s = -1.0
+    if not 0 <= delay_s <= 60:
+        sys.exit(f"demo_api: DEMO_API_DELAY={delay!r}: want seconds from 0 to 60")
+    time.sleep(delay_s)
+    try:
+        srv = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
+    except OSError as e:
+        sys.exit(f"demo_api: cannot listen on 127.0.0.1:{a.port}: {e.strerror}")
+    print(f"demo_api: listening port={srv.server_address[1]}", flush=True)
+    srv.serve_forever()
 
 
 if __name__ == "__main__":

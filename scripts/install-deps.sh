@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs everything needed to build, test and demo tunnel-gateway and
-# tunnel-agent on Debian 12. Idempotent; run as root (or via sudo).
+# tunnel-agent on Debian 12. Idempotent. Run it as yourself: as root it calls
+# apt-get directly, otherwise through sudo, and only if a package is missing.
 set -eu
 
 BUILD="build-essential pkg-config meson ninja-build git
@@ -30,6 +31,12 @@ if [ -z "$missing" ]; then
 fi
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+        echo "install-deps: missing:$missing" >&2
+        echo "install-deps: installing needs root, and sudo is not installed; run this as root" \
+            "(su -c '$0${1:+ $1}')" >&2
+        exit 1
+    fi
     SUDO="sudo"
 fi
 echo "install-deps: installing:$missing"
