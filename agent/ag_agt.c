@@ -5,6 +5,7 @@
  * next probe timer, never inside its own report. */
 #include "ag_agt.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,6 +27,33 @@ static const char *const state_names[] = {
 };
 
 const char *ag_agt_state_name(enum ag_agt_state st) { return state_names[st]; }
+
+static const char *const local_names[] = {
+    [AG_AGT_LOCAL_NONE] = "none",
+    [AG_AGT_LOCAL_OK] = "ok",
+    [AG_AGT_LOCAL_REFUSED] = "refused",
+    [AG_AGT_LOCAL_TIMEOUT] = "timeout",
+};
+
+const char *ag_agt_local_name(enum ag_agt_local r) { return local_names[r]; }
+
+void ag_agt_local_result(struct ag_agt *a, enum ag_agt_local r, const char *detail)
+{
+    bool was_failing = a->local_error[0] != '\0';
+
+    a->local = r;
+    a->local_ms = clk_unix_s(a->ctx->clk) * 1000;
+    if (r == AG_AGT_LOCAL_OK) {
+        if (was_failing)
+            LOG_INFO(a->ctx->log, "local_reachable", LOG_S("addr", a->cfg.address),
+                     LOG_S("name", a->cfg.name));
+        a->local_error[0] = '\0';
+        return;
+    }
+    (void)util_snprintf(a->local_error, sizeof(a->local_error), "%s: %s %s",
+                        r == AG_AGT_LOCAL_TIMEOUT ? "local_timeout" : "local_unreachable",
+                        a->cfg.target, detail != NULL ? detail : "");
+}
 
 /* Reached only through the last ag_agt_unref(); a is off ctx->agents. */
 static void agt_free(struct ag_agt *a)
@@ -108,6 +136,13 @@ void ag_agt_update_state(struct ag_agt *a)
     if (st == a->state)
         return;
     a->state = st;
+    if (st == AG_AGT_ST_CONNECTED && !a->announced && a->ctx->opts->announce_id[0] != '\0' &&
+        strcmp(a->ctx->opts->announce_id, a->cfg.id) == 0) {
+        /* tunnel-agent http: the URL on stdout once the probe passed */
+        a->announced = true;
+        printf("Forwarding %s -> %s\n", a->url, a->cfg.target);
+        fflush(stdout);
+    }
     if (st == AG_AGT_ST_CONNECTED)
         LOG_INFO(a->ctx->log, "agent_connected", LOG_S("addr", a->cfg.address),
                  LOG_S("name", a->cfg.name), LOG_S("url", a->url),

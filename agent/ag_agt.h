@@ -28,6 +28,14 @@ enum ag_agt_state {
     AG_AGT_ST_ERROR,            /* stopped: refused permanently or superseded */
 };
 
+/* The last attempt to reach the local API, as status shows it. */
+enum ag_agt_local {
+    AG_AGT_LOCAL_NONE = 0, /* no request yet */
+    AG_AGT_LOCAL_OK,       /* it answered with a response head */
+    AG_AGT_LOCAL_REFUSED,  /* connect failed, or it closed before answering */
+    AG_AGT_LOCAL_TIMEOUT,  /* no response head within the response timeout */
+};
+
 /* One agent of agents.json at run time. Owned by ctx->agents (one reference);
  * every stream serving it holds another (ag_agt_ref). An agent removed from
  * agents.json is unlinked (gone) and freed with its last reference. */
@@ -46,7 +54,14 @@ struct ag_agt {
     char error[AG_ERR_MAX];    /* last error, "" for none */
     char url[AG_URL_MAX];      /* public URL from the gateway, "" before */
     bool online;               /* registered on the active tunnel */
-    uint64_t requests;         /* streams served (all outcomes) */
+    uint64_t requests;         /* public streams served (all outcomes), probes not counted */
+    uint64_t probes;           /* our own probes answered by the tunnel */
+    bool announced;            /* its URL was printed (tunnel-agent http) */
+    uint64_t bytes_in;         /* request body bytes from the public side */
+    uint64_t bytes_out;        /* response body bytes to the public side */
+    enum ag_agt_local local;   /* last local-API result */
+    int64_t local_ms;          /* its unix ms, 0 none yet */
+    char local_error[AG_ERR_MAX]; /* "local_unreachable: ..." while the local API fails */
     uint32_t inflight;         /* streams forwarded now (max_inflight cap) */
     bool probe_ok;             /* the last probe since going online came back */
     bool target_ok;            /* cfg.target parsed */
@@ -90,6 +105,15 @@ struct ag_agt *ag_agt_find(struct ag_ctx *ctx, const char *addr);
 
 /* The agent with this id, or NULL. */
 struct ag_agt *ag_agt_find_id(struct ag_ctx *ctx, const char *id);
+
+/* Records the outcome of one forwarded request (detail: why it failed, or
+ * NULL). A failure sets a->local_error (local_unreachable / local_timeout),
+ * shown as the agent's error while no request succeeds; the state is left
+ * alone (the tunnel still works: status says connected with that error). */
+void ag_agt_local_result(struct ag_agt *a, enum ag_agt_local r, const char *detail);
+
+/* "none", "ok", "refused" or "timeout". */
+const char *ag_agt_local_name(enum ag_agt_local r);
 
 /* "disconnected", "connecting", "connected" or "error". */
 const char *ag_agt_state_name(enum ag_agt_state st);

@@ -12,11 +12,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/file.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <termios.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -197,6 +202,13 @@ static const char *jstr(const cJSON *o, const char *name, const char *dflt)
     return cJSON_IsString(v) ? v->valuestring : dflt;
 }
 
+static double jnum(const cJSON *o, const char *name)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+
+    return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
 /* Prints the daemon's status object as a table. */
 static void status_live_text(const cJSON *root)
 {
@@ -211,7 +223,8 @@ static void status_live_text(const cJSON *root)
         printf("no agents (create one with: tunnel-agent new NAME --target URL)\n");
         return;
     }
-    printf("%-20s %-8s %-13s %-9s %s\n", "NAME", "ENABLED", "STATE", "PROBE", "URL");
+    printf("%-20s %-8s %-13s %-9s %-8s %-8s %s\n", "NAME", "ENABLED", "STATE", "PROBE", "REQUESTS",
+           "LOCAL", "URL");
     cJSON_ArrayForEach(a, agents)
     {
         const cJSON *en = cJSON_GetObjectItemCaseSensitive(a, "enabled");
@@ -220,8 +233,9 @@ static void status_live_text(const cJSON *root)
         char probe[32] = "-";
         if (cJSON_IsNumber(lp) && lp->valuedouble > 0 && cJSON_IsNumber(rtt))
             snprintf(probe, sizeof(probe), "%.0fms", rtt->valuedouble);
-        printf("%-20s %-8s %-13s %-9s %s\n", jstr(a, "name", "?"), cJSON_IsTrue(en) ? "yes" : "no",
-               jstr(a, "state", "?"), probe, jstr(a, "url", ""));
+        printf("%-20s %-8s %-13s %-9s %-8.0f %-8s %s\n", jstr(a, "name", "?"),
+               cJSON_IsTrue(en) ? "yes" : "no", jstr(a, "state", "?"), probe,
+               jnum(a, "requests"), jstr(a, "local_result", "-"), jstr(a, "url", ""));
         if (jstr(a, "error", NULL) != NULL && jstr(a, "error", "")[0] != '\0')
             printf("  error: %s\n", jstr(a, "error", ""));
     }
@@ -271,6 +285,215 @@ int ag_ctl_status(const char *home, bool json)
         status_text(st, gwp);
     ag_store_free(st);
     return rc;
+}
+
+/* ---- status --watch ----------------------------------------------------- */
+
+#define WATCH_PERIOD_MS 1000
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* What one watch round saw, kept for the next: requests per agent (for the
+ * rate) and, without a terminal, the last line printed per agent. */
+struct watch {
+    bool tty;
+    cJSON *prev_req;  /* name -> requests at prev_ms */
+    cJSON *prev_line; /* name -> line (no timestamp) */
+    uint64_t prev_ms;
+    int daemon; /* -1 unknown, 0 not running, 1 running */
+};
+
+/* Requests per second of agent a since the previous round. */
+static double watch_rate(struct watch *w, const cJSON *a, uint64_t now)
+{
+    const char *name = jstr(a, "name", "");
+    const cJSON *p = cJSON_GetObjectItemCaseSensitive(w->prev_req, name);
+    double req = jnum(a, "requests");
+
+    if (!cJSON_IsNumber(p) || now <= w->prev_ms || req < p->valuedouble)
+        return 0;
+    return (req - p->valuedouble) * 1000.0 / (double)(now - w->prev_ms);
+}
+
+static void watch_time(char *out, size_t len)
+{
+    time_t t = time(NULL);
+    struct tm tm;
+
+    if (gmtime_r(&t, &tm) == NULL || strftime(out, len, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+        snprintf(out, len, "-");
+}
+
+static void watch_draw_tty(struct watch *w, const cJSON *root, uint64_t now)
+{
+    const cJSON *agents = cJSON_GetObjectItemCaseSensitive(root, "agents");
+    const cJSON *gw = cJSON_GetObjectItemCaseSensitive(root, "gateway");
+    const cJSON *a;
+    char ts[32];
+
+    watch_time(ts, sizeof(ts));
+    printf("\033[H\033[2J"); /* home, clear */
+    printf("tunnel-agent status --watch   %s   (q or Ctrl-C quits)\n", ts);
+    if (root == NULL) {
+        printf("daemon: not running (start it with: tunnel-agent run)\n");
+        return;
+    }
+    printf("gateway %s: %s%s%s\n\n", jstr(gw, "url", "?"), jstr(gw, "state", "?"),
+           jstr(gw, "error", NULL) != NULL ? " - " : "", jstr(gw, "error", ""));
+    printf("%-20s %-12s %7s %9s %-8s %s\n", "NAME", "STATE", "REQ/S", "REQUESTS", "LOCAL", "URL");
+    cJSON_ArrayForEach(a, agents)
+    {
+        const char *err = jstr(a, "error", NULL);
+        printf("%-20s %-12s %7.1f %9.0f %-8s %s\n", jstr(a, "name", "?"), jstr(a, "state", "?"),
+               watch_rate(w, a, now), jnum(a, "requests"), jstr(a, "local_result", "-"),
+               jstr(a, "url", ""));
+        if (err != NULL && err[0] != '\0')
+            printf("  error: %.200s\n", err);
+    }
+}
+
+static void watch_print_lines(struct watch *w, const cJSON *root, uint64_t now)
+{
+    const cJSON *agents = cJSON_GetObjectItemCaseSensitive(root, "agents");
+    const cJSON *a;
+    char ts[32];
+    char line[1024];
+    int daemon = root != NULL;
+
+    watch_time(ts, sizeof(ts));
+    if (daemon != w->daemon) {
+        printf("%s daemon %s\n", ts, daemon ? "running" : "not running");
+        w->daemon = daemon;
+    }
+    cJSON_ArrayForEach(a, agents)
+    {
+        const char *name = jstr(a, "name", "?");
+        const char *err = jstr(a, "error", NULL);
+        const cJSON *prev = cJSON_GetObjectItemCaseSensitive(w->prev_line, name);
+        (void)util_snprintf(line, sizeof(line),
+                            "agent=%s state=%s url=%s req/s=%.1f requests=%.0f local=%s error=%s",
+                            name, jstr(a, "state", "?"), jstr(a, "url", ""),
+                            watch_rate(w, a, now), jnum(a, "requests"),
+                            jstr(a, "local_result", "-"),
+                            err != NULL && err[0] != '\0' ? err : "-");
+        if (cJSON_IsString(prev) && strcmp(prev->valuestring, line) == 0)
+            continue;
+        printf("%s %s\n", ts, line);
+        cJSON_DeleteItemFromObjectCaseSensitive(w->prev_line, name);
+        (void)cJSON_AddStringToObject(w->prev_line, name, line);
+    }
+}
+
+/* One round: ask, draw, remember. */
+static void watch_round(struct watch *w, const char *home)
+{
+    char *answer = NULL;
+    cJSON *root = NULL;
+    uint64_t now = mono_ms();
+    const cJSON *a;
+
+    if (ctl_request(home, "{\"cmd\":\"status\"}", &answer) == 1)
+        root = cJSON_Parse(answer);
+    free(answer);
+    if (root != NULL && !cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        root = NULL;
+    }
+    if (w->tty)
+        watch_draw_tty(w, root, now);
+    else
+        watch_print_lines(w, root, now);
+    fflush(stdout);
+    cJSON_Delete(w->prev_req);
+    w->prev_req = cJSON_CreateObject();
+    w->prev_ms = now;
+    cJSON_ArrayForEach(a, cJSON_GetObjectItemCaseSensitive(root, "agents"))
+    {
+        (void)cJSON_AddNumberToObject(w->prev_req, jstr(a, "name", ""), jnum(a, "requests"));
+    }
+    cJSON_Delete(root);
+}
+
+int ag_ctl_watch(const char *home)
+{
+    struct watch w = {.daemon = -1};
+    struct termios old_tio, tio;
+    bool raw = false;
+    sigset_t mask, old_mask;
+    int sfd;
+
+    w.tty = isatty(STDOUT_FILENO) == 1;
+    w.prev_line = cJSON_CreateObject();
+    if (w.prev_line == NULL) {
+        fprintf(stderr, "tunnel-agent: status: out of memory\n");
+        return -1;
+    }
+    /* SIGINT / SIGTERM arrive on a signalfd: no handler, no global flag */
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGTERM);
+    if (sigprocmask(SIG_BLOCK, &mask, &old_mask) == -1 ||
+        (sfd = signalfd(-1, &mask, SFD_CLOEXEC)) == -1) {
+        fprintf(stderr, "tunnel-agent: status --watch: signals: %s\n", strerror(errno));
+        cJSON_Delete(w.prev_line);
+        return -1;
+    }
+    if (w.tty && isatty(STDIN_FILENO) == 1 && tcgetattr(STDIN_FILENO, &old_tio) == 0) {
+        tio = old_tio;
+        tio.c_lflag &= ~(tcflag_t)(ICANON | ECHO); /* keys at once; Ctrl-C stays a signal */
+        tio.c_cc[VMIN] = 1;
+        tio.c_cc[VTIME] = 0;
+        raw = tcsetattr(STDIN_FILENO, TCSANOW, &tio) == 0;
+    }
+    if (w.tty)
+        printf("\033[?25l"); /* hide the cursor */
+    for (;;) {
+        struct pollfd pfd[2] = {{.fd = sfd, .events = POLLIN}, {.fd = STDIN_FILENO, .events = POLLIN}};
+        uint64_t until;
+        bool quit = false;
+
+        watch_round(&w, home);
+        until = mono_ms() + WATCH_PERIOD_MS;
+        while (!quit) {
+            uint64_t now = mono_ms();
+            int r;
+            if (now >= until)
+                break;
+            r = poll(pfd, raw ? 2 : 1, (int)(until - now));
+            if (r == -1 && errno != EINTR)
+                quit = true;
+            if (r > 0 && (pfd[0].revents & POLLIN) != 0) {
+                struct signalfd_siginfo si;
+                /* taken here, so it is not delivered when unblocked below */
+                (void)!read(sfd, &si, sizeof(si));
+                quit = true;
+            }
+            if (r > 0 && raw && (pfd[1].revents & (POLLIN | POLLHUP)) != 0) {
+                char ch = 0;
+                ssize_t n = read(STDIN_FILENO, &ch, 1);
+                if (n <= 0 || ch == 'q' || ch == 'Q' || ch == 3 /* ^C */)
+                    quit = true;
+            }
+        }
+        if (quit)
+            break;
+    }
+    if (w.tty)
+        printf("\033[?25h\n"); /* the cursor back */
+    fflush(stdout);
+    if (raw)
+        (void)tcsetattr(STDIN_FILENO, TCSANOW, &old_tio);
+    close(sfd);
+    (void)sigprocmask(SIG_SETMASK, &old_mask, NULL);
+    cJSON_Delete(w.prev_req);
+    cJSON_Delete(w.prev_line);
+    return 0;
 }
 
 int ag_ctl_states(const char *home, struct ag_ctl_state **out, size_t *n)

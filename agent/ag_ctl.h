@@ -31,6 +31,13 @@ struct ag_ctl_state {
  * ...}],"daemon":BOOL}. Returns 0, or -1 after printing an error on stderr. */
 int ag_ctl_status(const char *home, bool json);
 
+/* `status --watch`: redraws a compact live view every second on a terminal
+ * (names, states, URLs, requests/s, errors; q or Ctrl-C quits), or, when
+ * stdout is not a terminal, prints one line per agent whenever that line
+ * changes (and one when the daemon comes or goes) until SIGINT/SIGTERM.
+ * Returns 0, or -1 after printing an error on stderr. */
+int ag_ctl_watch(const char *home);
+
 /* Asks the running daemon for every agent's state. Returns 1 with *out (array
  * of *n entries, caller frees) when a daemon answered, 0 with *out NULL and *n
  * 0 when none runs, -1 on error. */

@@ -62,13 +62,19 @@ static int ctx_set_names(struct ag_ctx *ctx)
     const struct ag_gateway *g = &ctx->opts->gateway;
     bool v6 = strchr(g->host, ':') != NULL;
     bool dflt = g->port == (g->tls ? 443 : 80);
+    const char *d = ctx->opts->domain[0] != '\0' ? ctx->opts->domain : g->host;
+    char host[AG_HOST_MAX + 1];
     size_t i;
 
-    for (i = 0; g->host[i] != '\0' && i < sizeof(ctx->domain) - 1; i++)
-        ctx->domain[i] =
-            (char)((g->host[i] >= 'A' && g->host[i] <= 'Z') ? g->host[i] - 'A' + 'a' : g->host[i]);
+    /* run --domain signs for another name than the one dialled */
+    for (i = 0; d[i] != '\0' && i < sizeof(ctx->domain) - 1; i++)
+        ctx->domain[i] = (char)((d[i] >= 'A' && d[i] <= 'Z') ? d[i] - 'A' + 'a' : d[i]);
     ctx->domain[i] = '\0';
-    if (util_snprintf(ctx->host_port, sizeof(ctx->host_port), "%s%s%s", v6 ? "[" : "", ctx->domain,
+    for (i = 0; g->host[i] != '\0' && i < sizeof(host) - 1; i++)
+        host[i] =
+            (char)((g->host[i] >= 'A' && g->host[i] <= 'Z') ? g->host[i] - 'A' + 'a' : g->host[i]);
+    host[i] = '\0';
+    if (util_snprintf(ctx->host_port, sizeof(ctx->host_port), "%s%s%s", v6 ? "[" : "", host,
                       v6 ? "]" : "") < 0)
         return -1;
     if (!dflt) {

@@ -36,7 +36,8 @@ struct ag_ctx {
     struct log_sink *log;
     const char *home;                   /* borrowed from ag_main */
     const struct ag_run_opts *opts;     /* borrowed from ag_main */
-    char domain[AG_HOST_MAX + 1];       /* gateway host, lowercase: the signed domain */
+    char domain[AG_HOST_MAX + 1];       /* signed domain, lowercase: run --domain, else the
+                                         * gateway host */
     char host_port[AG_HOST_MAX + 8];    /* Host of the upgrade: host[:port] */
     char instance[AG_INSTANCE_LEN + 1]; /* random, new per start */
     SSL_CTX *ssl_ctx;                   /* wss:// tunnels and probes, NULL for ws:// */

@@ -339,6 +339,8 @@ static cJSON *status_agent(struct ag_ctx *ctx, const struct ag_agt *a)
 {
     cJSON *o = cJSON_CreateObject();
     char url[AG_URL_MAX];
+    /* a stop (refused, superseded, bad key) outranks a failing local API */
+    const char *err = a->error[0] != '\0' ? a->error : a->local_error;
 
     if (o == NULL)
         return NULL;
@@ -353,9 +355,16 @@ static cJSON *status_agent(struct ag_ctx *ctx, const struct ag_agt *a)
         cJSON_AddBoolToObject(o, "enabled", a->cfg.enabled) == NULL ||
         cJSON_AddStringToObject(o, "state", ag_agt_state_name(a->state)) == NULL ||
         cJSON_AddStringToObject(o, "url", url) == NULL ||
-        (a->error[0] != '\0' ? cJSON_AddStringToObject(o, "error", a->error)
-                             : cJSON_AddNullToObject(o, "error")) == NULL ||
+        (err[0] != '\0' ? cJSON_AddStringToObject(o, "error", err)
+                        : cJSON_AddNullToObject(o, "error")) == NULL ||
         cJSON_AddNumberToObject(o, "requests", (double)a->requests) == NULL ||
+        cJSON_AddNumberToObject(o, "probes", (double)a->probes) == NULL ||
+        cJSON_AddNumberToObject(o, "bytes_in", (double)a->bytes_in) == NULL ||
+        cJSON_AddNumberToObject(o, "bytes_out", (double)a->bytes_out) == NULL ||
+        cJSON_AddStringToObject(o, "local_result", ag_agt_local_name(a->local)) == NULL ||
+        cJSON_AddNumberToObject(o, "local_result_ms", (double)a->local_ms) == NULL ||
+        (a->local_error[0] != '\0' ? cJSON_AddStringToObject(o, "local_error", a->local_error)
+                                   : cJSON_AddNullToObject(o, "local_error")) == NULL ||
         cJSON_AddNumberToObject(o, "inflight", a->inflight) == NULL ||
         cJSON_AddNumberToObject(o, "last_probe_ms", (double)a->last_probe_ms) == NULL ||
         cJSON_AddNumberToObject(o, "probe_rtt_ms", (double)a->probe_rtt_ms) == NULL ||
@@ -399,6 +408,7 @@ static char *status_text(struct ag_ctx *ctx)
         cJSON_AddStringToObject(root, "instance", ctx->instance) == NULL || gw == NULL ||
         cJSON_AddStringToObject(gw, "url", ctx->opts->gateway_url) == NULL ||
         cJSON_AddStringToObject(gw, "state", gst) == NULL ||
+        cJSON_AddStringToObject(gw, "domain", ctx->domain) == NULL ||
         (ctx->gw_error[0] != '\0' ? cJSON_AddStringToObject(gw, "error", ctx->gw_error)
                                   : cJSON_AddNullToObject(gw, "error")) == NULL ||
         cJSON_AddNumberToObject(gw, "tunnel", ctx->tun != NULL ? (double)ag_tun_id(ctx->tun) : 0) ==

@@ -22,13 +22,14 @@
 #include "id.h"
 #include "log.h"
 #include "tg_config.h"
+#include "tg_version.h"
 #include "util.h"
 
 #define EXIT_OK 0
 #define EXIT_FAIL 1
 #define EXIT_USAGE 2
 
-#define MAX_POS 2
+#define MAX_POS 3
 #define MAX_OPTS 8
 
 /* Said wherever https targets come up; one string so help and warning agree. */
@@ -75,6 +76,8 @@ static int cmd_remove(struct cli *c);
 static int cmd_status(struct cli *c);
 static int cmd_sign(struct cli *c);
 static int cmd_run(struct cli *c);
+static int cmd_http(struct cli *c);
+static int cmd_verify(struct cli *c);
 
 static const struct cmd_opt new_opts[] = {
     {"target", "URL", "the agent's local API, http://HOST:PORT[/BASE] (required)"},
@@ -118,7 +121,13 @@ static const struct cmd_opt remove_opts[] = {
 static const struct cmd_opt status_opts[] = {
     {"json", NULL,
      "print {\"agents\":[{\"name\",\"id\",\"address\",\"target\",\"enabled\",\"state\","
-     "\"url\",\"error\",...}],\"daemon\":BOOL}"},
+     "\"url\",\"error\",...}],\"daemon\":BOOL}; a running daemon adds per agent "
+     "\"requests\" (public requests, probes not counted), \"probes\", \"last_probe_ms\", "
+     "\"probe_rtt_ms\", \"bytes_in\", \"bytes_out\", \"local_result\" (none, ok, refused, "
+     "timeout), \"local_result_ms\" (unix ms) and \"local_error\""},
+    {"watch", NULL,
+     "keep showing the live state, refreshed every second: on a terminal a full-screen view "
+     "(quit with q or Ctrl-C), otherwise one line per agent whenever its line changes"},
     {NULL, NULL, NULL},
 };
 
@@ -133,6 +142,19 @@ static const struct cmd_opt run_opts[] = {
      "tunnel protocol: native (default), or the Osaurus relay protocol (remembered)"},
     {"log-level", "debug|info|warn|error", "log verbosity (default info)"},
     {"log-format", "text|json", "log line format on stderr (default text)"},
+    {"domain", "DOMAIN",
+     "sign for DOMAIN (the gateway's --domain) instead of the gateway's host name: for "
+     "dialling the gateway by IP address or another name (not remembered)"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cmd_opt http_opts[] = {
+    {"name", "NAME",
+     "the agent to use or create (default: the agent whose target is this one, else a new "
+     "agent named http-PORT)"},
+    {"gateway", "URL", "wss://HOST[:PORT] as for run (remembered; default the last one)"},
+    {"ca-file", "FILE", "PEM file of CA certificates to verify the gateway with (remembered)"},
+    {"yes", NULL, "confirm making the agent public without asking (for scripts)"},
     {NULL, NULL, NULL},
 };
 
@@ -172,9 +194,14 @@ static const struct cmd cmds[] = {
      "--purge deletes the key instead, after a confirmation on the terminal or --yes "
      "(without either it refuses, exit 2).",
      1, 1, remove_opts, cmd_remove},
-    {"status", "status [--json]", "live state of each agent from the running daemon",
+    {"status", "status [--json] [--watch]", "live state of each agent from the running daemon",
      "Shows each agent's enabled flag, state (connected, connecting, disconnected, error), "
-     "public URL and last error, as the running daemon reports them; with no daemon "
+     "public URL and last error, as the running daemon reports them, with its requests "
+     "(the daemon's own probes are counted apart), the last probe and its round trip, "
+     "bytes in and out, and the last result of reaching the local API (ok, refused, "
+     "timeout, with its time). While the local API fails the agent stays connected (the "
+     "tunnel works; the public gets 502 local_unreachable or 504) and its error says "
+     "local_unreachable (or local_timeout) until a request succeeds again. With no daemon "
      "running, the saved settings with state disconnected.",
      0, 0, status_opts, cmd_status},
     {"sign", "sign NAME MESSAGE", "print the agent's EIP-191 signature of MESSAGE",
@@ -183,14 +210,34 @@ static const struct cmd cmds[] = {
      "address. Put -- before a MESSAGE that starts with '-'.",
      2, 2, no_opts, cmd_sign},
     {"run",
-     "run [--gateway URL] [--ca-file FILE] [--protocol native|osaurus] "
+     "run [--gateway URL] [--ca-file FILE] [--protocol native|osaurus] [--domain DOMAIN] "
      "[--log-level LEVEL] [--log-format text|json]",
      "the daemon, in the foreground: tunnels for the enabled agents",
      "Runs the daemon in the foreground: keeps a tunnel to the gateway for every enabled "
      "agent and forwards its requests to the agent's target. --gateway, --ca-file and "
      "--protocol are remembered in <home>/agents.json; a run without --gateway uses the "
-     "last one.",
+     "last one. --domain signs for another domain than the gateway's host name (when "
+     "dialling it by IP address or an alias); without it, a gateway that expects another "
+     "domain says which, and the agent's error shows both.",
      0, 0, run_opts, cmd_run},
+    {"http", "http PORT|URL [--name NAME] [--gateway URL] [--ca-file FILE] [--yes]",
+     "publish a local port at once: create or reuse an agent, enable it, run",
+     "Publishes the local API at PORT (http://127.0.0.1:PORT), HOST:PORT or an http:// URL: "
+     "uses the agent with that target (or --name NAME), else creates one (named NAME, or "
+     "http-PORT), enables it with the same confirmation as 'enable' (without a terminal it "
+     "refuses, exit 2, unless --yes), then runs the daemon in the foreground like 'run' and "
+     "prints the public URL on standard output as soon as the probe through the gateway "
+     "passes. If a daemon already runs for this home, it is told to publish the agent "
+     "instead.",
+     1, 1, http_opts, cmd_http},
+    {"verify", "verify ADDRESS MESSAGE SIGNATURE",
+     "check an EIP-191 signature of MESSAGE against ADDRESS",
+     "Checks that SIGNATURE (0x + 130 hex digits, as 'sign' prints) is ADDRESS's EIP-191 "
+     "personal_sign signature of MESSAGE (its bytes as given), with the gateway's own "
+     "checks (low s only, v 27/28 or 0/1). Exit status 0 and \"valid\" when it is; 1 and "
+     "the reason when it is not; 2 when ADDRESS or SIGNATURE is malformed. Put -- before a "
+     "MESSAGE that starts with '-'.",
+     3, 3, no_opts, cmd_verify},
 };
 
 #define NCMDS (sizeof(cmds) / sizeof(cmds[0]))
@@ -521,6 +568,22 @@ static int check_target(const char *cmd, const char *url)
     return 0;
 }
 
+/* run --domain: 1-253 of [A-Za-z0-9.-], not starting or ending with '.'. */
+static bool domain_is_valid(const char *d)
+{
+    size_t len = strlen(d);
+
+    if (len == 0 || len > 253 || d[0] == '.' || d[0] == '-' || d[len - 1] == '.')
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)d[i];
+        if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+              ch == '.' || ch == '-'))
+            return false;
+    }
+    return true;
+}
+
 static int check_name(const char *cmd, const char *name)
 {
     if (!ag_store_name_is_valid(name)) {
@@ -697,9 +760,29 @@ static int cmd_list(struct cli *c)
     return EXIT_OK;
 }
 
+/* True if a running daemon reports agent name in state error (why: its error). */
+static bool agent_in_error(const char *home, const char *name, char *why, size_t whylen)
+{
+    struct ag_ctl_state *states = NULL;
+    size_t n = 0;
+    bool err = false;
+
+    why[0] = '\0';
+    if (ag_ctl_states(home, &states, &n) == 1)
+        for (size_t i = 0; i < n; i++)
+            if (strcmp(states[i].name, name) == 0 && strcmp(states[i].state, "error") == 0) {
+                err = true;
+                snprintf(why, whylen, "%s", states[i].error);
+            }
+    free(states);
+    return err;
+}
+
 static int cmd_enable(struct cli *c)
 {
     const char *name = c->pos[0];
+    char why[AG_CTL_ERROR_MAX];
+    bool retry = false;
     char notice[2048];
     char url[512];
     struct ag_agent *a;
@@ -715,9 +798,14 @@ static int cmd_enable(struct cli *c)
     if (a == NULL)
         goto fail_store;
     if (a->enabled && !a->superseded) {
-        printf("Agent %s is already enabled.\n", name);
-        ag_store_free(st);
-        return EXIT_OK;
+        /* refused by the gateway (allow list, signature): the owner asks
+         * again, so the running daemon retries it at once */
+        if (!agent_in_error(c->home, name, why, sizeof(why))) {
+            printf("Agent %s is already enabled.\n", name);
+            ag_store_free(st);
+            return EXIT_OK;
+        }
+        retry = true;
     }
     public_url(st, a->address, url, sizeof(url));
     snprintf(notice, sizeof(notice),
@@ -747,11 +835,16 @@ static int cmd_enable(struct cli *c)
         goto fail_store;
     a->enabled = true;
     a->superseded = false; /* the owner asked for it again */
-    if (save_store(st) != 0)
+    if (!retry && save_store(st) != 0)
         goto fail_store;
-    printf("Enabled agent %s: %s is reachable from the public internet at %s while "
-           "tunnel-agent run is connected.\n",
-           name, a->target, url);
+    if (retry)
+        printf("Agent %s was in error (%s); the running daemon retries it now (see "
+               "tunnel-agent status).\n",
+               name, why[0] != '\0' ? why : "no detail");
+    else
+        printf("Enabled agent %s: %s is reachable from the public internet at %s while "
+               "tunnel-agent run is connected.\n",
+               name, a->target, url);
     ag_store_free(st);
     ag_ctl_notify(c->home);
     return EXIT_OK;
@@ -859,7 +952,51 @@ fail_store:
 
 static int cmd_status(struct cli *c)
 {
+    if (opt_set(c, "watch")) {
+        if (opt_set(c, "json")) {
+            errmsg("status: --watch and --json exclude each other (poll status --json instead)");
+            return EXIT_USAGE;
+        }
+        return ag_ctl_watch(c->home) == 0 ? EXIT_OK : EXIT_FAIL;
+    }
     return ag_ctl_status(c->home, opt_set(c, "json")) == 0 ? EXIT_OK : EXIT_FAIL;
+}
+
+static int cmd_verify(struct cli *c)
+{
+    const char *addr_s = c->pos[0];
+    const char *msg = c->pos[1];
+    const char *sig_s = c->pos[2];
+    uint8_t addr[ID_ADDR_LEN];
+    uint8_t sig[ID_SIG_LEN];
+    uint8_t got[ID_ADDR_LEN];
+    char got_s[ID_ADDR_STR_LEN + 1];
+    int rc;
+
+    rc = id_addr_parse(addr_s, strlen(addr_s), addr);
+    if (rc != ID_OK) {
+        errmsg("verify: ADDRESS \"%s\": %s (want 0x + 40 hex digits)", addr_s, id_strerror(rc));
+        return EXIT_USAGE;
+    }
+    rc = id_sig_parse(sig_s, strlen(sig_s), sig);
+    if (rc != ID_OK) {
+        errmsg("verify: SIGNATURE: %s (want 0x + 130 hex digits, as tunnel-agent sign prints)",
+               id_strerror(rc));
+        return EXIT_USAGE;
+    }
+    /* the gateway's check (id_verify), then recover to say whose it is */
+    rc = id_verify(msg, strlen(msg), sig_s, strlen(sig_s), addr);
+    if (rc == ID_OK) {
+        printf("valid: signed by %s\n", addr_s);
+        return EXIT_OK;
+    }
+    if (rc == ID_E_MISMATCH && id_recover(msg, strlen(msg), sig, got) == ID_OK) {
+        id_addr_to_str(got, got_s);
+        printf("invalid: %s (this message and signature recover %s)\n", id_strerror(rc), got_s);
+    } else {
+        printf("invalid: %s\n", id_strerror(rc));
+    }
+    return EXIT_FAIL;
 }
 
 static int cmd_sign(struct cli *c)
@@ -901,48 +1038,39 @@ out_store:
     return rc;
 }
 
-static int cmd_run(struct cli *c)
+/* Validates --gateway and --ca-file (either may be NULL) into ro. Returns
+ * EXIT_OK, or EXIT_USAGE after a message. */
+static int run_check(const char *cmd, const char *gw, const char *ca, struct ag_run_opts *ro)
 {
-    struct ag_run_opts ro;
     char err[AG_STORE_ERR_LEN];
-    const char *gw = opt_val(c, "gateway");
-    const char *ca = opt_val(c, "ca-file");
-    const char *proto = opt_val(c, "protocol");
-    const char *lvl = opt_val(c, "log-level");
-    const char *fmt = opt_val(c, "log-format");
-    struct ag_store *st;
-    bool changed = false;
 
-    memset(&ro, 0, sizeof(ro));
-    ro.log_level = LOG_LVL_INFO;
-    ro.log_format = LOG_FMT_TEXT;
-    if (gw != NULL && ag_store_gateway_parse(gw, &ro.gateway, err, sizeof(err)) != 0) {
-        errmsg("run: --gateway: %s", err);
-        return EXIT_USAGE;
-    }
-    if (proto != NULL && ag_store_protocol_parse(proto, &ro.protocol) != 0) {
-        errmsg("run: --protocol \"%s\": want native or osaurus", proto);
-        return EXIT_USAGE;
-    }
-    if (lvl != NULL && log_parse_level(lvl, &ro.log_level) != 0) {
-        errmsg("run: --log-level \"%s\": want debug, info, warn or error", lvl);
-        return EXIT_USAGE;
-    }
-    if (fmt != NULL && log_parse_format(fmt, &ro.log_format) != 0) {
-        errmsg("run: --log-format \"%s\": want text or json", fmt);
+    if (gw != NULL && ag_store_gateway_parse(gw, &ro->gateway, err, sizeof(err)) != 0) {
+        errmsg("%s: --gateway: %s", cmd, err);
         return EXIT_USAGE;
     }
     if (ca != NULL) {
         /* Remembered for later runs, maybe from another directory. */
-        if (ca[0] == '\0' || realpath(ca, ro.ca_file) == NULL) {
-            errmsg("run: --ca-file %s: %s", ca, ca[0] == '\0' ? "empty" : strerror(errno));
+        if (ca[0] == '\0' || realpath(ca, ro->ca_file) == NULL) {
+            errmsg("%s: --ca-file %s: %s", cmd, ca, ca[0] == '\0' ? "empty" : strerror(errno));
             return EXIT_USAGE;
         }
-        if (access(ro.ca_file, R_OK) != 0) {
-            errmsg("run: --ca-file %s: cannot read: %s", ca, strerror(errno));
+        if (access(ro->ca_file, R_OK) != 0) {
+            errmsg("%s: --ca-file %s: cannot read: %s", cmd, ca, strerror(errno));
             return EXIT_USAGE;
         }
     }
+    return EXIT_OK;
+}
+
+/* Completes ro from the store (remembered gateway, CA file, protocol) and
+ * remembers what was given. proto NULL: the remembered one. Returns EXIT_OK,
+ * or an exit status after a message. */
+static int run_settle(struct cli *c, const char *cmd, const char *gw, const char *ca,
+                      const char *proto, struct ag_run_opts *ro)
+{
+    char err[AG_STORE_ERR_LEN];
+    struct ag_store *st;
+    bool changed = false;
 
     st = open_store(c, AG_STORE_WRITE);
     if (st == NULL)
@@ -955,50 +1083,257 @@ static int cmd_run(struct cli *c)
             changed = true;
         }
     } else if (ag_store_gateway(st) == NULL) {
-        errmsg("run: no gateway: pass --gateway wss://HOST[:PORT] (it is remembered for later "
-               "runs)");
+        errmsg("%s: no gateway: pass --gateway wss://HOST[:PORT] (it is remembered for later "
+               "runs)",
+               cmd);
         ag_store_free(st);
         return EXIT_USAGE;
     } else {
         gw = ag_store_gateway(st);
-        if (ag_store_gateway_parse(gw, &ro.gateway, err, sizeof(err)) != 0)
+        if (ag_store_gateway_parse(gw, &ro->gateway, err, sizeof(err)) != 0)
             goto fail_err;
     }
-    if (util_snprintf(ro.gateway_url, sizeof(ro.gateway_url), "%s", gw) < 0) {
+    if (util_snprintf(ro->gateway_url, sizeof(ro->gateway_url), "%s", gw) < 0) {
         snprintf(err, sizeof(err), "gateway URL too long");
         goto fail_err;
     }
     if (ca != NULL) {
         const char *old = ag_store_ca_file(st);
-        if (old == NULL || strcmp(old, ro.ca_file) != 0) {
-            if (ag_store_set_ca_file(st, ro.ca_file, err, sizeof(err)) != 0)
+        if (old == NULL || strcmp(old, ro->ca_file) != 0) {
+            if (ag_store_set_ca_file(st, ro->ca_file, err, sizeof(err)) != 0)
                 goto fail_err;
             changed = true;
         }
     } else if (ag_store_ca_file(st) != NULL &&
-               util_snprintf(ro.ca_file, sizeof(ro.ca_file), "%s", ag_store_ca_file(st)) < 0) {
+               util_snprintf(ro->ca_file, sizeof(ro->ca_file), "%s", ag_store_ca_file(st)) < 0) {
         snprintf(err, sizeof(err), "remembered CA file path too long");
         goto fail_err;
     }
     if (proto != NULL) {
-        if (ag_store_protocol(st) != ro.protocol) {
-            ag_store_set_protocol(st, ro.protocol);
+        if (ag_store_protocol(st) != ro->protocol) {
+            ag_store_set_protocol(st, ro->protocol);
             changed = true;
         }
     } else {
-        ro.protocol = ag_store_protocol(st);
+        ro->protocol = ag_store_protocol(st);
     }
     if (changed && save_store(st) != 0) {
         ag_store_free(st);
         return EXIT_FAIL;
     }
     ag_store_free(st); /* the daemon takes the lock only when it writes */
-    return ag_daemon_run(c->home, &ro);
+    return EXIT_OK;
 
 fail_err:
-    errmsg("run: %s", err);
+    errmsg("%s: %s", cmd, err);
     ag_store_free(st);
     return EXIT_FAIL;
+}
+
+static int cmd_run(struct cli *c)
+{
+    struct ag_run_opts ro;
+    const char *gw = opt_val(c, "gateway");
+    const char *ca = opt_val(c, "ca-file");
+    const char *proto = opt_val(c, "protocol");
+    const char *lvl = opt_val(c, "log-level");
+    const char *fmt = opt_val(c, "log-format");
+    const char *dom = opt_val(c, "domain");
+    int rc;
+
+    memset(&ro, 0, sizeof(ro));
+    ro.log_level = LOG_LVL_INFO;
+    ro.log_format = LOG_FMT_TEXT;
+    if (proto != NULL && ag_store_protocol_parse(proto, &ro.protocol) != 0) {
+        errmsg("run: --protocol \"%s\": want native or osaurus", proto);
+        return EXIT_USAGE;
+    }
+    if (lvl != NULL && log_parse_level(lvl, &ro.log_level) != 0) {
+        errmsg("run: --log-level \"%s\": want debug, info, warn or error", lvl);
+        return EXIT_USAGE;
+    }
+    if (fmt != NULL && log_parse_format(fmt, &ro.log_format) != 0) {
+        errmsg("run: --log-format \"%s\": want text or json", fmt);
+        return EXIT_USAGE;
+    }
+    if (dom != NULL) {
+        if (!domain_is_valid(dom)) {
+            errmsg("run: --domain \"%s\": want a DNS name such as example.com (1-253 of "
+                   "A-Z a-z 0-9 . -)",
+                   dom);
+            return EXIT_USAGE;
+        }
+        memcpy(ro.domain, dom, strlen(dom) + 1);
+    }
+    rc = run_check("run", gw, ca, &ro);
+    if (rc != EXIT_OK)
+        return rc;
+    rc = run_settle(c, "run", gw, ca, proto, &ro);
+    if (rc != EXIT_OK)
+        return rc;
+    return ag_daemon_run(c->home, &ro);
+}
+
+/* Turns PORT, HOST:PORT or a URL into a target URL. Returns 0 or -1. */
+static int http_target(const char *arg, char *out, size_t outlen)
+{
+    uint64_t port;
+
+    if (strncmp(arg, "http://", 7) == 0 || strncmp(arg, "https://", 8) == 0)
+        return util_snprintf(out, outlen, "%s", arg) < 0 ? -1 : 0;
+    if (strstr(arg, "://") != NULL)
+        return -1;
+    if (util_parse_uint(arg, 65535, &port) == 0)
+        return port == 0 ? -1 : (util_snprintf(out, outlen, "http://127.0.0.1:%u",
+                                               (unsigned)port) < 0 ? -1 : 0);
+    return util_snprintf(out, outlen, "http://%s", arg) < 0 ? -1 : 0;
+}
+
+static int cmd_http(struct cli *c)
+{
+    const char *arg = c->pos[0];
+    const char *name = opt_val(c, "name");
+    const char *gw = opt_val(c, "gateway");
+    const char *ca = opt_val(c, "ca-file");
+    char target[AG_TARGET_MAX + 1];
+    char agent_name[AG_NAME_MAX + 1];
+    char err[AG_STORE_ERR_LEN];
+    char notice[2048];
+    char url[512];
+    struct ag_target t;
+    struct ag_run_opts ro;
+    struct ag_agent *a = NULL;
+    struct ag_store *st;
+    bool need_enable;
+    int rc;
+
+    if (http_target(arg, target, sizeof(target)) != 0 ||
+        ag_store_target_parse(target, &t, err, sizeof(err)) != 0) {
+        errmsg("http: \"%s\": want a port (3000), HOST:PORT (localhost:3000) or an http:// URL",
+               arg);
+        return EXIT_USAGE;
+    }
+    if (t.tls)
+        errmsg("warning: target %s: %s", target, HTTPS_TARGET_NOTE);
+    if (name != NULL && check_name("http", name) != 0)
+        return EXIT_USAGE;
+    memset(&ro, 0, sizeof(ro));
+    ro.log_level = LOG_LVL_INFO;
+    ro.log_format = LOG_FMT_TEXT;
+    rc = run_check("http", gw, ca, &ro);
+    if (rc != EXIT_OK)
+        return rc;
+
+    /* reuse by name, else by target, else create (disabled) */
+    st = open_store(c, AG_STORE_WRITE);
+    if (st == NULL)
+        return EXIT_FAIL;
+    if (name != NULL) {
+        a = ag_store_find(st, name);
+    } else {
+        for (size_t i = 0; i < ag_store_count(st) && a == NULL; i++)
+            if (strcmp(ag_store_agent(st, i)->target, target) == 0)
+                a = ag_store_agent(st, i);
+    }
+    if (a != NULL && strcmp(a->target, target) != 0) {
+        errmsg("http: agent %s has target %s, not %s (change it with: tunnel-agent set %s "
+               "--target %s)",
+               a->name, a->target, target, a->name, target);
+        ag_store_free(st);
+        return EXIT_USAGE;
+    }
+    if (a == NULL) {
+        if (name != NULL) {
+            (void)util_snprintf(agent_name, sizeof(agent_name), "%s", name);
+        } else {
+            (void)util_snprintf(agent_name, sizeof(agent_name), "http-%u", (unsigned)t.port);
+            for (unsigned k = 2; k < 100 && ag_store_find(st, agent_name) != NULL; k++)
+                (void)util_snprintf(agent_name, sizeof(agent_name), "http-%u-%u",
+                                    (unsigned)t.port, k);
+        }
+        if (ag_store_new_agent(st, agent_name, target, NULL, &a, err, sizeof(err)) != 0) {
+            errmsg("http: %s", err);
+            ag_store_free(st);
+            return EXIT_FAIL;
+        }
+        printf("Created agent %s (address %s) for %s.\n", a->name, a->address, target);
+    }
+    (void)util_snprintf(agent_name, sizeof(agent_name), "%s", a->name);
+    need_enable = !a->enabled || a->superseded;
+    if (gw != NULL) {
+        struct ag_gateway g;
+        if (ag_store_gateway_parse(gw, &g, err, sizeof(err)) != 0 ||
+            ag_store_public_url(&g, a->address, url, sizeof(url)) != 0)
+            snprintf(url, sizeof(url), "https://%s.<your gateway domain>", a->address);
+    } else {
+        public_url(st, a->address, url, sizeof(url));
+    }
+    snprintf(notice, sizeof(notice),
+             "Enabling agent %s makes its API at %s reachable from the public internet at\n"
+             "  %s\nby anyone who knows or guesses the URL, while tunnel-agent runs.",
+             agent_name, target, url);
+    ag_store_free(st);
+    ag_ctl_notify(c->home);
+
+    if (need_enable && !opt_set(c, "yes")) {
+        int r = confirm(notice);
+        if (r < 0) {
+            errmsg("http %s: no terminal to confirm on; pass --yes to confirm that %s "
+                   "becomes reachable from the public internet at %s",
+                   arg, target, url);
+            return EXIT_USAGE;
+        }
+        if (r == 0) {
+            errmsg("http %s: not confirmed; agent %s stays disabled", arg, agent_name);
+            return EXIT_USAGE;
+        }
+    }
+    if (need_enable) {
+        st = open_store(c, AG_STORE_WRITE);
+        if (st == NULL)
+            return EXIT_FAIL;
+        a = find_agent(st, agent_name);
+        if (a == NULL) {
+            ag_store_free(st);
+            return EXIT_FAIL;
+        }
+        a->enabled = true;
+        a->superseded = false;
+        if (save_store(st) != 0) {
+            ag_store_free(st);
+            return EXIT_FAIL;
+        }
+        (void)util_snprintf(ro.announce_id, sizeof(ro.announce_id), "%s", a->id);
+        ag_store_free(st);
+    } else {
+        st = open_store(c, AG_STORE_READ);
+        if (st == NULL)
+            return EXIT_FAIL;
+        a = find_agent(st, agent_name);
+        if (a != NULL)
+            (void)util_snprintf(ro.announce_id, sizeof(ro.announce_id), "%s", a->id);
+        ag_store_free(st);
+        if (a == NULL)
+            return EXIT_FAIL;
+    }
+    rc = run_settle(c, "http", gw, ca, NULL, &ro);
+    if (rc != EXIT_OK)
+        return rc;
+    {
+        struct ag_ctl_state *states = NULL;
+        size_t n = 0;
+        if (ag_ctl_states(c->home, &states, &n) == 1) {
+            free(states);
+            ag_ctl_notify(c->home);
+            printf("A daemon already runs for %s: it publishes agent %s at %s (see "
+                   "tunnel-agent status).\n",
+                   c->home, agent_name, url);
+            return EXIT_OK;
+        }
+    }
+    printf("Agent %s: connecting %s to %s ...\n", agent_name, target, ro.gateway_url);
+    fflush(stdout);
+    return ag_daemon_run(c->home, &ro);
 }
 
 /* ---- main -------------------------------------------------------------- */
@@ -1019,7 +1354,10 @@ int main(int argc, char **argv)
             return EXIT_OK;
         }
         if (strcmp(a, "--version") == 0 || strcmp(a, "-V") == 0) {
-            printf("tunnel-agent %s\n", TG_VERSION);
+            if (strcmp(TG_REVISION, TG_VERSION) == 0)
+                printf("tunnel-agent %s\n", TG_VERSION);
+            else
+                printf("tunnel-agent %s (git %s)\n", TG_VERSION, TG_REVISION);
             return EXIT_OK;
         }
         if (strcmp(a, "--home") == 0 && i + 1 < argc && argv[i + 1][0] != '\0') {

@@ -14,6 +14,9 @@ struct ag_run_opts {
     char gateway_url[AG_GATEWAY_MAX + 1]; /* as given (or remembered) */
     struct ag_gateway gateway;            /* gateway_url parsed: ws/wss, host, port, path */
     char ca_file[PATH_MAX];               /* absolute path of a PEM bundle; "" = system store */
+    char domain[AG_HOST_MAX + 1];         /* run --domain: the domain to sign for; "" = host */
+    char announce_id[40];                 /* http: print this agent's URL on stdout once it is
+                                           * connected; "" = none */
     enum ag_protocol protocol;            /* native or osaurus */
     enum log_level log_level;             /* default info */
     enum log_format log_format;           /* default text */

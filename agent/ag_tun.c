@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -94,6 +95,7 @@ struct tun_stream {
     uint64_t log_id;
     struct ag_agt *agt; /* reference held once routed */
     bool counted;       /* counted in agt->inflight */
+    bool is_probe;      /* our own probe: its bytes are not the agent's traffic */
     struct ag_fwd *fwd; /* local request, NULL when none or done */
     nghttp2_rcbuf *method, *path, *authority, *protocol;
     char addr[ID_ADDR_STR_LEN + 1]; /* x-agent-address, lowercase */
@@ -142,7 +144,7 @@ struct ag_tun {
     bool down;           /* dead: on_down reported, waiting to be freed */
     struct list streams; /* struct tun_stream */
     size_t nstreams;
-    char close_reason[160];
+    char close_reason[AG_ERR_MAX];
 };
 
 static void tun_flush(struct ag_tun *t);
@@ -548,9 +550,19 @@ static void on_text(void *arg, const char *data, size_t len)
     case TUN_MSG_AUTH_ERROR:
         if (t->state != TUN_ST_AUTH)
             break;
-        (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "auth_error %s%s%s",
-                            m->error.code, m->error.message[0] != '\0' ? ": " : "",
-                            m->error.message);
+        if (m->error.err == TUN_E_SIGNATURE_VERIFICATION_FAILED && m->error.domain[0] != '\0' &&
+            strcasecmp(m->error.domain, t->ctx->domain) != 0)
+            /* the usual cause: dialled by IP or another name (PROTOCOL.md 4.6) */
+            (void)util_snprintf(t->close_reason, sizeof(t->close_reason),
+                                "auth_error %s: the gateway expects signatures for domain "
+                                "\"%s\" but this agent signed for \"%s\"; dial the gateway "
+                                "by that name, or run with --domain %s",
+                                m->error.code, m->error.domain, t->ctx->domain,
+                                m->error.domain);
+        else
+            (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "auth_error %s%s%s",
+                                m->error.code, m->error.message[0] != '\0' ? ": " : "",
+                                m->error.message);
         tun_down(t, t->close_reason, m->error.code);
         break;
     case TUN_MSG_AGENT_ADDED: {
@@ -633,6 +645,8 @@ static ssize_t on_read_data(nghttp2_session *h2, int32_t id, uint8_t *buf, size_
     n = avail < length ? avail : length;
     evbuffer_remove(s->resp, buf, n);
     s->bytes_out += n;
+    if (s->agt != NULL && !s->is_probe)
+        s->agt->bytes_out += n;
     if (s->resp_eof && evbuffer_get_length(s->resp) == 0)
         *flags |= NGHTTP2_DATA_FLAG_EOF;
     if (s->read_paused && s->fwd != NULL && evbuffer_get_length(s->resp) < TUN_RESP_LOW) {
@@ -705,6 +719,7 @@ static void fwd_on_head(void *arg, int status, const nghttp2_nv *hv, size_t nhv,
         tun_schedule_flush(s->t);
         return;
     }
+    ag_agt_local_result(s->agt, AG_AGT_LOCAL_OK, NULL);
     (void)util_snprintf(st, sizeof(st), "%d", status);
     nv[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)st, 7, strlen(st), 0};
     memcpy(nv + 1, hv, nhv * sizeof(*nv));
@@ -748,6 +763,9 @@ static void fwd_on_error(void *arg, enum ag_fwd_err err, const char *detail)
     LOG_DEBUG(s->t->ctx->log, "local_error", LOG_U("tun", s->t->id), LOG_U("stream", s->log_id),
               LOG_S("detail", detail));
     if (!s->responded) {
+        ag_agt_local_result(s->agt,
+                            err == AG_FWD_E_TIMEOUT ? AG_AGT_LOCAL_TIMEOUT : AG_AGT_LOCAL_REFUSED,
+                            detail);
         stream_respond_herr(s, err == AG_FWD_E_TIMEOUT ? HERR_GATEWAY_TIMEOUT
                                                        : HERR_LOCAL_UNREACHABLE);
         if (err != AG_FWD_E_TIMEOUT)
@@ -795,17 +813,20 @@ static void stream_start(struct tun_stream *s, bool end_stream)
     }
     s->agt = a;
     ag_agt_ref(a);
-    a->requests++;
-    /* our own probe: answered here, never forwarded (PRODUCT.md "Connected") */
+    /* our own probe: answered here, never forwarded (PRODUCT.md "Connected"),
+     * and not a request (status counts them apart) */
     if (s->probe[0] != '\0' && a->probe_nonce[0] != '\0' &&
         strlen(s->probe) == strlen(a->probe_nonce) &&
         CRYPTO_memcmp(s->probe, a->probe_nonce, strlen(s->probe)) == 0) {
         nghttp2_nv echo = {(uint8_t *)"x-tunnel-probe", (uint8_t *)s->probe, 14, strlen(s->probe),
                            0};
+        a->probes++;
+        s->is_probe = true;
         (void)util_snprintf(s->err, sizeof(s->err), "probe");
         stream_respond(s, 200, &echo, 1, "text/plain", "ok\n");
         return;
     }
+    a->requests++;
     if (s->protocol != NULL && (!rc_is(s->method, "CONNECT") || !rc_is(s->protocol, "websocket"))) {
         /* RFC 8441 extended CONNECT: only the WebSocket protocol is known */
         stream_respond_herr(s, HERR_UNSUPPORTED_UPGRADE);
@@ -1030,6 +1051,8 @@ static int on_data_chunk(nghttp2_session *h2, uint8_t flags, int32_t stream_id, 
         return 0;
     }
     s->bytes_in += len;
+    if (s->agt != NULL && !s->is_probe)
+        s->agt->bytes_in += len;
     s->unconsumed += len;
     if (s->fwd == NULL) {
         stream_consume(s, len); /* nobody to take it: discard */

@@ -11,6 +11,7 @@
  * Fixing that around inih would mean re-parsing every value it hands us. */
 #include "cfg.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -447,17 +448,70 @@ static int slot_set(struct cfg_slot *s, char *value, char *where, unsigned line,
     return 0;
 }
 
+/* The layer a slot came from, for struct cfg_source. */
+enum layer {
+    LAYER_FILE = 0,
+    LAYER_ENV,
+    LAYER_CLI,
+};
+
+/* Replaces src's strings (takes ownership of where and text, also on failure). */
+static int source_set(struct cfg_source *src, char *where, const char *text, char *err,
+                      size_t errlen)
+{
+    char *t = text != NULL ? strdup(text) : NULL;
+
+    if (where == NULL || (text != NULL && t == NULL)) {
+        free(where);
+        free(t);
+        set_err(err, errlen, "out of memory");
+        return -1;
+    }
+    free(src->where);
+    free(src->text);
+    src->where = where;
+    src->text = t;
+    return 0;
+}
+
+/* Applies every set slot of one layer; records each in src (may be NULL).
+ * fname names the file for LAYER_FILE. */
 static int apply_slots(const struct cfg_spec *spec, void *base, const struct cfg_slot *slots,
-                       const char *dir, char *err, size_t errlen)
+                       const char *dir, enum layer layer, const char *fname,
+                       struct cfg_source *src, char *err, size_t errlen)
 {
     for (size_t i = 0; i < spec->nopts; i++) {
+        char *where;
+
         if (!slots[i].set)
             continue;
         if (apply_value(&spec->opts[i], base, slots[i].value, slots[i].where, dir, false, err,
                         errlen) != 0)
             return -1;
+        if (src == NULL)
+            continue;
+        if (layer == LAYER_FILE)
+            where = str_printf("file %s:%u", fname, slots[i].line);
+        else if (layer == LAYER_ENV)
+            where = str_printf("env %s", slots[i].where);
+        else
+            where = strdup("command line");
+        if (source_set(&src[i], where, slots[i].value, err, errlen) != 0)
+            return -1;
     }
     return 0;
+}
+
+void cfg_sources_free(struct cfg_source *src, size_t n)
+{
+    if (src == NULL)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        free(src[i].where);
+        free(src[i].text);
+        src[i].where = NULL;
+        src[i].text = NULL;
+    }
 }
 
 /* --- file syntax ------------------------------------------------------- */
@@ -810,7 +864,8 @@ static char *dir_of(const char *fname)
 }
 
 static int file_apply(const struct cfg_spec *spec, void *base, const char *text, size_t len,
-                      const char *fname, struct cfg_warnings *warn, char *err, size_t errlen)
+                      const char *fname, struct cfg_warnings *warn, struct cfg_source *src,
+                      char *err, size_t errlen)
 {
     struct file_ctx fc = {spec, fname, NULL, warn};
     char *dir = NULL;
@@ -824,7 +879,7 @@ static int file_apply(const struct cfg_spec *spec, void *base, const char *text,
     }
     if (cfg_parse_text(text, len, fname, file_on_kv, &fc, err, errlen) != 0)
         goto out;
-    rc = apply_slots(spec, base, fc.slots, dir, err, errlen);
+    rc = apply_slots(spec, base, fc.slots, dir, LAYER_FILE, fname, src, err, errlen);
 out:
     free(dir);
     slots_free(fc.slots, spec->nopts);
@@ -834,7 +889,7 @@ out:
 int cfg_apply_text(const struct cfg_spec *spec, void *base, const char *text, size_t len,
                    const char *fname, struct cfg_warnings *warn, char *err, size_t errlen)
 {
-    return file_apply(spec, base, text, len, fname, warn, err, errlen);
+    return file_apply(spec, base, text, len, fname, warn, NULL, err, errlen);
 }
 
 /* Reads path whole, refusing more than CFG_MAX_FILE_BYTES. where names the
@@ -977,12 +1032,15 @@ static int cli_collect(const struct cfg_spec *spec, int argc, char *const *argv,
     return 0;
 }
 
-static int apply_defaults(const struct cfg_spec *spec, void *base, char *err, size_t errlen)
+static int apply_defaults(const struct cfg_spec *spec, void *base, struct cfg_source *src,
+                          char *err, size_t errlen)
 {
     char where[160];
 
     for (size_t i = 0; i < spec->nopts; i++) {
         const struct cfg_opt *o = &spec->opts[i];
+        if (src != NULL && source_set(&src[i], strdup("default"), o->def, err, errlen) != 0)
+            return -1;
         if (o->def == NULL)
             continue;
         snprintf(where, sizeof(where), "default of --%s", o->name);
@@ -994,6 +1052,12 @@ static int apply_defaults(const struct cfg_spec *spec, void *base, char *err, si
 
 int cfg_load(const struct cfg_spec *spec, void *base, int argc, char *const *argv,
              struct cfg_warnings *warn, char *err, size_t errlen)
+{
+    return cfg_load_src(spec, base, argc, argv, warn, NULL, err, errlen);
+}
+
+int cfg_load_src(const struct cfg_spec *spec, void *base, int argc, char *const *argv,
+                 struct cfg_warnings *warn, struct cfg_source *src, char *err, size_t errlen)
 {
     struct cfg_slot *env = NULL;
     struct cfg_slot *cli = NULL;
@@ -1021,7 +1085,7 @@ int cfg_load(const struct cfg_spec *spec, void *base, int argc, char *const *arg
         goto out;
     if (env_collect(spec, env, err, errlen) != 0)
         goto out;
-    if (apply_defaults(spec, base, err, errlen) != 0)
+    if (apply_defaults(spec, base, src, err, errlen) != 0)
         goto out;
 
     for (size_t i = 0; i < spec->nopts; i++) {
@@ -1045,12 +1109,12 @@ int cfg_load(const struct cfg_spec *spec, void *base, int argc, char *const *arg
         text = read_file(path, conf->where, &len, err, errlen);
         if (text == NULL)
             goto out;
-        if (file_apply(spec, base, text, len, path, &w, err, errlen) != 0)
+        if (file_apply(spec, base, text, len, path, &w, src, err, errlen) != 0)
             goto out;
     }
-    if (apply_slots(spec, base, env, NULL, err, errlen) != 0)
+    if (apply_slots(spec, base, env, NULL, LAYER_ENV, NULL, src, err, errlen) != 0)
         goto out;
-    if (apply_slots(spec, base, cli, NULL, err, errlen) != 0)
+    if (apply_slots(spec, base, cli, NULL, LAYER_CLI, NULL, src, err, errlen) != 0)
         goto out;
 
     for (size_t i = 0; i < w.n; i++) {
@@ -1059,8 +1123,10 @@ int cfg_load(const struct cfg_spec *spec, void *base, int argc, char *const *arg
     }
     rc = 0;
 out:
-    if (rc != 0)
+    if (rc != 0) {
         cfg_free_strings(spec, base);
+        cfg_sources_free(src, spec->nopts);
+    }
     cfg_warnings_free(&w);
     free(text);
     free(path);
@@ -1162,13 +1228,14 @@ static void help_option(const struct cfg_spec *spec, const struct cfg_opt *o, FI
     }
 }
 
-void cfg_print_help(const struct cfg_spec *spec, FILE *out)
+/* The three paragraphs --help and the man page open with (0..2). Owned;
+ * NULL if out of memory. */
+static char *help_intro(const struct cfg_spec *spec, int which)
 {
     char example[256] = "";
     char conf[512] = "";
     char ignored[512] = "";
     size_t used = 0;
-    char *intro;
 
     for (size_t i = 0; i < spec->nopts; i++) {
         char env[200];
@@ -1189,32 +1256,35 @@ void cfg_print_help(const struct cfg_spec *spec, FILE *out)
             break;
         used += (size_t)n;
     }
-    fprintf(out, "Usage: %s [OPTIONS]\n", spec->prog);
-    print_wrapped(out, 0, spec->summary);
-    fprintf(out, "\n");
-    intro = str_printf(
-        "Each option is read, lowest precedence first, from its default, the config "
-        "file%s, the environment (%s_<OPTION>%s; empty counts as unset) and the command "
-        "line (--option VALUE or --option=VALUE; the last of a repeated flag wins).",
-        conf, spec->env_prefix, example);
-    if (intro != NULL)
-        print_wrapped(out, 0, intro);
-    free(intro);
-    fprintf(out, "\n");
-    intro = str_printf(
-        "The file is a TOML subset: \"key = value\" lines, keys being the option names "
-        "(with '-' or '_'; each at most once) in any [section]; values \"quoted\" (escapes "
-        "\\\" \\\\ \\n \\t \\r), 'literal', [\"a\", \"b\"] (read as a,b) or bare; # comments. "
-        "Relative paths in the file are relative to its directory.%s",
-        ignored);
-    if (intro != NULL)
-        print_wrapped(out, 0, intro);
-    free(intro);
-    fprintf(out, "\n");
-    print_wrapped(out, 0,
-                  "Numbers are plain whole numbers (no unit suffixes); (s) marks seconds. "
+    if (which == 0)
+        return str_printf(
+            "Each option is read, lowest precedence first, from its default, the config "
+            "file%s, the environment (%s_<OPTION>%s; empty counts as unset) and the command "
+            "line (--option VALUE or --option=VALUE; the last of a repeated flag wins).",
+            conf, spec->env_prefix, example);
+    if (which == 1)
+        return str_printf(
+            "The file is a TOML subset: \"key = value\" lines, keys being the option names "
+            "(with '-' or '_'; each at most once) in any [section]; values \"quoted\" (escapes "
+            "\\\" \\\\ \\n \\t \\r), 'literal', [\"a\", \"b\"] (read as a,b) or bare; # comments. "
+            "Relative paths in the file are relative to its directory.%s",
+            ignored);
+    return strdup("Numbers are plain whole numbers (no unit suffixes); (s) marks seconds. "
                   "Switches such as --open also take =true/false, yes/no or 1/0, as they do "
                   "in the file and the environment.");
+}
+
+void cfg_print_help(const struct cfg_spec *spec, FILE *out)
+{
+    fprintf(out, "Usage: %s [OPTIONS]\n", spec->prog);
+    print_wrapped(out, 0, spec->summary);
+    for (int p = 0; p < 3; p++) {
+        char *intro = help_intro(spec, p);
+        fprintf(out, "\n");
+        if (intro != NULL)
+            print_wrapped(out, 0, intro);
+        free(intro);
+    }
     for (size_t g = 0; g < spec->nopts; g++) {
         const char *group = spec->opts[g].group;
         bool seen = false;
@@ -1229,4 +1299,374 @@ void cfg_print_help(const struct cfg_spec *spec, FILE *out)
                 help_option(spec, &spec->opts[i], out);
         }
     }
+}
+
+/* --- effective values -------------------------------------------------- */
+
+int cfg_show_value(const struct cfg_opt *o, const void *base, const char *fallback, char *buf,
+                   size_t buflen)
+{
+    const void *field = (const char *)base + o->offset;
+    int n = -1;
+
+    switch (o->type) {
+    case CFG_T_STRING:
+    case CFG_T_PATH: {
+        const char *const *p = field;
+        n = snprintf(buf, buflen, "%s", *p != NULL ? *p : "");
+        break;
+    }
+    case CFG_T_UINT:
+    case CFG_T_SECONDS: {
+        uint64_t v;
+        memcpy(&v, field, sizeof(v));
+        n = snprintf(buf, buflen, "%llu", (unsigned long long)v);
+        break;
+    }
+    case CFG_T_BOOL: {
+        bool b;
+        memcpy(&b, field, sizeof(b));
+        n = snprintf(buf, buflen, "%s", b ? "true" : "false");
+        break;
+    }
+    case CFG_T_ENUM: {
+        int e;
+        const char *name = "?";
+        memcpy(&e, field, sizeof(e));
+        for (size_t i = 0; o->choices[i].name != NULL; i++) {
+            if (o->choices[i].value == e) {
+                name = o->choices[i].name;
+                break;
+            }
+        }
+        n = snprintf(buf, buflen, "%s", name);
+        break;
+    }
+    case CFG_T_CUSTOM:
+        if (o->show != NULL)
+            return o->show(o, field, buf, buflen);
+        n = snprintf(buf, buflen, "%s", fallback != NULL ? fallback : "");
+        break;
+    }
+    return n >= 0 && (size_t)n < buflen ? 0 : -1;
+}
+
+int cfg_swap_field(const struct cfg_opt *o, void *a, void *b)
+{
+    char tmp[sizeof(uint64_t)];
+    size_t size;
+
+    switch (o->type) {
+    case CFG_T_STRING:
+    case CFG_T_PATH:
+        size = sizeof(char *);
+        break;
+    case CFG_T_UINT:
+    case CFG_T_SECONDS:
+        size = sizeof(uint64_t);
+        break;
+    case CFG_T_BOOL:
+        size = sizeof(bool);
+        break;
+    case CFG_T_ENUM:
+        size = sizeof(int);
+        break;
+    default:
+        return -1;
+    }
+    static_assert(sizeof(char *) <= sizeof(tmp), "pointer larger than 8 bytes");
+    memcpy(tmp, (char *)a + o->offset, size);
+    memcpy((char *)a + o->offset, (char *)b + o->offset, size);
+    memcpy((char *)b + o->offset, tmp, size);
+    return 0;
+}
+
+/* --- generated documents ----------------------------------------------- */
+
+static bool opt_is_number(const struct cfg_opt *o)
+{
+    return o->type == CFG_T_UINT || o->type == CFG_T_SECONDS || o->type == CFG_T_BOOL;
+}
+
+/* Writes v as a basic TOML string. */
+static void print_toml_string(FILE *out, const char *v)
+{
+    fputc('"', out);
+    for (; *v != '\0'; v++) {
+        if (*v == '"' || *v == '\\')
+            fputc('\\', out);
+        fputc(*v, out);
+    }
+    fputc('"', out);
+}
+
+/* Prints text wrapped at CFG_HELP_WIDTH as "# " comment lines. */
+static void print_comment(FILE *out, const char *text)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&buf, &len);
+
+    if (mem == NULL)
+        return;
+    print_wrapped(mem, 2, text);
+    fclose(mem);
+    for (char *line = buf; line != NULL && *line != '\0';) {
+        char *nl = strchr(line, '\n');
+        size_t n = nl != NULL ? (size_t)(nl - line) : strlen(line);
+        /* print_wrapped indented by 2; the comment marker takes those columns */
+        fprintf(out, "#%.*s\n", (int)(n > 0 ? n - 1 : 0), n > 0 ? line + 1 : line);
+        line = nl != NULL ? nl + 1 : NULL;
+    }
+    free(buf);
+}
+
+void cfg_print_example(const struct cfg_spec *spec, FILE *out)
+{
+    char *intro = help_intro(spec, 1);
+
+    fprintf(out, "# %s configuration file: every key, commented out at its default.\n",
+            spec->prog);
+    fprintf(out, "# Generated from the option table (%s --help says the same); uncomment\n"
+                 "# and edit what you need.\n#\n",
+            spec->prog);
+    if (intro != NULL)
+        print_comment(out, intro);
+    free(intro);
+    for (size_t g = 0; g < spec->nopts; g++) {
+        const char *group = spec->opts[g].group;
+        bool seen = false;
+        bool any = false;
+
+        for (size_t j = 0; j < g && !seen; j++)
+            seen = strcmp(spec->opts[j].group, group) == 0;
+        for (size_t i = g; i < spec->nopts && !seen && !any; i++)
+            any = strcmp(spec->opts[i].group, group) == 0 && opt_in_file(&spec->opts[i]);
+        if (seen || !any)
+            continue;
+        fprintf(out, "\n# --- %s ---\n", group);
+        for (size_t i = g; i < spec->nopts; i++) {
+            const struct cfg_opt *o = &spec->opts[i];
+            char env[256];
+
+            if (strcmp(o->group, group) != 0 || !opt_in_file(o))
+                continue;
+            fprintf(out, "\n");
+            print_comment(out, o->help);
+            if (o->type == CFG_T_ENUM) {
+                fprintf(out, "# one of:");
+                for (size_t c = 0; o->choices[c].name != NULL; c++) {
+                    if (!o->choices[c].hidden)
+                        fprintf(out, " %s", o->choices[c].name);
+                }
+                fprintf(out, "\n");
+            }
+            if (cfg_env_name(spec, o, env, sizeof(env)) == 0)
+                fprintf(out, "# env: %s%s%s\n", env, o->env != NULL ? ", " : "",
+                        o->env != NULL ? o->env : "");
+            if (o->def != NULL && strncmp(o->def, "${", 2) == 0) {
+                /* the file does not expand ${VAR}: show the rule, not a literal */
+                fprintf(out, "# default: %s\n# %s = ", o->def, o->name);
+                print_toml_string(out, o->metavar != NULL ? o->metavar : "VALUE");
+                fprintf(out, "\n");
+            } else if (o->def != NULL) {
+                fprintf(out, "# %s = ", o->name);
+                if (opt_is_number(o))
+                    fprintf(out, "%s", o->def);
+                else
+                    print_toml_string(out, o->def);
+                fprintf(out, "\n");
+            } else if (o->type == CFG_T_BOOL) {
+                fprintf(out, "# %s = false\n", o->name);
+            } else {
+                fprintf(out, "# unset by default\n# %s = ", o->name);
+                print_toml_string(out, o->metavar != NULL ? o->metavar : "VALUE");
+                fprintf(out, "\n");
+            }
+        }
+    }
+}
+
+/* Writes text for roff: backslashes escaped, '-' as \-, a leading '.' or '\''
+ * guarded. */
+static void print_roff(FILE *out, const char *text)
+{
+    bool bol = true;
+
+    for (const char *p = text; *p != '\0'; p++) {
+        if (bol && (*p == '.' || *p == '\''))
+            fputs("\\&", out);
+        bol = *p == '\n';
+        if (*p == '\\')
+            fputs("\\e", out);
+        else if (*p == '-')
+            fputs("\\-", out);
+        else
+            fputc(*p, out);
+    }
+}
+
+static void print_roff_upper(FILE *out, const char *text)
+{
+    for (const char *p = text; *p != '\0'; p++) {
+        if (*p == '-')
+            fputs("\\-", out);
+        else
+            fputc(*p >= 'a' && *p <= 'z' ? *p - 'a' + 'A' : *p, out);
+    }
+}
+
+static void man_option(const struct cfg_spec *spec, const struct cfg_opt *o, FILE *out)
+{
+    char env[256];
+
+    fprintf(out, ".TP\n.B \\-\\-");
+    print_roff(out, o->name);
+    if (o->type != CFG_T_BOOL) {
+        fprintf(out, " \\fI");
+        print_roff(out, o->metavar != NULL ? o->metavar : "VALUE");
+        fprintf(out, "\\fR");
+    }
+    fprintf(out, "\n");
+    print_roff(out, o->help);
+    fprintf(out, "\n");
+    if (o->type == CFG_T_ENUM) {
+        fprintf(out, ".br\nOne of:");
+        for (size_t i = 0; o->choices[i].name != NULL; i++) {
+            if (!o->choices[i].hidden) {
+                fprintf(out, " ");
+                print_roff(out, o->choices[i].name);
+            }
+        }
+        fprintf(out, ".\n");
+    }
+    if (o->def != NULL) {
+        fprintf(out, ".br\nDefault: ");
+        print_roff(out, o->def);
+        fprintf(out, "\n");
+    }
+    if ((o->type == CFG_T_UINT || o->type == CFG_T_SECONDS) && o->max != UINT64_MAX)
+        fprintf(out, ".br\nAt most: %llu\n", (unsigned long long)o->max);
+    if (o->flags & CFG_F_CLI_ONLY) {
+        fprintf(out, ".br\nCommand line only.\n");
+        return;
+    }
+    if (cfg_env_name(spec, o, env, sizeof(env)) == 0) {
+        fprintf(out, ".br\nEnvironment: ");
+        print_roff(out, env);
+        if (o->env != NULL) {
+            fprintf(out, " (wins over ");
+            print_roff(out, o->env);
+            fprintf(out, ")");
+        }
+        fprintf(out, "\n");
+    }
+    if (o->flags & CFG_F_CONFIG) {
+        fprintf(out, ".br\nNot a config file key.\n");
+        return;
+    }
+    fprintf(out, ".br\nFile key: ");
+    print_roff(out, o->name);
+    for (size_t i = 0; o->file_aliases != NULL && o->file_aliases[i] != NULL; i++) {
+        fprintf(out, ", ");
+        print_roff(out, o->file_aliases[i]);
+    }
+    fprintf(out, "%s\n", (o->flags & CFG_F_LIVE) ? " (applied on SIGHUP)" : "");
+}
+
+void cfg_print_man(const struct cfg_spec *spec, const char *version, const char *extra_roff,
+                   FILE *out)
+{
+    fprintf(out, ".\\\" Generated from the option table; do not edit.\n.TH ");
+    print_roff_upper(out, spec->prog);
+    fprintf(out, " 1 \"\" \"");
+    print_roff(out, spec->prog);
+    fprintf(out, " ");
+    print_roff(out, version);
+    fprintf(out, "\" \"User Commands\"\n.SH NAME\n");
+    print_roff(out, spec->prog);
+    fprintf(out, " \\- ");
+    print_roff(out, spec->summary);
+    fprintf(out, "\n.SH SYNOPSIS\n.B ");
+    print_roff(out, spec->prog);
+    fprintf(out, "\n[\\fIOPTIONS\\fR]\n.SH DESCRIPTION\n");
+    print_roff(out, spec->summary);
+    fprintf(out, "\n");
+    for (int p = 0; p < 3; p++) {
+        char *intro = help_intro(spec, p);
+        if (intro == NULL)
+            continue;
+        fprintf(out, ".PP\n");
+        print_roff(out, intro);
+        fprintf(out, "\n");
+        free(intro);
+    }
+    fprintf(out, ".SH OPTIONS\n");
+    for (size_t g = 0; g < spec->nopts; g++) {
+        const char *group = spec->opts[g].group;
+        bool seen = false;
+
+        for (size_t j = 0; j < g && !seen; j++)
+            seen = strcmp(spec->opts[j].group, group) == 0;
+        if (seen)
+            continue;
+        fprintf(out, ".SS ");
+        print_roff(out, group);
+        fprintf(out, "\n");
+        for (size_t i = g; i < spec->nopts; i++) {
+            if (strcmp(spec->opts[i].group, group) == 0)
+                man_option(spec, &spec->opts[i], out);
+        }
+    }
+    if (extra_roff != NULL)
+        fputs(extra_roff, out);
+}
+
+/* A bash identifier from prog: "tunnel-gateway" -> "tunnel_gateway". */
+static void print_ident(FILE *out, const char *prog)
+{
+    for (const char *p = prog; *p != '\0'; p++)
+        fputc((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9')
+                  ? *p
+                  : '_',
+              out);
+}
+
+void cfg_print_completion(const struct cfg_spec *spec, FILE *out)
+{
+    fprintf(out, "# bash completion for %s; generated from its option table.\n", spec->prog);
+    fprintf(out, "# shellcheck shell=bash\n_");
+    print_ident(out, spec->prog);
+    fprintf(out, "()\n{\n    local cur prev\n    cur=${COMP_WORDS[COMP_CWORD]}\n"
+                 "    prev=\"\"\n    [[ $COMP_CWORD -gt 0 ]] && prev=${COMP_WORDS[COMP_CWORD-1]}\n"
+                 "    case $prev in\n");
+    for (size_t i = 0; i < spec->nopts; i++) {
+        const struct cfg_opt *o = &spec->opts[i];
+        const char *mv = o->metavar != NULL ? o->metavar : "";
+
+        if (o->type == CFG_T_BOOL)
+            continue;
+        fprintf(out, "        --%s)\n", o->name);
+        if (o->type == CFG_T_ENUM) {
+            fprintf(out, "            COMPREPLY=($(compgen -W \"");
+            for (size_t c = 0; o->choices[c].name != NULL; c++) {
+                if (!o->choices[c].hidden)
+                    fprintf(out, "%s%s", c == 0 ? "" : " ", o->choices[c].name);
+            }
+            fprintf(out, "\" -- \"$cur\"))\n");
+        } else if (o->type == CFG_T_PATH && strcmp(mv, "DIR") == 0) {
+            fprintf(out, "            COMPREPLY=($(compgen -d -- \"$cur\"))\n");
+        } else if (o->type == CFG_T_PATH || strcmp(mv, "FILE") == 0) {
+            fprintf(out, "            COMPREPLY=($(compgen -f -- \"$cur\"))\n");
+        } else {
+            fprintf(out, "            COMPREPLY=()\n");
+        }
+        fprintf(out, "            return 0\n            ;;\n");
+    }
+    fprintf(out, "    esac\n    COMPREPLY=($(compgen -W \"");
+    for (size_t i = 0; i < spec->nopts; i++)
+        fprintf(out, "%s--%s", i == 0 ? "" : " ", spec->opts[i].name);
+    fprintf(out, "\" -- \"$cur\"))\n    return 0\n}\ncomplete -F _");
+    print_ident(out, spec->prog);
+    fprintf(out, " %s\n", spec->prog);
 }

@@ -30,6 +30,8 @@ enum cfg_flag {
     CFG_F_CLI_ONLY = 1u << 1, /* no file key, no environment variable */
     CFG_F_EXIT = 1u << 2,     /* CFG_T_BOOL like --help: if present in argv, cfg_load()
                                * sets it and loads nothing else */
+    CFG_F_LIVE = 1u << 3,     /* a reload (SIGHUP) applies a new value to the running
+                               * program; without it a change needs a restart */
 };
 
 struct cfg_opt;
@@ -44,6 +46,11 @@ typedef int (*cfg_parse_cb)(const struct cfg_opt *opt, const char *value, void *
 
 /* Frees what a cfg_parse_cb stored in *field and zeroes it. */
 typedef void (*cfg_release_cb)(void *field);
+
+/* Writes the effective value of a CFG_T_CUSTOM field as text ("" when unset),
+ * for --check-config and reload diffs. Returns 0, or -1 if it does not fit. */
+typedef int (*cfg_show_cb)(const struct cfg_opt *opt, const void *field, char *buf,
+                           size_t buflen);
 
 /* One enum choice. Hidden choices are accepted but not listed in --help
  * (e.g. "warning" for warn, as Python log configs write it). */
@@ -70,6 +77,8 @@ struct cfg_opt {
     cfg_release_cb release;/* CFG_T_CUSTOM; NULL if parse stores nothing owned (or
                             * another option's release frees the same field) */
     const char *const *file_aliases; /* extra file keys ("certfile"), ended by NULL */
+    cfg_show_cb show;      /* CFG_T_CUSTOM; NULL: cfg_show_value() falls back to the
+                            * text the winning layer gave */
 };
 
 struct cfg_spec {
@@ -89,6 +98,13 @@ struct cfg_warnings {
     size_t n;
 };
 
+/* Where one option's value came from (cfg_load_src). */
+struct cfg_source {
+    char *where; /* owned: "default", "file PATH:LINE", "env NAME" or "command line" */
+    char *text;  /* owned: the winning layer's text (the default's for "default");
+                  * NULL when the option has no default and no layer set it */
+};
+
 /* Largest config file cfg_load() reads. */
 #define CFG_MAX_FILE_BYTES (1024 * 1024)
 
@@ -105,6 +121,28 @@ struct cfg_warnings {
  * been released (cfg_free_strings) and warn is left as it was. */
 int cfg_load(const struct cfg_spec *spec, void *base, int argc, char *const *argv,
              struct cfg_warnings *warn, char *err, size_t errlen);
+
+/* cfg_load(), also recording in src (spec->nopts entries, zeroed by the
+ * caller; may be NULL) where each option's value came from. On -1, src holds
+ * nothing (cfg_sources_free is still safe). */
+int cfg_load_src(const struct cfg_spec *spec, void *base, int argc, char *const *argv,
+                 struct cfg_warnings *warn, struct cfg_source *src, char *err, size_t errlen);
+
+/* Frees the n entries' strings (not the array) and zeroes them. Takes NULL. */
+void cfg_sources_free(struct cfg_source *src, size_t n);
+
+/* Writes o's effective value in base as text into buf: strings and paths as
+ * stored ("" when unset), numbers in decimal, booleans true/false, enums by
+ * their first listed name, custom types through o->show, or fallback (the
+ * layer's text; may be NULL for "") when o->show is NULL. Returns 0, or -1 if
+ * it does not fit (buf then holds a cut value). */
+int cfg_show_value(const struct cfg_opt *o, const void *base, const char *fallback, char *buf,
+                   size_t buflen);
+
+/* Exchanges the field of o between a and b (whole field, so a string changes
+ * owner with it). CFG_T_CUSTOM fields are left alone (their size is the
+ * program's business); returns -1 for them, else 0. */
+int cfg_swap_field(const struct cfg_opt *o, void *a, void *b);
 
 /* Applies a config file's text (one layer, as cfg_load() does for the file)
  * onto base. fname names the file in messages and anchors relative paths.
@@ -145,5 +183,20 @@ int cfg_env_name(const struct cfg_spec *spec, const struct cfg_opt *opt, char *b
 /* Prints the usage line, the precedence rules, then every option by group
  * with its metavar, help, default, environment names and file aliases. */
 void cfg_print_help(const struct cfg_spec *spec, FILE *out);
+
+/* Prints a config file with every file key commented out at its default,
+ * each under its help text, grouped as in --help. */
+void cfg_print_example(const struct cfg_spec *spec, FILE *out);
+
+/* Prints a man page (roff, man macros) for section 1: NAME, SYNOPSIS,
+ * DESCRIPTION (the --help introduction), OPTIONS from the table, then
+ * extra_roff (more sections, already roff; may be NULL). version goes in the
+ * footer. */
+void cfg_print_man(const struct cfg_spec *spec, const char *version, const char *extra_roff,
+                   FILE *out);
+
+/* Prints a bash completion script for spec->prog: every flag, file names
+ * after FILE and PATH options, directories after DIR ones, enum choices. */
+void cfg_print_completion(const struct cfg_spec *spec, FILE *out);
 
 #endif

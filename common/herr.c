@@ -26,6 +26,8 @@ static const struct herr_info herr_table[HERR_COUNT_] = {
     [HERR_UNKNOWN_HOST] = {404, "unknown_host", "This gateway does not serve that host name."},
     [HERR_METHOD_NOT_ALLOWED] = {405, "method_not_allowed",
                                  "The method is not allowed on this endpoint."},
+    [HERR_UNAUTHORIZED] = {401, "unauthorized",
+                           "A valid Authorization: Bearer token is required."},
     [HERR_BODY_TOO_LARGE] = {413, "body_too_large", "The request body exceeds the gateway's limit."},
     [HERR_RATE_LIMITED] = {429, "rate_limited", "Too many requests; slow down."},
     [HERR_TOO_MANY_CONNECTIONS] = {429, "too_many_connections",

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -20,6 +21,7 @@ struct log_sink {
     enum log_format fmt;
     int fd;                /* where lines go */
     bool own_fd;           /* fd was opened by log_open_dir() */
+    char *path;            /* owned: the file log_open_dir() opened, for log_reopen() */
 };
 
 /* A line under construction; overflow truncates and marks the line. */
@@ -44,22 +46,77 @@ struct log_sink *log_new(const char *prog, enum log_level level, enum log_format
     return log;
 }
 
+/* mkdir -p with mode for every directory it creates. Returns 0 or -1 (errno). */
+static int mkdir_parents(const char *dir, mode_t mode)
+{
+    char buf[4096];
+    size_t len = strlen(dir);
+    struct stat st;
+
+    if (len == 0 || len >= sizeof(buf)) {
+        errno = len == 0 ? ENOENT : ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(buf, dir, len + 1);
+    for (size_t i = 1; i <= len; i++) {
+        if (buf[i] != '/' && buf[i] != '\0')
+            continue;
+        buf[i] = '\0';
+        if (mkdir(buf, mode) == -1 && errno != EEXIST)
+            return -1;
+        buf[i] = i < len ? '/' : '\0';
+    }
+    if (stat(dir, &st) == -1)
+        return -1;
+    if (!S_ISDIR(st.st_mode)) {
+        errno = ENOTDIR;
+        return -1;
+    }
+    return 0;
+}
+
 int log_open_dir(struct log_sink *log, const char *dir)
 {
     char path[4096];
+    char *keep;
     int fd;
 
     if (snprintf(path, sizeof(path), "%s/%s.log", dir, log->prog) >= (int)sizeof(path)) {
         errno = ENAMETOOLONG;
         return -1;
     }
-    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
-    if (fd == -1)
+    if (mkdir_parents(dir, 0700) != 0)
+        return LOG_E_MKDIR;
+    keep = strdup(path);
+    if (keep == NULL)
         return -1;
+    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+    if (fd == -1) {
+        int e = errno;
+        free(keep);
+        errno = e;
+        return -1;
+    }
     if (log->own_fd)
         close(log->fd);
+    free(log->path);
+    log->path = keep;
     log->fd = fd;
     log->own_fd = true;
+    return 0;
+}
+
+int log_reopen(struct log_sink *log)
+{
+    int fd;
+
+    if (!log->own_fd || log->path == NULL)
+        return 0;
+    fd = open(log->path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+    if (fd == -1)
+        return -1;
+    close(log->fd);
+    log->fd = fd;
     return 0;
 }
 
@@ -69,6 +126,7 @@ void log_free(struct log_sink *log)
         return;
     if (log->own_fd)
         close(log->fd);
+    free(log->path);
     free(log);
 }
 

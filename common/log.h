@@ -50,9 +50,19 @@ struct log_sink;
  * prog names the program in JSON lines. Returns NULL if out of memory. */
 struct log_sink *log_new(const char *prog, enum log_level level, enum log_format fmt, int fd);
 
-/* Redirects the sink to <dir>/<prog>.log (created 0640, appended).
- * Returns 0, or -1 with errno set. */
+/* log_open_dir() could not create the directory (errno set). */
+#define LOG_E_MKDIR (-2)
+
+/* Redirects the sink to <dir>/<prog>.log (created 0640, appended), creating
+ * dir and its missing parents (0700) first. Returns 0, LOG_E_MKDIR, or -1 if
+ * the file cannot be opened; errno set. */
 int log_open_dir(struct log_sink *log, const char *dir);
+
+/* Opens the sink's log file again by its path (after a rotation moved it
+ * away, a new file appears at the old path) and writes there from now on.
+ * A sink writing to a descriptor it was given does nothing. Returns 0, or -1
+ * with errno set; the old file is then kept. */
+int log_reopen(struct log_sink *log);
 
 void log_free(struct log_sink *log);
 

@@ -263,6 +263,21 @@ static bool is_token(const char *s, size_t len, size_t max)
 }
 
 /* Error codes and reasons: 1..TUN_CODE_MAX of [A-Za-z0-9_.-]. */
+/* An auth_error "domain": 1-253 of [A-Za-z0-9.-] (a DNS name, or an IPv4
+ * literal the agent may have dialled). */
+static bool domain_ok(const char *s, size_t len)
+{
+    if (len == 0 || len > TUN_DOMAIN_MAX)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              c == '.' || c == '-'))
+            return false;
+    }
+    return true;
+}
+
 static bool code_ok(const char *s, size_t len)
 {
     if (len == 0 || len > TUN_CODE_MAX)
@@ -881,6 +896,13 @@ static int dec_error(struct dec *d, const cJSON *o)
     if (st == F_TYPE || (st == F_OK && !valid))
         return TUN_E_INVALID_JSON;
     r->has_addr = st == F_OK;
+    if (d->out->type == TUN_MSG_AUTH_ERROR) {
+        st = get_str(o, "domain", &s, &len);
+        if (st == F_TYPE || (st == F_OK && !domain_ok(s, len)))
+            return TUN_E_INVALID_JSON;
+        if (st == F_OK)
+            copy_str(r->domain, sizeof(r->domain), s, len);
+    }
     return 0;
 }
 
@@ -1550,6 +1572,11 @@ static int enc_error(struct jw *w, const struct tun_msg *m)
     jw_kstr(w, "message", r->message[0] != '\0' ? r->message : tun_err_message(r->err));
     if (r->has_addr && m->type == TUN_MSG_ERROR)
         jw_addr(w, "address", r->addr);
+    if (r->domain[0] != '\0' && m->type == TUN_MSG_AUTH_ERROR) {
+        if (!domain_ok(r->domain, strlen(r->domain)))
+            return -1;
+        jw_kstr(w, "domain", r->domain);
+    }
     return 0;
 }
 

@@ -38,6 +38,7 @@
 #define TUN_MESSAGE_MAX 255 /* human text kept (longer text is truncated) */
 #define TUN_REGION_MAX 64
 #define TUN_URL_MAX 320
+#define TUN_DOMAIN_MAX 253 /* auth_error "domain": a DNS name (PROTOCOL.md 4.6) */
 #define TUN_ID_MAX 64 /* Osaurus request id */
 #define TUN_FEATURES_MAX 32
 #define TUN_FEATURE_NAME_MAX 64
@@ -180,6 +181,8 @@ struct tun_msg_error {
     char message[TUN_MESSAGE_MAX + 1]; /* "" = absent; encode: "" sends tun_err_message(err) */
     bool has_addr;                     /* error only */
     uint8_t addr[ID_ADDR_LEN];
+    char domain[TUN_DOMAIN_MAX + 1]; /* auth_error only: the domain the gateway verifies
+                                      * signatures for; "" = absent */
 };
 
 struct tun_msg_add_agent {

@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "gw_admin.h"
+#include "gw_metrics.h"
 #include "list.h"
 
 struct clk;
@@ -38,7 +40,11 @@ struct gw_counters {
 struct gw_ctx {
     struct event_base *base;
     const struct clk *clk;          /* time and randomness (clk_system in the program) */
-    const struct gw_cfg *cfg;       /* immutable; owned by main */
+    const struct gw_cfg *cfg;       /* immutable; the current one (== cfg_own) */
+    struct gw_cfg *cfg_own;         /* owned (heap): replaced whole on SIGHUP; restart-only
+                                     * keys keep their strings, so pointers into them
+                                     * (domain, paths) stay valid; nothing may keep a
+                                     * pointer to a live key's value across the loop */
     struct log_sink *log;
     struct tls_server *tls;         /* NULL with --no-tls and no TLS listener */
     struct gw_reg *reg;             /* address -> route */
@@ -62,13 +68,15 @@ struct gw_ctx {
     size_t tunnels_live;            /* authenticated tunnels */
     int exit_code;
     struct gw_counters n;
+    struct gw_metrics m;            /* /metrics state and the access log (gw_metrics.h) */
+    struct gw_deny deny;            /* /admin/deny (gw_admin.h) */
 };
 
-/* A context for cfg (borrowed; it outlives the context), with its loop, log,
- * registry and per-IP table, signals and timers armed. Returns NULL with a
- * message in err. */
-struct gw_ctx *gw_ctx_new(const struct gw_cfg *cfg, const struct clk *clk, char *err,
-                          size_t errlen);
+/* A context for cfg (a loaded heap struct gw_cfg; the context owns it from
+ * here, also on failure, and frees it with gw_cfg_cleanup + free), with its
+ * loop, log, registry and per-IP table, signals and timers armed. Returns NULL
+ * with a message in err. */
+struct gw_ctx *gw_ctx_new(struct gw_cfg *cfg, const struct clk *clk, char *err, size_t errlen);
 
 /* Loads TLS and the allow list, opens the listeners and runs the loop until
  * the drain ends or a second signal. Returns the process exit status. */

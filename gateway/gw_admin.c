@@ -2,32 +2,74 @@
 #include "gw_admin.h"
 
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+
+#include <event2/buffer.h>
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
 
 #include "clk.h"
 #include "gw.h"
+#include "gw_cfg.h"
+#include "gw_metrics.h"
 #include "gw_reg.h"
 #include "gw_req.h"
+#include "gw_tun.h"
+#include "gw_up.h"
+#include "herr.h"
+#include "id.h"
+#include "log.h"
 #include "util.h"
 
 #define ADMIN_BODY_MAX 4096
+#define ADMIN_PREFIX "/admin/"
 
-static void respond(struct gw_req *r, int status, const char *ctype, const char *body, size_t len)
+/* Answers status with body and, when extra is set, one more header. */
+static void respond_with(struct gw_req *r, int status, const char *ctype, const char *body,
+                         size_t len, const char *extra_name, const char *extra_value)
 {
     char clen[24];
-    nghttp2_nv nv[3] = {
+    nghttp2_nv nv[4] = {
         {(uint8_t *)"content-type", (uint8_t *)ctype, 12, strlen(ctype), NGHTTP2_NV_FLAG_NONE},
         {(uint8_t *)"content-length", (uint8_t *)clen, 14, 0, NGHTTP2_NV_FLAG_NONE},
         {(uint8_t *)"cache-control", (uint8_t *)"no-store", 13, 8, NGHTTP2_NV_FLAG_NONE},
+        {NULL, NULL, 0, 0, NGHTTP2_NV_FLAG_NONE},
     };
+    size_t n = 3;
 
     nv[1].valuelen = (size_t)snprintf(clen, sizeof(clen), "%zu", len);
-    if (gw_req_head(r, status, nv, 3) != 0)
+    if (extra_name != NULL) {
+        nv[3] = (nghttp2_nv){(uint8_t *)extra_name, (uint8_t *)extra_value, strlen(extra_name),
+                             strlen(extra_value), NGHTTP2_NV_FLAG_NONE};
+        n = 4;
+    }
+    if (gw_req_head(r, status, nv, n) != 0)
         return;
     if (!r->is_head && len > 0 && gw_req_body(r, (const uint8_t *)body, len) != 0)
         return;
     gw_req_end(r, true);
+}
+
+static void respond(struct gw_req *r, int status, const char *ctype, const char *body, size_t len)
+{
+    respond_with(r, status, ctype, body, len, NULL, NULL);
+}
+
+/* Answers the whole of buf (consumed). */
+static void respond_buf(struct gw_req *r, int status, const char *ctype, struct evbuffer *buf)
+{
+    size_t len = evbuffer_get_length(buf);
+    const unsigned char *p = len > 0 ? evbuffer_pullup(buf, -1) : (const unsigned char *)"";
+
+    if (p == NULL) {
+        gw_req_fail(r, HERR_INTERNAL);
+        return;
+    }
+    respond(r, status, ctype, (const char *)p, len);
 }
 
 static bool path_is(const char *path, const char *want)
@@ -35,6 +77,267 @@ static bool path_is(const char *path, const char *want)
     size_t n = strlen(want);
 
     return strncmp(path, want, n) == 0 && (path[n] == '\0' || path[n] == '?');
+}
+
+/* ---- /admin ---- */
+
+bool gw_admin_denied(const struct gw_ctx *ctx, const uint8_t *addr)
+{
+    for (size_t i = 0; i < ctx->deny.n; i++) {
+        if (memcmp(ctx->deny.addrs[i], addr, ID_ADDR_LEN) == 0)
+            return true;
+    }
+    return false;
+}
+
+void gw_admin_cleanup(struct gw_ctx *ctx)
+{
+    free(ctx->deny.addrs);
+    memset(&ctx->deny, 0, sizeof(ctx->deny));
+}
+
+static int deny_add(struct gw_ctx *ctx, const uint8_t *addr)
+{
+    struct gw_deny *d = &ctx->deny;
+
+    if (gw_admin_denied(ctx, addr))
+        return 0;
+    if (d->n == d->cap) {
+        size_t cap = d->cap != 0 ? d->cap * 2 : 16;
+        uint8_t (*v)[ID_ADDR_LEN] = realloc(d->addrs, cap * sizeof(*v));
+        if (v == NULL)
+            return -1;
+        d->addrs = v;
+        d->cap = cap;
+    }
+    memcpy(d->addrs[d->n++], addr, ID_ADDR_LEN);
+    return 0;
+}
+
+/* Returns true if addr was on the list. */
+static bool deny_del(struct gw_ctx *ctx, const uint8_t *addr)
+{
+    struct gw_deny *d = &ctx->deny;
+
+    for (size_t i = 0; i < d->n; i++) {
+        if (memcmp(d->addrs[i], addr, ID_ADDR_LEN) == 0) {
+            memcpy(d->addrs[i], d->addrs[d->n - 1], ID_ADDR_LEN);
+            d->n--;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* "Authorization: Bearer <token>" matching --admin-token-file. Both sides are
+ * hashed first, so the comparison takes the same time whatever the length or
+ * the first differing byte. */
+static bool admin_authorized(const struct gw_req *r)
+{
+    const char *want = r->ctx->cfg->admin_token;
+    const nghttp2_nv *h = gw_hdrs_get(&r->hdrs, "authorization");
+    uint8_t a[SHA256_DIGEST_LENGTH];
+    uint8_t b[SHA256_DIGEST_LENGTH];
+    const char *v;
+    size_t vlen;
+
+    if (h == NULL || h->valuelen < 7 || strncasecmp((const char *)h->value, "Bearer ", 7) != 0)
+        return false;
+    v = (const char *)h->value + 7;
+    vlen = h->valuelen - 7;
+    while (vlen > 0 && *v == ' ') {
+        v++;
+        vlen--;
+    }
+    SHA256((const unsigned char *)v, vlen, a);
+    SHA256((const unsigned char *)want, strlen(want), b);
+    return CRYPTO_memcmp(a, b, sizeof(a)) == 0;
+}
+
+static void respond_json(struct gw_req *r, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void respond_json(struct gw_req *r, int status, const char *fmt, ...)
+{
+    char body[512];
+    va_list ap;
+    int n;
+
+    va_start(ap, fmt);
+    n = vsnprintf(body, sizeof(body), fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof(body)) {
+        gw_req_fail(r, HERR_INTERNAL);
+        return;
+    }
+    respond(r, status, "application/json", body, (size_t)n);
+}
+
+static void unauthorized(struct gw_req *r)
+{
+    char body[256];
+    int n = herr_json(HERR_UNAUTHORIZED, body, sizeof(body));
+
+    r->err = HERR_UNAUTHORIZED;
+    respond_with(r, 401, "application/json", body, n > 0 ? (size_t)n : 0, "www-authenticate",
+                 "Bearer realm=\"tunnel-gateway admin\"");
+}
+
+struct list_ctx {
+    struct evbuffer *out;
+    const char *node;
+    bool first;
+    bool oom;
+};
+
+static void list_one(struct gw_route *rt, void *arg)
+{
+    struct list_ctx *l = arg;
+
+    if (evbuffer_add_printf(l->out,
+                            "%s\n{\"address\":\"%s\",\"node\":\"%s\",\"since\":%" PRIu64
+                            ",\"requests\":%" PRIu64 ",\"bytes_in\":%" PRIu64
+                            ",\"bytes_out\":%" PRIu64 ",\"errors\":%" PRIu64
+                            ",\"client_ip\":\"%s\"}",
+                            l->first ? "" : ",", rt->addr_str, l->node, rt->since_unix_ms,
+                            rt->n_requests, rt->n_bytes_in, rt->n_bytes_out, rt->n_errors,
+                            rt->peer_ip) < 0)
+        l->oom = true;
+    l->first = false;
+}
+
+static void admin_list_agents(struct gw_req *r)
+{
+    struct gw_ctx *ctx = r->ctx;
+    struct list_ctx l = {evbuffer_new(), ctx->cfg->region != NULL ? ctx->cfg->region : "local",
+                         true, false};
+
+    if (l.out == NULL) {
+        gw_req_fail(r, HERR_INTERNAL);
+        return;
+    }
+    l.oom = evbuffer_add_printf(l.out, "{\"agents\":[") < 0;
+    gw_tun_each_route(ctx, list_one, &l);
+    if (l.oom || evbuffer_add_printf(l.out, "\n]}\n") < 0)
+        gw_req_fail(r, HERR_INTERNAL);
+    else
+        respond_buf(r, 200, "application/json", l.out);
+    evbuffer_free(l.out);
+}
+
+static void admin_list_deny(struct gw_req *r)
+{
+    struct gw_ctx *ctx = r->ctx;
+    struct evbuffer *out = evbuffer_new();
+    bool oom;
+
+    if (out == NULL) {
+        gw_req_fail(r, HERR_INTERNAL);
+        return;
+    }
+    oom = evbuffer_add_printf(out, "{\"deny\":[") < 0;
+    for (size_t i = 0; i < ctx->deny.n && !oom; i++) {
+        char s[ID_ADDR_STR_LEN + 1];
+        id_addr_to_str(ctx->deny.addrs[i], s);
+        oom = evbuffer_add_printf(out, "%s\"%s\"", i == 0 ? "" : ",", s) < 0;
+    }
+    if (oom || evbuffer_add_printf(out, "]}\n") < 0)
+        gw_req_fail(r, HERR_INTERNAL);
+    else
+        respond_buf(r, 200, "application/json", out);
+    evbuffer_free(out);
+}
+
+/* Parses the address in seg[0..len). */
+static bool parse_addr(const char *seg, size_t len, uint8_t addr[ID_ADDR_LEN])
+{
+    return id_addr_parse(seg, len, addr) == ID_OK;
+}
+
+static void admin_handle(struct gw_req *r)
+{
+    struct gw_ctx *ctx = r->ctx;
+    const char *p = r->path + strlen(ADMIN_PREFIX);
+    size_t plen = strcspn(p, "?");
+    const char *m = r->method;
+    uint8_t addr[ID_ADDR_LEN];
+    char s[ID_ADDR_STR_LEN + 1];
+
+    if (ctx->cfg->admin_token == NULL) {
+        gw_req_fail(r, HERR_NOT_FOUND);
+        return;
+    }
+    if (!admin_authorized(r)) {
+        LOG_WARN(ctx->log, "admin_unauthorized", LOG_U("req", r->id), LOG_S("client", r->client_ip));
+        unauthorized(r);
+        return;
+    }
+    if (plen == 6 && strncmp(p, "agents", 6) == 0) {
+        if (strcmp(m, "GET") != 0 && strcmp(m, "HEAD") != 0) {
+            gw_req_fail(r, HERR_METHOD_NOT_ALLOWED);
+            return;
+        }
+        admin_list_agents(r);
+        return;
+    }
+    if (plen == 4 && strncmp(p, "deny", 4) == 0) {
+        if (strcmp(m, "GET") != 0 && strcmp(m, "HEAD") != 0) {
+            gw_req_fail(r, HERR_METHOD_NOT_ALLOWED);
+            return;
+        }
+        admin_list_deny(r);
+        return;
+    }
+    /* agents/<address>/disconnect */
+    if (plen == 7 + ID_ADDR_STR_LEN + 11 && strncmp(p, "agents/", 7) == 0 &&
+        strncmp(p + 7 + ID_ADDR_STR_LEN, "/disconnect", 11) == 0) {
+        if (strcmp(m, "POST") != 0) {
+            gw_req_fail(r, HERR_METHOD_NOT_ALLOWED);
+            return;
+        }
+        if (!parse_addr(p + 7, ID_ADDR_STR_LEN, addr)) {
+            gw_req_fail(r, HERR_BAD_REQUEST);
+            return;
+        }
+        id_addr_to_str(addr, s);
+        if (gw_tun_remove_route(ctx, addr) != 0) {
+            gw_req_fail(r, HERR_AGENT_OFFLINE);
+            return;
+        }
+        LOG_INFO(ctx->log, "admin_disconnect", LOG_S("addr", s), LOG_S("client", r->client_ip));
+        respond_json(r, 200, "{\"address\":\"%s\",\"disconnected\":true}\n", s);
+        return;
+    }
+    /* deny/<address> */
+    if (plen == 5 + ID_ADDR_STR_LEN && strncmp(p, "deny/", 5) == 0) {
+        bool add = strcmp(m, "POST") == 0 || strcmp(m, "PUT") == 0;
+        bool was;
+        if (!add && strcmp(m, "DELETE") != 0) {
+            gw_req_fail(r, HERR_METHOD_NOT_ALLOWED);
+            return;
+        }
+        if (!parse_addr(p + 5, ID_ADDR_STR_LEN, addr)) {
+            gw_req_fail(r, HERR_BAD_REQUEST);
+            return;
+        }
+        id_addr_to_str(addr, s);
+        if (add) {
+            if (deny_add(ctx, addr) != 0) {
+                gw_req_fail(r, HERR_INTERNAL);
+                return;
+            }
+            LOG_INFO(ctx->log, "admin_deny", LOG_S("addr", s), LOG_S("client", r->client_ip));
+            gw_tun_apply_allow(ctx); /* removes it from live tunnels (not_allowed) */
+            respond_json(r, 200, "{\"address\":\"%s\",\"denied\":true}\n", s);
+            return;
+        }
+        was = deny_del(ctx, addr);
+        LOG_INFO(ctx->log, "admin_undeny", LOG_S("addr", s), LOG_S("client", r->client_ip));
+        respond_json(r, 200, "{\"address\":\"%s\",\"denied\":false,\"was_denied\":%s}\n", s,
+                     was ? "true" : "false");
+        return;
+    }
+    gw_req_fail(r, HERR_NOT_FOUND);
 }
 
 void gw_admin_handle(struct gw_req *r)
@@ -45,6 +348,10 @@ void gw_admin_handle(struct gw_req *r)
     uint64_t uptime_s = (clk_mono_ms(ctx->clk) - ctx->start_ms) / 1000u;
     size_t agents = gw_reg_count(ctx->reg);
 
+    if (strncmp(r->path, ADMIN_PREFIX, strlen(ADMIN_PREFIX)) == 0) {
+        admin_handle(r);
+        return;
+    }
     if (!path_is(r->path, "/health") && !path_is(r->path, "/stats") &&
         !path_is(r->path, "/metrics")) {
         gw_req_fail(r, HERR_NOT_FOUND);
@@ -77,40 +384,13 @@ void gw_admin_handle(struct gw_req *r)
         respond(r, 200, "application/json", body, n > 0 ? (size_t)n : 0);
         return;
     }
-    n = util_snprintf(
-        body, sizeof(body),
-        "# HELP tunnel_gateway_up 1 while the gateway runs.\n"
-        "# TYPE tunnel_gateway_up gauge\ntunnel_gateway_up 1\n"
-        "# HELP tunnel_gateway_uptime_seconds Seconds since start.\n"
-        "# TYPE tunnel_gateway_uptime_seconds gauge\ntunnel_gateway_uptime_seconds %" PRIu64 "\n"
-        "# HELP tunnel_gateway_tunnels Authenticated tunnels connected.\n"
-        "# TYPE tunnel_gateway_tunnels gauge\ntunnel_gateway_tunnels %zu\n"
-        "# HELP tunnel_gateway_agents Agent addresses routed.\n"
-        "# TYPE tunnel_gateway_agents gauge\ntunnel_gateway_agents %zu\n"
-        "# HELP tunnel_gateway_draining 1 while draining after SIGTERM.\n"
-        "# TYPE tunnel_gateway_draining gauge\ntunnel_gateway_draining %d\n"
-        "# HELP tunnel_gateway_requests_total Public requests routed to agents.\n"
-        "# TYPE tunnel_gateway_requests_total counter\ntunnel_gateway_requests_total %" PRIu64 "\n"
-        "# HELP tunnel_gateway_requests_failed_total Requests answered with a gateway error.\n"
-        "# TYPE tunnel_gateway_requests_failed_total counter\n"
-        "tunnel_gateway_requests_failed_total %" PRIu64 "\n"
-        "# HELP tunnel_gateway_tunnel_connections_total Tunnel upgrades accepted.\n"
-        "# TYPE tunnel_gateway_tunnel_connections_total counter\n"
-        "tunnel_gateway_tunnel_connections_total %" PRIu64 "\n"
-        "# HELP tunnel_gateway_auth_failures_total Tunnels refused at authentication.\n"
-        "# TYPE tunnel_gateway_auth_failures_total counter\n"
-        "tunnel_gateway_auth_failures_total %" PRIu64 "\n"
-        "# HELP tunnel_gateway_connections_total Public connections accepted.\n"
-        "# TYPE tunnel_gateway_connections_total counter\n"
-        "tunnel_gateway_connections_total %" PRIu64 "\n"
-        "# HELP tunnel_gateway_bytes_to_agents_total Request body bytes forwarded.\n"
-        "# TYPE tunnel_gateway_bytes_to_agents_total counter\n"
-        "tunnel_gateway_bytes_to_agents_total %" PRIu64 "\n"
-        "# HELP tunnel_gateway_bytes_from_agents_total Response body bytes forwarded.\n"
-        "# TYPE tunnel_gateway_bytes_from_agents_total counter\n"
-        "tunnel_gateway_bytes_from_agents_total %" PRIu64 "\n",
-        uptime_s, ctx->tunnels_live, agents, ctx->draining ? 1 : 0, ctx->n.requests_total,
-        ctx->n.requests_failed, ctx->n.tunnel_connections, ctx->n.auth_failures,
-        ctx->n.conns_accepted, ctx->n.bytes_to_agents, ctx->n.bytes_from_agents);
-    respond(r, 200, "text/plain; version=0.0.4", body, n > 0 ? (size_t)n : 0);
+    struct evbuffer *buf = evbuffer_new();
+    if (buf == NULL || gw_metrics_render(ctx, buf) != 0) {
+        if (buf != NULL)
+            evbuffer_free(buf);
+        gw_req_fail(r, HERR_INTERNAL);
+        return;
+    }
+    respond_buf(r, 200, "text/plain; version=0.0.4", buf);
+    evbuffer_free(buf);
 }

@@ -6,12 +6,18 @@
 
 #include <arpa/inet.h>
 #include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
 
 #include "cfg.h"
 #include "util.h"
@@ -643,6 +649,73 @@ static int parse_redis(const struct cfg_opt *opt, const char *value, void *field
     return 0;
 }
 
+/* --- effective values (--check-config, reload diffs) -------------------- */
+
+static int show_text(char *buf, size_t buflen, const char *v)
+{
+    int n = snprintf(buf, buflen, "%s", v != NULL ? v : "");
+
+    return n >= 0 && (size_t)n < buflen ? 0 : -1;
+}
+
+static int show_str(const struct cfg_opt *opt, const void *field, char *buf, size_t buflen)
+{
+    return show_text(buf, buflen, *(char *const *)field);
+}
+
+static int show_addr(const struct cfg_opt *opt, const void *field, char *buf, size_t buflen)
+{
+    return show_text(buf, buflen, ((const struct gw_cfg_addr *)field)->text);
+}
+
+/* port and host show the part of --listen they set. */
+static int show_listen_port(const struct cfg_opt *opt, const void *field, char *buf,
+                            size_t buflen)
+{
+    const struct gw_cfg_addr *a = field;
+    int n = snprintf(buf, buflen, "%u", (unsigned)a->port);
+
+    return n >= 0 && (size_t)n < buflen ? 0 : -1;
+}
+
+static int show_listen_host(const struct cfg_opt *opt, const void *field, char *buf,
+                            size_t buflen)
+{
+    return show_text(buf, buflen, ((const struct gw_cfg_addr *)field)->host);
+}
+
+static int show_url(const struct cfg_opt *opt, const void *field, char *buf, size_t buflen)
+{
+    return show_text(buf, buflen, ((const struct gw_cfg_url *)field)->text);
+}
+
+static int show_redis(const struct cfg_opt *opt, const void *field, char *buf, size_t buflen)
+{
+    return show_text(buf, buflen, ((const struct gw_cfg_redis *)field)->text);
+}
+
+/* The ranges normalised: "10.0.0.0/8,::1/128". */
+static int show_cidrs(const struct cfg_opt *opt, const void *field, char *buf, size_t buflen)
+{
+    const struct gw_cidr_list *l = field;
+    size_t used = 0;
+
+    buf[0] = '\0';
+    for (size_t i = 0; i < l->n; i++) {
+        char a[INET6_ADDRSTRLEN];
+        int n;
+
+        if (inet_ntop(l->v[i].family, l->v[i].addr, a, sizeof(a)) == NULL)
+            return -1;
+        n = snprintf(buf + used, buflen - used, "%s%s/%u", i == 0 ? "" : ",", a,
+                     l->v[i].prefix);
+        if (n < 0 || (size_t)n >= buflen - used)
+            return -1;
+        used += (size_t)n;
+    }
+    return 0;
+}
+
 /* --- the table --------------------------------------------------------- */
 
 #define OFF(f) offsetof(struct gw_cfg, f)
@@ -686,9 +759,10 @@ static const struct cfg_opt gw_opts[] = {
      .metavar = "FILE", .group = G_GEN, .help = "Read options from FILE (format above)."},
     {.name = "domain", .type = CFG_T_CUSTOM, .offset = OFF(domain), .def = "localhost",
      .metavar = "DOMAIN", .group = G_GEN, .parse = parse_domain, .release = release_str,
+     .show = show_str,
      .help = "Apex domain; each agent is served at <address>.DOMAIN."},
     {.name = "public-url-base", .type = CFG_T_CUSTOM, .offset = OFF(public_url), .metavar = "URL",
-     .group = G_GEN, .parse = parse_url, .release = release_url,
+     .group = G_GEN, .parse = parse_url, .release = release_url, .show = show_url,
      .help = "https://DOMAIN[:PORT] (or http://) that clients use, for the URLs handed out "
              "when the gateway listens on an internal port; unset: from --domain and --listen."},
     {.name = "state-dir", .type = CFG_T_PATH, .offset = OFF(state_dir),
@@ -697,40 +771,46 @@ static const struct cfg_opt gw_opts[] = {
     {.name = "region", .type = CFG_T_STRING, .offset = OFF(region), .def = "local",
      .metavar = "NAME", .group = G_GEN, .help = "Name of this node's region."},
     {.name = "redis", .type = CFG_T_CUSTOM, .offset = OFF(redis), .metavar = "URL",
-     .group = G_GEN, .parse = parse_redis, .release = release_redis,
+     .group = G_GEN, .parse = parse_redis, .release = release_redis, .show = show_redis,
      .help = "Share the route registry with other nodes at redis://HOST[:PORT][/DB] "
              "(default port 6379, db 0); unset: the registry is in memory. Not yet "
              "implemented: the gateway refuses to start with it set, rather than run "
              "as a node that silently shares nothing."},
-    {.name = "drain-timeout", .type = CFG_T_SECONDS, .offset = OFF(drain_timeout_s), .def = "600",
-     .metavar = "S", .group = G_GEN, .max = U32,
+    {.name = "drain-timeout", .type = CFG_T_SECONDS, .flags = CFG_F_LIVE,
+     .offset = OFF(drain_timeout_s), .def = "600", .metavar = "S", .group = G_GEN, .max = U32,
      .help = "On SIGTERM, time in-flight streams get to finish (s)."},
-    {.name = "ping-interval", .type = CFG_T_SECONDS, .offset = OFF(ping_interval_s), .def = "20",
-     .metavar = "S", .group = G_GEN, .max = U32,
+    {.name = "ping-interval", .type = CFG_T_SECONDS, .flags = CFG_F_LIVE,
+     .offset = OFF(ping_interval_s), .def = "20", .metavar = "S", .group = G_GEN, .max = U32,
      .help = "Tunnel keepalive PING interval; a peer silent for 3 intervals is dropped "
              "(s; 0 = off)."},
-    {.name = "summary-interval", .type = CFG_T_SECONDS, .offset = OFF(summary_interval_s),
+    {.name = "summary-interval", .type = CFG_T_SECONDS, .flags = CFG_F_LIVE,
+     .offset = OFF(summary_interval_s),
      .def = "60", .metavar = "S", .group = G_GEN, .max = U32,
      .help = "Log a summary of connected tunnels this often (s; 0 = off)."},
     {.name = "help", .type = CFG_T_BOOL, .flags = CFG_F_CLI_ONLY | CFG_F_EXIT,
      .offset = OFF(show_help), .group = G_GEN, .help = "Print this help and exit."},
     {.name = "version", .type = CFG_T_BOOL, .flags = CFG_F_CLI_ONLY | CFG_F_EXIT,
      .offset = OFF(show_version), .group = G_GEN, .help = "Print the version and exit."},
+    {.name = "check-config", .type = CFG_T_BOOL, .flags = CFG_F_CLI_ONLY,
+     .offset = OFF(check_config), .group = G_GEN,
+     .help = "Print every option's effective value and where it came from (default, file "
+             "PATH:LINE, env NAME, command line), then exit: 0 if the configuration is good, "
+             "2 (with the error) if not."},
 
     {.name = "listen", .type = CFG_T_CUSTOM, .offset = OFF(listen), .def = "127.0.0.1:8443",
      .metavar = "ADDR:PORT", .group = G_LSN, .parse = parse_listen, .release = release_addr,
-     .help = "Main listener (TLS unless --no-tls): IPv4, [IPv6] or localhost, and a port "
+     .show = show_addr, .help = "Main listener (TLS unless --no-tls): IPv4, [IPv6] or localhost, and a port "
              "(0 = any free port)."},
     {.name = "port", .env = "PORT", .type = CFG_T_CUSTOM, .offset = OFF(listen),
-     .metavar = "PORT", .group = G_LSN, .parse = parse_listen_port,
+     .metavar = "PORT", .group = G_LSN, .parse = parse_listen_port, .show = show_listen_port,
      .help = "Set only the port of --listen. It edits a --listen from the same source or a "
              "lower one; a --listen from a higher-precedence source replaces it."},
     {.name = "host", .env = "HOST", .type = CFG_T_CUSTOM, .offset = OFF(listen),
-     .metavar = "ADDR", .group = G_LSN, .parse = parse_listen_host,
+     .metavar = "ADDR", .group = G_LSN, .parse = parse_listen_host, .show = show_listen_host,
      .help = "Set only the address of --listen (\"::\" or \"[::]\" for IPv6), like --port."},
     {.name = "plain-listen", .type = CFG_T_CUSTOM, .offset = OFF(plain_listen),
      .metavar = "ADDR:PORT", .group = G_LSN, .parse = parse_listen, .release = release_addr,
-     .help = "Also serve cleartext HTTP here, for a TLS-terminating load balancer in front."},
+     .show = show_addr, .help = "Also serve cleartext HTTP here, for a TLS-terminating load balancer in front."},
     {.name = "no-tls", .type = CFG_T_BOOL, .offset = OFF(no_tls), .group = G_LSN,
      .help = "Serve cleartext HTTP on --listen (platforms that terminate TLS: Cloud Run, Fly)."},
     {.name = "cert", .type = CFG_T_PATH, .offset = OFF(cert_path), .metavar = "FILE",
@@ -746,54 +826,70 @@ static const struct cfg_opt gw_opts[] = {
     {.name = "open", .type = CFG_T_BOOL, .offset = OFF(open), .group = G_ACC,
      .help = "Any valid signature may register. A listener beyond loopback needs --allow or "
              "--open; on loopback, open is the default."},
-    {.name = "trust-proxy", .type = CFG_T_CUSTOM, .offset = OFF(trust_proxy),
+    {.name = "trust-proxy", .type = CFG_T_CUSTOM, .flags = CFG_F_LIVE, .offset = OFF(trust_proxy),
      .metavar = "CIDR[,CIDR...]", .group = G_ACC, .parse = parse_trust_proxy,
-     .release = release_cidrs,
+     .release = release_cidrs, .show = show_cidrs,
      .help = "Believe X-Forwarded-For/-Proto/-Host from peers in these ranges "
              "(e.g. 10.0.0.0/8,fd00::/8; a bare address is one host)."},
 
-    {.name = "max-header-bytes", .type = CFG_T_UINT, .offset = OFF(max_header_bytes),
+    {.name = "max-header-bytes", .type = CFG_T_UINT, .flags = CFG_F_LIVE, .offset = OFF(max_header_bytes),
      .def = "65536", .metavar = "N", .group = G_LIM, .max = U32,
      .help = "Largest request head (request line and headers) in bytes; beyond it 431."},
-    {.name = "max-body-bytes", .type = CFG_T_UINT, .offset = OFF(max_body_bytes), .def = "0",
+    {.name = "max-body-bytes", .type = CFG_T_UINT, .flags = CFG_F_LIVE, .offset = OFF(max_body_bytes), .def = "0",
      .metavar = "N", .group = G_LIM, .max = UINT64_MAX,
      .help = "Largest request body in bytes; beyond it 413."},
-    {.name = "response-header-timeout", .type = CFG_T_SECONDS,
+    {.name = "response-header-timeout", .type = CFG_T_SECONDS, .flags = CFG_F_LIVE,
      .offset = OFF(resp_header_timeout_s), .def = "300", .metavar = "S", .group = G_LIM,
      .max = U32, .help = "Time the agent has to start its response (s); beyond it 504."},
-    {.name = "max-response-header-timeout", .type = CFG_T_SECONDS,
+    {.name = "max-response-header-timeout", .type = CFG_T_SECONDS, .flags = CFG_F_LIVE,
      .offset = OFF(max_resp_header_timeout_s), .def = "3600", .metavar = "S", .group = G_LIM,
      .max = U32, .help = "Longest response-header timeout an agent may ask for (s)."},
-    {.name = "stream-idle-timeout", .type = CFG_T_SECONDS, .offset = OFF(stream_idle_timeout_s),
+    {.name = "stream-idle-timeout", .type = CFG_T_SECONDS, .flags = CFG_F_LIVE, .offset = OFF(stream_idle_timeout_s),
      .def = "300", .metavar = "S", .group = G_LIM, .max = U32,
      .help = "A request body that sends no byte for this long is ended (s)."},
-    {.name = "max-conns-per-ip", .type = CFG_T_UINT, .offset = OFF(max_conns_per_ip),
+    {.name = "max-conns-per-ip", .type = CFG_T_UINT, .flags = CFG_F_LIVE, .offset = OFF(max_conns_per_ip),
      .def = "512", .metavar = "N", .group = G_LIM, .max = U32,
      .help = "Public connections open at once per client IP."},
-    {.name = "tunnel-connects-per-ip-per-min", .type = CFG_T_UINT,
+    {.name = "tunnel-connects-per-ip-per-min", .type = CFG_T_UINT, .flags = CFG_F_LIVE,
      .offset = OFF(tunnel_connects_per_ip_per_min), .def = "60", .metavar = "N", .group = G_LIM,
      .max = U32, .help = "Tunnel connection attempts per IP per minute."},
-    {.name = "max-tunnels-per-ip", .type = CFG_T_UINT, .offset = OFF(max_tunnels_per_ip),
+    {.name = "max-tunnels-per-ip", .type = CFG_T_UINT, .flags = CFG_F_LIVE, .offset = OFF(max_tunnels_per_ip),
      .def = "64", .metavar = "N", .group = G_LIM, .max = U32,
      .help = "Tunnels open at once per IP."},
-    {.name = "max-agents-per-tunnel", .type = CFG_T_UINT, .offset = OFF(max_agents_per_tunnel),
+    {.name = "max-agents-per-tunnel", .type = CFG_T_UINT, .flags = CFG_F_LIVE, .offset = OFF(max_agents_per_tunnel),
      .def = "50", .metavar = "N", .group = G_LIM, .max = U32,
      .help = "Agents registered on one tunnel."},
-    {.name = "max-streams-per-tunnel", .type = CFG_T_UINT, .offset = OFF(max_streams_per_tunnel),
+    {.name = "max-streams-per-tunnel", .type = CFG_T_UINT, .flags = CFG_F_LIVE, .offset = OFF(max_streams_per_tunnel),
      .def = "1024", .metavar = "N", .group = G_LIM, .max = U32,
      .help = "Requests in flight on one tunnel; beyond it 503 host_busy at once."},
-    {.name = "agent-requests-per-min", .type = CFG_T_UINT, .offset = OFF(agent_requests_per_min),
+    {.name = "agent-requests-per-min", .type = CFG_T_UINT, .flags = CFG_F_LIVE, .offset = OFF(agent_requests_per_min),
      .def = "0", .metavar = "N", .group = G_LIM, .max = U32,
      .help = "Public requests per agent per minute; beyond it 429."},
 
-    {.name = "log-level", .type = CFG_T_ENUM, .offset = OFF(log_level), .def = "info",
+    {.name = "log-level", .type = CFG_T_ENUM, .flags = CFG_F_LIVE, .offset = OFF(log_level), .def = "info",
      .metavar = "LEVEL", .group = G_LOG, .choices = level_choices, .file_aliases = level_aliases,
      .help = "Least severe level logged (any case)."},
     {.name = "log-dir", .type = CFG_T_PATH, .offset = OFF(log_dir), .metavar = "DIR",
-     .group = G_LOG, .help = "Append logs to DIR/tunnel-gateway.log; unset: stderr."},
+     .group = G_LOG,
+     .help = "Append logs to DIR/tunnel-gateway.log (DIR is created, mode 0700, if missing; "
+             "SIGHUP reopens the file, for log rotation); unset: stderr."},
     {.name = "log-format", .type = CFG_T_ENUM, .offset = OFF(log_format), .def = "text",
      .metavar = "FORMAT", .group = G_LOG, .choices = format_choices,
      .help = "Log line format."},
+    {.name = "access-log", .type = CFG_T_PATH, .offset = OFF(access_log), .metavar = "off|FILE",
+     .group = G_LOG,
+     .help = "One line per request (event=request, in --log-format): unset: the main log; "
+             "off: none; FILE: appended (created owner-only), reopened on SIGHUP. The "
+             "path's query string is dropped unless --log-level is debug."},
+    {.name = "metrics-agents", .type = CFG_T_UINT, .offset = OFF(metrics_agents), .def = "0",
+     .metavar = "N", .group = G_LOG, .max = 10000,
+     .help = "/metrics shows per-agent series (requests, bytes, errors) for the N agents "
+             "with the most requests (0 = none)."},
+    {.name = "admin-token-file", .type = CFG_T_PATH, .offset = OFF(admin_token_path),
+     .metavar = "FILE", .group = G_ACC,
+     .help = "Enable /admin/... on the apex for \"Authorization: Bearer <token>\", the token "
+             "(32 or more characters) read from FILE, which must be owner-only; unset: "
+             "/admin answers 404."},
 };
 
 static const struct cfg_spec gw_spec = {
@@ -838,6 +934,73 @@ static int add_warning(struct gw_cfg *cfg, const char *msg)
     return 0;
 }
 
+#define ADMIN_TOKEN_MIN 32
+#define ADMIN_TOKEN_MAX 4096
+
+/* Reads --admin-token-file: a regular file not readable or writable by group
+ * or others, one token of ADMIN_TOKEN_MIN.. printable characters (a final
+ * newline is ignored). */
+static int load_admin_token(struct gw_cfg *cfg, char *err, size_t errlen)
+{
+    const char *path = cfg->admin_token_path;
+    char buf[ADMIN_TOKEN_MAX + 2];
+    struct stat st;
+    ssize_t n;
+    size_t len;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+
+    if (fd == -1) {
+        snprintf(err, errlen, "--admin-token-file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "--admin-token-file %s: not a regular file", path);
+        goto fail_fd;
+    }
+    if ((st.st_mode & 077) != 0 || st.st_uid != geteuid()) {
+        snprintf(err, errlen, "--admin-token-file %s: must be owned by this user and not "
+                 "accessible to group or others (mode %03o; chmod 600 it)",
+                 path, (unsigned)(st.st_mode & 0777));
+        goto fail_fd;
+    }
+    n = read(fd, buf, sizeof(buf) - 1);
+    if (n < 0) {
+        snprintf(err, errlen, "--admin-token-file %s: %s", path, strerror(errno));
+        goto fail_fd;
+    }
+    close(fd);
+    len = (size_t)n;
+    while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\r'))
+        len--;
+    buf[len] = '\0';
+    for (size_t i = 0; i < len; i++) {
+        if (buf[i] <= ' ' || buf[i] > '~') {
+            snprintf(err, errlen, "--admin-token-file %s: the token must be one line of "
+                     "printable characters without spaces", path);
+            goto fail_clean;
+        }
+    }
+    if (len < ADMIN_TOKEN_MIN || len > ADMIN_TOKEN_MAX) {
+        snprintf(err, errlen, "--admin-token-file %s: the token has %zu characters; it needs "
+                 "%d to %d", path, len, ADMIN_TOKEN_MIN, ADMIN_TOKEN_MAX);
+        goto fail_clean;
+    }
+    cfg->admin_token = strdup(buf);
+    OPENSSL_cleanse(buf, sizeof(buf));
+    if (cfg->admin_token == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+
+fail_fd:
+    close(fd);
+    return -1;
+fail_clean:
+    OPENSSL_cleanse(buf, sizeof(buf));
+    return -1;
+}
+
 /* Rules that span options (every value is already well-formed). */
 static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
 {
@@ -878,6 +1041,8 @@ static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
                  "set; pass --state-dir DIR (or --cert and --key)");
         return -1;
     }
+    if (cfg->admin_token_path != NULL && load_admin_token(cfg, err, errlen) != 0)
+        return -1;
     if (cfg->no_tls && cfg->cert_path != NULL &&
         add_warning(cfg, "--cert and --key are unused: --no-tls makes --listen cleartext") != 0) {
         snprintf(err, errlen, "out of memory");
@@ -886,19 +1051,45 @@ static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
     return 0;
 }
 
+static int copy_argv(struct gw_cfg *cfg, int argc, char **argv)
+{
+    cfg->argv = calloc((size_t)argc + 1, sizeof(*cfg->argv));
+    if (cfg->argv == NULL)
+        return -1;
+    cfg->argc = argc;
+    for (int i = 0; i < argc; i++) {
+        cfg->argv[i] = strdup(argv[i]);
+        if (cfg->argv[i] == NULL)
+            return -1;
+    }
+    return 0;
+}
+
 int gw_cfg_load(struct gw_cfg *cfg, int argc, char **argv, char *err, size_t errlen)
 {
     struct cfg_warnings w = {NULL, 0};
+    struct cfg_source *src = calloc(gw_spec.nopts, sizeof(*src));
 
     memset(cfg, 0, sizeof(*cfg));
-    if (cfg_load(&gw_spec, cfg, argc, argv, &w, err, errlen) != 0) {
-        cfg_warnings_free(&w);
+    if (src == NULL) {
+        snprintf(err, errlen, "out of memory");
         return -1;
     }
+    if (cfg_load_src(&gw_spec, cfg, argc, argv, &w, src, err, errlen) != 0) {
+        cfg_warnings_free(&w);
+        free(src);
+        return -1;
+    }
+    cfg->sources = src;
     cfg->warnings = w.v;
     cfg->n_warnings = w.n;
     if (cfg->show_help || cfg->show_version)
         return 0;
+    if (copy_argv(cfg, argc, argv) != 0) {
+        snprintf(err, errlen, "out of memory");
+        gw_cfg_cleanup(cfg);
+        return -1;
+    }
     if (validate(cfg, err, errlen) != 0) {
         gw_cfg_cleanup(cfg);
         return -1;
@@ -906,11 +1097,173 @@ int gw_cfg_load(struct gw_cfg *cfg, int argc, char **argv, char *err, size_t err
     return 0;
 }
 
+/* Longest value shown by --check-config or in a config_changed line. */
+#define GW_CFG_SHOW_MAX 4096
+
+static bool opt_is_setting(const struct cfg_opt *o)
+{
+    return (o->flags & (CFG_F_CLI_ONLY | CFG_F_CONFIG)) == 0;
+}
+
+static void show_opt(const struct gw_cfg *cfg, size_t i, char *buf, size_t buflen)
+{
+    const char *text = cfg->sources != NULL ? cfg->sources[i].text : NULL;
+
+    if (cfg_show_value(&gw_opts[i], cfg, text, buf, buflen) != 0 && buflen > 4)
+        memcpy(buf + buflen - 4, "...", 4);
+}
+
+/* Moves cur's value of every restart-only key into out (and out's into cur,
+ * to be freed with it). Options sharing a field (listen, port, host) move it
+ * once. A custom field this function does not know stays as loaded. */
+static void keep_restart_only(struct gw_cfg *cur, struct gw_cfg *out)
+{
+    bool moved[sizeof(gw_opts) / sizeof(gw_opts[0])] = {false};
+
+    for (size_t i = 0; i < gw_spec.nopts; i++) {
+        const struct cfg_opt *o = &gw_opts[i];
+        struct cfg_source t;
+
+        if (!opt_is_setting(o) || (o->flags & CFG_F_LIVE))
+            continue;
+        t = cur->sources[i];
+        cur->sources[i] = out->sources[i];
+        out->sources[i] = t;
+        for (size_t j = 0; j < i; j++)
+            moved[i] = moved[i] || (moved[j] && gw_opts[j].offset == o->offset);
+        if (moved[i])
+            continue;
+        moved[i] = true;
+        if (cfg_swap_field(o, cur, out) == 0)
+            continue;
+        if (o->offset == OFF(listen) || o->offset == OFF(plain_listen)) {
+            struct gw_cfg_addr *a = (struct gw_cfg_addr *)((char *)cur + o->offset);
+            struct gw_cfg_addr *b = (struct gw_cfg_addr *)((char *)out + o->offset);
+            struct gw_cfg_addr ta = *a;
+            *a = *b;
+            *b = ta;
+        } else if (o->offset == OFF(domain)) {
+            char *td = cur->domain;
+            cur->domain = out->domain;
+            out->domain = td;
+        } else if (o->offset == OFF(public_url)) {
+            struct gw_cfg_url tu = cur->public_url;
+            cur->public_url = out->public_url;
+            out->public_url = tu;
+        } else if (o->offset == OFF(redis)) {
+            struct gw_cfg_redis tr = cur->redis;
+            cur->redis = out->redis;
+            out->redis = tr;
+        }
+    }
+    /* derived from allow and open, both restart-only */
+    out->open_effective = cur->open_effective;
+}
+
+int gw_cfg_reload(struct gw_cfg *cur, struct gw_cfg *out, gw_cfg_change_cb cb, void *arg,
+                  char *err, size_t errlen)
+{
+    char *a = malloc(GW_CFG_SHOW_MAX);
+    char *b = malloc(GW_CFG_SHOW_MAX);
+
+    if (a == NULL || b == NULL) {
+        free(a);
+        free(b);
+        memset(out, 0, sizeof(*out));
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    if (gw_cfg_load(out, cur->argc, cur->argv, err, errlen) != 0) {
+        free(a);
+        free(b);
+        return -1;
+    }
+    for (size_t i = 0; i < gw_spec.nopts; i++) {
+        const struct cfg_opt *o = &gw_opts[i];
+
+        if (!opt_is_setting(o))
+            continue;
+        show_opt(cur, i, a, GW_CFG_SHOW_MAX);
+        show_opt(out, i, b, GW_CFG_SHOW_MAX);
+        if (strcmp(a, b) != 0 && cb != NULL)
+            cb(arg, o->name, a, b, (o->flags & CFG_F_LIVE) != 0);
+    }
+    free(a);
+    free(b);
+    keep_restart_only(cur, out);
+    return 0;
+}
+
+/* Writes v as a TOML basic string. */
+static void print_quoted(FILE *out, const char *v)
+{
+    fputc('"', out);
+    for (; *v != '\0'; v++) {
+        if (*v == '"' || *v == '\\')
+            fputc('\\', out);
+        fputc(*v, out);
+    }
+    fputc('"', out);
+}
+
+/* Sources start in this column. */
+#define GW_CFG_SOURCE_COL 44
+
+void gw_cfg_print_effective(const struct gw_cfg *cfg, FILE *out)
+{
+    char *v = malloc(GW_CFG_SHOW_MAX);
+
+    if (v == NULL)
+        return;
+    fprintf(out, "# tunnel-gateway effective configuration: key = value  # source\n");
+    for (size_t i = 0; i < gw_spec.nopts; i++) {
+        const struct cfg_opt *o = &gw_opts[i];
+        const char *where = cfg->sources != NULL && cfg->sources[i].where != NULL
+                                ? cfg->sources[i].where
+                                : "default";
+        char *line = NULL;
+        size_t len = 0;
+        FILE *mem;
+
+        if (o->flags & CFG_F_CLI_ONLY)
+            continue;
+        show_opt(cfg, i, v, GW_CFG_SHOW_MAX);
+        mem = open_memstream(&line, &len);
+        if (mem == NULL)
+            break;
+        if (o->flags & CFG_F_CONFIG)
+            fprintf(mem, "# "); /* not a file key */
+        fprintf(mem, "%s = ", o->name);
+        if (o->type == CFG_T_UINT || o->type == CFG_T_SECONDS || o->type == CFG_T_BOOL)
+            fputs(v, mem);
+        else
+            print_quoted(mem, v);
+        if (fclose(mem) != 0) {
+            free(line);
+            break;
+        }
+        fprintf(out, "%s%*s# %s\n", line,
+                len < GW_CFG_SOURCE_COL ? (int)(GW_CFG_SOURCE_COL - len) : 1, "", where);
+        free(line);
+    }
+    free(v);
+}
+
 void gw_cfg_cleanup(struct gw_cfg *cfg)
 {
+    if (cfg->admin_token != NULL) {
+        OPENSSL_cleanse(cfg->admin_token, strlen(cfg->admin_token));
+        free(cfg->admin_token);
+        cfg->admin_token = NULL;
+    }
     cfg_free_strings(&gw_spec, cfg);
     for (size_t i = 0; i < cfg->n_warnings; i++)
         free(cfg->warnings[i]);
     free(cfg->warnings);
+    cfg_sources_free(cfg->sources, gw_spec.nopts);
+    free(cfg->sources);
+    for (int i = 0; cfg->argv != NULL && i < cfg->argc; i++)
+        free(cfg->argv[i]);
+    free(cfg->argv);
     memset(cfg, 0, sizeof(*cfg));
 }

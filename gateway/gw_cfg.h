@@ -13,6 +13,9 @@
 
 #include "log.h"
 
+struct cfg_spec;
+struct cfg_source;
+
 /* A listen address: "ADDR:PORT" with ADDR numeric IPv4, [IPv6] or localhost. */
 struct gw_cfg_addr {
     char *text;                  /* normalised "127.0.0.1:8443" / "[::1]:8443"; NULL = unset */
@@ -91,9 +94,21 @@ struct gw_cfg {
     enum log_level log_level;       /* default LOG_LVL_INFO */
     char *log_dir;                  /* NULL = stderr */
     enum log_format log_format;     /* default LOG_FMT_TEXT */
+    char *access_log;               /* --access-log: NULL = the main log, "off", or a file */
+    uint64_t metrics_agents;        /* --metrics-agents: per-agent series for the top N */
+    char *admin_token_path;         /* --admin-token-file; NULL = no /admin */
+    char *admin_token;              /* owned: the token read from it, NULL = no /admin */
 
     bool show_help;                 /* --help: print gw_cfg_print_help(), exit 0 */
     bool show_version;              /* --version: print the version, exit 0 */
+    bool check_config;              /* --check-config: print gw_cfg_print_effective(),
+                                     * exit 0 (a bad configuration exits 2 as always) */
+
+    int argc;                       /* copy of the command line gw_cfg_load() got, */
+    char **argv;                    /* owned (argv[argc] NULL): a reload re-reads the
+                                     * file under the same command line */
+    struct cfg_source *sources;     /* owned, one per table option: where each value
+                                     * came from (NULL after --help / --version) */
 
     char **warnings;                /* owned; messages for the caller to log once it
                                      * has a sink (e.g. ignored ProxyStore keys) */
@@ -109,6 +124,29 @@ struct gw_cfg {
  * On -1 the caller should exit 2 (usage error). */
 int gw_cfg_load(struct gw_cfg *cfg, int argc, char **argv, char *err, size_t errlen);
 
+/* Called by gw_cfg_reload() once per key whose value differs (old and new
+ * as text, "" for unset). live: the new value is in force; else it needs a
+ * restart and the old one stays. */
+typedef void (*gw_cfg_change_cb)(void *arg, const char *key, const char *old_value,
+                                 const char *new_value, bool live);
+
+/* Builds the configuration a SIGHUP asks for into out (need not be
+ * initialised): the same command line (cur->argv) and environment (a
+ * process's environment does not change under it) over the config file as it
+ * is now. Calls cb for every changed key. Then out takes cur's values of every
+ * key without CFG_F_LIVE, so a restart-only change never half-applies and
+ * pointers into those strings (the domain, paths) stay valid. On 0, cur has
+ * been emptied of those values and is only fit for gw_cfg_cleanup(). On -1
+ * (parse error, invalid value, out of memory) err says why, out holds nothing,
+ * cur is untouched and cb was not called. */
+int gw_cfg_reload(struct gw_cfg *cur, struct gw_cfg *out, gw_cfg_change_cb cb, void *arg,
+                  char *err, size_t errlen);
+
+/* --check-config: every option with its effective value and its source
+ * ("default", "file PATH:LINE", "env NAME", "command line"), one per line as
+ * config-file syntax ('key = value  # source'). */
+void gw_cfg_print_effective(const struct gw_cfg *cfg, FILE *out);
+
 /* Frees everything gw_cfg_load() allocated and zeroes cfg. Takes a zeroed or
  * loaded cfg; safe to call twice. */
 void gw_cfg_cleanup(struct gw_cfg *cfg);
@@ -116,7 +154,6 @@ void gw_cfg_cleanup(struct gw_cfg *cfg);
 /* --help text, generated from the option table. */
 void gw_cfg_print_help(FILE *out);
 
-struct cfg_spec;
 
 /* The option table (for tests that walk it). */
 const struct cfg_spec *gw_cfg_spec(void);

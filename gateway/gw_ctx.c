@@ -1,7 +1,8 @@
-/* The gateway context; see gw.h. Signals (SIGTERM/SIGINT drain, SIGHUP reload
- * of certificates and the allow list), the periodic summary and sweep, and
- * the start-up and shutdown order live here so that gw_main only parses the
- * command line. */
+/* The gateway context; see gw.h. Signals (SIGTERM/SIGINT drain; SIGHUP: log
+ * files reopened, the configuration re-read and its live keys applied,
+ * certificates and the allow list reloaded), the periodic summary and sweep,
+ * and the start-up and shutdown order live here so that gw_main only parses
+ * the command line. */
 #include "gw.h"
 
 #include <errno.h>
@@ -10,6 +11,7 @@
 #include <string.h>
 
 #include <event2/event.h>
+#include <http_parser.h>
 
 #include "clk.h"
 #include "gw_allow.h"
@@ -61,11 +63,101 @@ static void on_term(evutil_socket_t sig, short what, void *arg)
     start_drain(ctx);
 }
 
+/* http-parser's header cap is process-wide; we count header bytes ourselves
+ * for the 431 answer, so the parser only needs room above our limit. Set at
+ * start and again when a reload changes max-header-bytes (one thread). */
+static void apply_parser_limit(const struct gw_cfg *cfg)
+{
+    http_parser_set_max_header_size(cfg->max_header_bytes == 0 ||
+                                            cfg->max_header_bytes > 0x7fffffff
+                                        ? 0x7fffffffu
+                                        : (uint32_t)cfg->max_header_bytes + 16384u);
+}
+
+static void arm_summary(struct gw_ctx *ctx)
+{
+    struct timeval tv = {(time_t)ctx->cfg->summary_interval_s, 0};
+
+    evtimer_del(ctx->summary_ev);
+    if (ctx->cfg->summary_interval_s != 0)
+        evtimer_add(ctx->summary_ev, &tv);
+}
+
+/* Counts the changes gw_cfg_reload() reports, for the summary line. */
+struct reload_report {
+    struct gw_ctx *ctx;
+    size_t changed;      /* keys applied */
+    size_t need_restart; /* keys kept at their old value */
+};
+
+static void on_cfg_change(void *arg, const char *key, const char *old_value,
+                          const char *new_value, bool live)
+{
+    struct reload_report *rr = arg;
+
+    if (live) {
+        rr->changed++;
+        LOG_INFO(rr->ctx->log, "config_changed", LOG_S("key", key), LOG_S("old", old_value),
+                 LOG_S("new", new_value));
+    } else {
+        rr->need_restart++;
+        LOG_WARN(rr->ctx->log, "config_needs_restart", LOG_S("key", key),
+                 LOG_S("old", old_value), LOG_S("new", new_value));
+    }
+}
+
+/* Re-reads the configuration; a bad one is refused whole and the old one
+ * stays. The old struct is freed at once: after gw_cfg_reload() the strings of
+ * restart-only keys (domain, paths: what TLS, listeners and URLs point into)
+ * live in the new one, and live keys are only ever read through ctx->cfg. */
+static void reload_cfg(struct gw_ctx *ctx)
+{
+    struct reload_report rr = {ctx, 0, 0};
+    struct gw_cfg *old = ctx->cfg_own;
+    struct gw_cfg *nw = calloc(1, sizeof(*nw));
+    char err[1024];
+
+    if (nw == NULL) {
+        LOG_ERROR(ctx->log, "config_reload_refused", LOG_S("err", "out of memory"));
+        return;
+    }
+    /* an operator asked for this reload: its lines are written even under
+     * --log-level warn or error */
+    if (old->log_level > LOG_LVL_INFO)
+        log_set_level(ctx->log, LOG_LVL_INFO);
+    if (gw_cfg_reload(old, nw, on_cfg_change, &rr, err, sizeof(err)) != 0) {
+        LOG_ERROR(ctx->log, "config_reload_refused", LOG_S("err", err),
+                  LOG_S("kept", "the running configuration"));
+        log_set_level(ctx->log, old->log_level);
+        free(nw);
+        return;
+    }
+    ctx->cfg_own = nw;
+    ctx->cfg = nw;
+    if (nw->max_header_bytes != old->max_header_bytes)
+        apply_parser_limit(nw);
+    if (nw->summary_interval_s != old->summary_interval_s)
+        arm_summary(ctx);
+    for (size_t i = 0; i < nw->n_warnings; i++)
+        LOG_WARN(ctx->log, "config_warning", LOG_S("msg", nw->warnings[i]));
+    LOG_INFO(ctx->log, "reloaded", LOG_S("what", "config"), LOG_U("changed", rr.changed),
+             LOG_U("need_restart", rr.need_restart));
+    log_set_level(ctx->log, nw->log_level);
+    gw_cfg_cleanup(old);
+    free(old);
+}
+
 static void on_hup(evutil_socket_t sig, short what, void *arg)
 {
     struct gw_ctx *ctx = arg;
     char err[512];
 
+    /* first, so that every line about this reload lands in the new file */
+    if (log_reopen(ctx->log) != 0)
+        LOG_ERROR(ctx->log, "reload_failed", LOG_S("what", "log"), LOG_S("err", strerror(errno)));
+    reload_cfg(ctx);
+
+    gw_access_log_reopen(ctx);
     if (ctx->tls != NULL) {
         if (tls_server_reload(ctx->tls, err, sizeof(err)) != 0)
             LOG_ERROR(ctx->log, "reload_failed", LOG_S("what", "tls"), LOG_S("err", err));
@@ -102,15 +194,16 @@ static void on_sweep(evutil_socket_t fd, short what, void *arg)
     gw_ipt_sweep(ctx->ipt, clk_mono_ms(ctx->clk));
 }
 
-struct gw_ctx *gw_ctx_new(const struct gw_cfg *cfg, const struct clk *clk, char *err,
-                          size_t errlen)
+struct gw_ctx *gw_ctx_new(struct gw_cfg *cfg, const struct clk *clk, char *err, size_t errlen)
 {
     struct gw_ctx *ctx = calloc(1, sizeof(*ctx));
     struct timeval sweep = {SWEEP_INTERVAL_S, 0};
+    int rc;
 
     if (ctx == NULL)
         goto oom;
     ctx->cfg = cfg;
+    ctx->cfg_own = cfg;
     ctx->clk = clk;
     list_init(&ctx->conns);
     list_init(&ctx->tuns);
@@ -118,10 +211,18 @@ struct gw_ctx *gw_ctx_new(const struct gw_cfg *cfg, const struct clk *clk, char 
     ctx->log = log_new("tunnel-gateway", cfg->log_level, cfg->log_format, 2);
     if (ctx->log == NULL)
         goto fail_ctx;
-    if (cfg->log_dir != NULL && log_open_dir(ctx->log, cfg->log_dir) != 0) {
-        util_snprintf(err, errlen, "--log-dir %s: %s", cfg->log_dir, strerror(errno));
+    rc = cfg->log_dir != NULL ? log_open_dir(ctx->log, cfg->log_dir) : 0;
+    if (rc == LOG_E_MKDIR) {
+        util_snprintf(err, errlen, "--log-dir %s: cannot create the directory: %s", cfg->log_dir,
+                      strerror(errno));
         goto fail_log_msg;
     }
+    if (rc != 0) {
+        util_snprintf(err, errlen, "--log-dir %s: cannot open tunnel-gateway.log there: %s",
+                      cfg->log_dir, strerror(errno));
+        goto fail_log_msg;
+    }
+    apply_parser_limit(cfg);
     ctx->base = util_event_base_new();
     if (ctx->base == NULL)
         goto fail_log;
@@ -144,10 +245,7 @@ struct gw_ctx *gw_ctx_new(const struct gw_cfg *cfg, const struct clk *clk, char 
     evsignal_add(ctx->sig_int, NULL);
     evsignal_add(ctx->sig_hup, NULL);
     evtimer_add(ctx->sweep_ev, &sweep);
-    if (cfg->summary_interval_s != 0) {
-        struct timeval tv = {(time_t)cfg->summary_interval_s, 0};
-        evtimer_add(ctx->summary_ev, &tv);
-    }
+    arm_summary(ctx);
     for (size_t i = 0; i < cfg->n_warnings; i++)
         LOG_WARN(ctx->log, "config_warning", LOG_S("msg", cfg->warnings[i]));
     return ctx;
@@ -176,10 +274,14 @@ fail_ctx:
     free(ctx);
 oom:
     util_snprintf(err, errlen, "out of memory");
+    gw_cfg_cleanup(cfg);
+    free(cfg);
     return NULL;
 fail_log_msg:
     log_free(ctx->log);
     free(ctx);
+    gw_cfg_cleanup(cfg);
+    free(cfg);
     return NULL;
 }
 
@@ -205,6 +307,10 @@ int gw_ctx_run(struct gw_ctx *ctx)
         }
         if (tls_server_is_local_ca(ctx->tls))
             ca_path = tls_server_ca_path(ctx->tls);
+    }
+    if (gw_metrics_start(ctx, err, sizeof(err)) != 0) {
+        LOG_ERROR(ctx->log, "access_log_failed", LOG_S("err", err));
+        return 1;
     }
     if (cfg->allow_path != NULL) {
         ctx->allow = gw_allow_load(cfg->allow_path, err, sizeof(err));
@@ -257,10 +363,13 @@ void gw_ctx_free(struct gw_ctx *ctx)
     event_free(ctx->sig_int);
     event_free(ctx->sig_term);
     gw_allow_free(ctx->allow);
+    gw_metrics_cleanup(ctx);
     gw_ipt_free(ctx->ipt);
     tls_server_free(ctx->tls);
     gw_reg_free(ctx->reg);
     event_base_free(ctx->base);
     log_free(ctx->log);
+    gw_cfg_cleanup(ctx->cfg_own);
+    free(ctx->cfg_own);
     free(ctx);
 }

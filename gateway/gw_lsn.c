@@ -177,6 +177,7 @@ static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct 
     if (!gw_ipt_conn_acquire(ctx->ipt, sa, ctx->cfg->max_conns_per_ip)) {
         hs->refused = true;
         ctx->n.conns_refused++;
+        gw_metrics_limit(ctx, GW_LIMIT_CONNS_PER_IP);
         LOG_WARN(ctx->log, "conn_refused", LOG_S("err", "too_many_connections"),
                  LOG_U("limit", ctx->cfg->max_conns_per_ip));
     }

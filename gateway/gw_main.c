@@ -1,62 +1,84 @@
-/* tunnel-gateway: the command line, then one context (gw_ctx.c) runs. */
+/* tunnel-gateway: the command line, then one context (gw_ctx.c) runs.
+ * Exit status: 0 success (also --help, --version, a good --check-config),
+ * 1 runtime failure, 2 bad configuration. */
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
-
-#include <http_parser.h>
 
 #include "clk.h"
 #include "gw.h"
 #include "gw_cfg.h"
 #include "log.h"
 #include "tg_config.h"
+#include "tg_version.h"
 #include "util.h"
+
+/* Refusals that are about this build rather than the syntax; --check-config
+ * reports them too. Returns 0, or -1 with err set. */
+static int check_supported(const struct gw_cfg *cfg, char *err, size_t errlen)
+{
+    if (cfg->redis.text != NULL) {
+        snprintf(err, errlen, "--redis %s: the shared Redis registry is not "
+                 "implemented in this version; unset --redis (or "
+                 "TUNNEL_GATEWAY_REDIS, or redis in the config file) to run this node "
+                 "with its registry in memory",
+                 cfg->redis.text);
+        return -1;
+    }
+    return 0;
+}
+
+static void print_version(void)
+{
+    /* TG_REVISION is `git describe` at build time, or the project version
+     * outside a git checkout */
+    if (strcmp(TG_REVISION, TG_VERSION) == 0)
+        printf("tunnel-gateway %s\n", TG_VERSION);
+    else
+        printf("tunnel-gateway %s (git %s)\n", TG_VERSION, TG_REVISION);
+}
 
 int main(int argc, char **argv)
 {
-    struct gw_cfg cfg;
+    struct gw_cfg *cfg = calloc(1, sizeof(*cfg));
     struct gw_ctx *ctx;
     char err[1024];
     int rc;
 
     util_malloc_tune();
-    if (gw_cfg_load(&cfg, argc, argv, err, sizeof(err)) != 0) {
+    if (cfg == NULL) {
+        fprintf(stderr, "tunnel-gateway: out of memory\n");
+        return 1;
+    }
+    if (gw_cfg_load(cfg, argc, argv, err, sizeof(err)) != 0 ||
+        (!cfg->show_help && !cfg->show_version && check_supported(cfg, err, sizeof(err)) != 0)) {
         fprintf(stderr, "tunnel-gateway: %s\n(see tunnel-gateway --help)\n", err);
-        gw_cfg_cleanup(&cfg);
+        gw_cfg_cleanup(cfg);
+        free(cfg);
         return 2;
     }
-    if (cfg.show_help || cfg.show_version) {
-        if (cfg.show_help)
+    if (cfg->show_help || cfg->show_version || cfg->check_config) {
+        if (cfg->show_help)
             gw_cfg_print_help(stdout);
+        else if (cfg->show_version)
+            print_version();
         else
-            printf("tunnel-gateway %s\n", TG_VERSION);
-        gw_cfg_cleanup(&cfg);
+            gw_cfg_print_effective(cfg, stdout);
+        for (size_t i = 0; cfg->check_config && i < cfg->n_warnings; i++)
+            fprintf(stderr, "tunnel-gateway: warning: %s\n", cfg->warnings[i]);
+        gw_cfg_cleanup(cfg);
+        free(cfg);
         return 0;
     }
-    if (cfg.redis.text != NULL) {
-        fprintf(stderr, "tunnel-gateway: --redis %s: the shared Redis registry is not "
-                        "implemented in this version; unset --redis (or "
-                        "TUNNEL_GATEWAY_REDIS, or redis in the config file) to run this node "
-                        "with its registry in memory\n",
-                cfg.redis.text);
-        gw_cfg_cleanup(&cfg);
-        return 2;
-    }
     signal(SIGPIPE, SIG_IGN);
-    /* http-parser's cap is process-wide; we count header bytes ourselves for
-     * the 431 answer, so the parser only needs room above our limit */
-    http_parser_set_max_header_size(cfg.max_header_bytes == 0 || cfg.max_header_bytes > 0x7fffffff
-                                        ? 0x7fffffffu
-                                        : (uint32_t)cfg.max_header_bytes + 16384u);
-    ctx = gw_ctx_new(&cfg, &clk_system, err, sizeof(err));
+    ctx = gw_ctx_new(cfg, &clk_system, err, sizeof(err)); /* owns cfg from here */
     if (ctx == NULL) {
         fprintf(stderr, "tunnel-gateway: %s\n", err);
-        gw_cfg_cleanup(&cfg);
         return 1;
     }
     rc = gw_ctx_run(ctx);
     LOG_INFO(ctx->log, "exit", LOG_I("code", rc));
     gw_ctx_free(ctx);
-    gw_cfg_cleanup(&cfg);
     return rc;
 }

@@ -51,6 +51,10 @@ static void px_to_agent(struct gw_req *r)
 
 void gw_px_start(struct gw_req *r)
 {
+    if (gw_req_set_request_id(r) != 0) {
+        gw_req_fail(r, HERR_INTERNAL);
+        return;
+    }
     gw_req_route(r);
     switch (r->route) {
     case GW_ROUTE_APEX:

@@ -55,6 +55,8 @@ void gw_req_free(struct gw_req *r)
     if (r == NULL)
         return;
     gw_req_cancel(r);
+    if (r->ws_counted)
+        r->ctx->m.websockets_active--;
     event_free(r->timer);
     evbuffer_free(r->body);
     gw_hdrs_cleanup(&r->hdrs);
@@ -447,6 +449,7 @@ void gw_req_fail(struct gw_req *r, enum herr e)
     if (r->route == GW_ROUTE_AGENT)
         r->ctx->n.requests_failed++;
     r->err = e;
+    r->head_ms = clk_mono_ms(r->ctx->clk);
     r->fe->error(r, e);
 }
 
@@ -454,6 +457,11 @@ int gw_req_head(struct gw_req *r, int status, const nghttp2_nv *nv, size_t n)
 {
     evtimer_del(r->timer);
     r->status = status;
+    r->head_ms = clk_mono_ms(r->ctx->clk);
+    if (status >= 200 && status < 300 && gw_req_is_websocket(r) && !r->ws_counted) {
+        r->ws_counted = true;
+        r->ctx->m.websockets_active++;
+    }
     return r->fe->head(r, status, nv, n);
 }
 
@@ -492,19 +500,50 @@ static void req_on_timer(evutil_socket_t fd, short what, void *arg)
 
 void gw_req_log(struct gw_req *r, const char *outcome)
 {
-    char addr[ID_ADDR_STR_LEN + 1];
-
-    r->logged = true;
-    if (!log_enabled(r->ctx->log, LOG_LVL_INFO))
+    if (r->logged)
         return;
-    if (r->route == GW_ROUTE_AGENT)
-        id_addr_to_str(r->addr, addr);
-    else
-        util_snprintf(addr, sizeof(addr), "-");
-    LOG_INFO(r->ctx->log, "request", LOG_U("conn", r->conn_id), LOG_U("req", r->id),
-             LOG_S("client", r->client_ip), LOG_S("method", r->method),
-             LOG_S("path", r->path), LOG_S("addr", addr), LOG_I("status", r->status),
-             LOG_U("bytes_in", r->body_in), LOG_U("bytes_out", r->resp_bytes),
-             LOG_U("dur_ms", clk_mono_ms(r->ctx->clk) - r->start_ms), LOG_S("outcome", outcome),
-             LOG_S("err", r->err != HERR_NONE ? herr_code(r->err) : NULL));
+    r->logged = true;
+    if (r->ctx->m.on_request != NULL)
+        r->ctx->m.on_request(r, outcome);
+}
+
+static bool request_id_valid(const char *s, size_t len)
+{
+    if (len == 0 || len > GW_REQ_ID_MAX)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        char c = s[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-'))
+            return false;
+    }
+    return true;
+}
+
+int gw_req_set_request_id(struct gw_req *r)
+{
+    nghttp2_nv *h = (nghttp2_nv *)gw_hdrs_get(&r->hdrs, "x-request-id");
+    uint8_t raw[16];
+    char *v;
+
+    if (h != NULL && request_id_valid((const char *)h->value, h->valuelen)) {
+        memcpy(r->rid, h->value, h->valuelen);
+        r->rid[h->valuelen] = '\0';
+        return 0;
+    }
+    if (clk_rand(r->ctx->clk, raw, sizeof(raw)) != 0)
+        memset(raw, 0, sizeof(raw)); /* still unique enough for a log: req= differs */
+    util_hex_encode(raw, sizeof(raw), r->rid);
+    if (h == NULL)
+        return gw_hdrs_add(&r->hdrs, "x-request-id", 12, r->rid, strlen(r->rid), 0) == 0 ? 0
+                                                                                       : -1;
+    /* an invalid one: our id takes its place */
+    v = strdup(r->rid);
+    if (v == NULL)
+        return -1;
+    r->hdrs.bytes = r->hdrs.bytes - h->valuelen + strlen(v);
+    free(h->value);
+    h->value = (uint8_t *)v;
+    h->valuelen = strlen(v);
+    return 0;
 }

@@ -37,6 +37,9 @@
 #include "id.h"
 #include "util.h"
 
+/* Longest X-Request-Id kept from a client; [A-Za-z0-9._-] only. */
+#define GW_REQ_ID_MAX 128
+
 struct bufferevent;
 struct evbuffer;
 struct event;
@@ -131,6 +134,11 @@ struct gw_req {
     struct event *timer;             /* response-header / body-idle timeout */
     enum herr err;                   /* error answered, or HERR_NONE */
     bool logged;                     /* the access line was written */
+    uint64_t head_ms;                /* monotonic time the response head (or error) went,
+                                      * 0 before */
+    bool ws_counted;                 /* counted in ctx->m.websockets_active */
+    char rid[GW_REQ_ID_MAX + 1];     /* request id: the client's valid X-Request-Id, or
+                                      * ours; "" before gw_req_set_request_id() */
 };
 
 /* A new request owned by the caller. Returns NULL if out of memory. */
@@ -200,7 +208,14 @@ void gw_req_fail(struct gw_req *r, enum herr e);
 /* Starts/rearms the request timer; fires gw_req_on_timeout. 0 = disarm. */
 void gw_req_arm_timer(struct gw_req *r, uint64_t ms);
 
-/* Writes a short access log line. */
+/* Sets r->rid: the client's X-Request-Id if valid (1-128 of [A-Za-z0-9._-]),
+ * else 32 random hex digits, which also replace the client's header so the
+ * agent's local API sees the id the access line names (gw_px_start calls it).
+ * Returns 0, or -1 out of memory. */
+int gw_req_set_request_id(struct gw_req *r);
+
+/* The request is over: counts it in /metrics and writes its access line
+ * (gw_metrics_request). Once per request; later calls do nothing. */
 void gw_req_log(struct gw_req *r, const char *outcome);
 
 #endif

@@ -99,6 +99,7 @@ void gw_tep_handle(struct gw_req *r)
     v = gw_ipt_tunnel_acquire(ctx->ipt, (struct sockaddr *)&r->peer, cfg->max_tunnels_per_ip,
                               cfg->tunnel_connects_per_ip_per_min, clk_mono_ms(ctx->clk));
     if (v != GW_IPT_OK) {
+        gw_metrics_limit(ctx, v == GW_IPT_RATE ? GW_LIMIT_TUNNEL_CONNECTS : GW_LIMIT_TUNNELS_PER_IP);
         LOG_WARN(ctx->log, "tunnel_refused", LOG_U("conn", r->conn_id), LOG_S("peer", r->client_ip),
                  LOG_S("err", v == GW_IPT_RATE ? "rate_limited" : "too_many_connections"));
         gw_req_fail(r, v == GW_IPT_RATE ? HERR_RATE_LIMITED : HERR_TOO_MANY_CONNECTIONS);

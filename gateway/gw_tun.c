@@ -136,6 +136,27 @@ static bool tun_take_nonce(struct gw_tun *t, const char *nonce)
     return ok;
 }
 
+static enum gw_auth_outcome auth_outcome(enum tun_err e)
+{
+    switch (e) {
+    case TUN_E_SIGNATURE_VERIFICATION_FAILED:
+    case TUN_E_INVALID_SIGNATURE:
+        return GW_AUTH_SIGNATURE;
+    case TUN_E_INVALID_NONCE:
+        return GW_AUTH_NONCE;
+    case TUN_E_TIMESTAMP_OUT_OF_RANGE:
+        return GW_AUTH_TIMESTAMP;
+    case TUN_E_ADDRESS_NOT_ALLOWED:
+        return GW_AUTH_NOT_ALLOWED;
+    case TUN_E_AUTH_TIMEOUT:
+        return GW_AUTH_TIMEOUT;
+    case TUN_E_TOO_MANY_AGENTS:
+        return GW_AUTH_TOO_MANY_AGENTS;
+    default:
+        return GW_AUTH_MALFORMED;
+    }
+}
+
 static void tun_auth_error(struct gw_tun *t, enum tun_err e)
 {
     struct tun_msg m;
@@ -145,8 +166,13 @@ static void tun_auth_error(struct gw_tun *t, enum tun_err e)
     if (sent == TUN_E_NONE)
         sent = e;
     t->ctx->n.auth_failures++;
+    gw_metrics_auth(t->ctx, auth_outcome(e));
     tun_msg_init(&m, TUN_MSG_AUTH_ERROR, t->proto->mode);
     m.error.err = sent;
+    /* which domain signatures must name, so an agent that dialled us by IP
+     * or another name can say so (PROTOCOL.md 4.6); native mode only */
+    if (sent == TUN_E_SIGNATURE_VERIFICATION_FAILED && t->proto->mode == TUN_MODE_NATIVE)
+        (void)util_snprintf(m.error.domain, sizeof(m.error.domain), "%s", t->ctx->cfg->domain);
     gw_tun_send_msg(t, &m);
     LOG_INFO(t->ctx->log, "auth_failed", LOG_U("tun", t->id), LOG_S("peer", t->peer_ip),
              LOG_S("err", tun_err_code(sent)));
@@ -254,6 +280,8 @@ static int tun_register(struct gw_tun *t, const uint8_t *addr, uint64_t resp_tim
         id_addr_to_str(addr, a->rt.addr_str);
         a->rt.up = t->proto->up;
         a->rt.owner = t->sess;
+        a->rt.since_unix_ms = (uint64_t)clk_unix_s(t->ctx->clk) * 1000u;
+        util_snprintf(a->rt.peer_ip, sizeof(a->rt.peer_ip), "%s", t->peer_ip);
         list_insert_tail(&t->agents, &a->node);
         t->nagents++;
     }
@@ -288,6 +316,8 @@ static int tun_register(struct gw_tun *t, const uint8_t *addr, uint64_t resp_tim
 
 static bool addr_allowed(const struct gw_tun *t, const uint8_t *addr)
 {
+    if (gw_admin_denied(t->ctx, addr))
+        return false;
     if (t->ctx->allow != NULL)
         return gw_allow_has(t->ctx->allow, addr);
     return t->ctx->cfg->open_effective;
@@ -315,6 +345,7 @@ static void tun_go_live(struct gw_tun *t, const struct tun_msg *ok)
     evtimer_del(t->auth_timer);
     t->ctx->tunnels_live++;
     t->counted = true;
+    gw_metrics_auth(t->ctx, GW_AUTH_OK);
     gw_tun_send_msg(t, ok);
     if (t->proto->start(t->sess, t->features) != 0) {
         gw_tun_close(t, WS_CLOSE_INTERNAL, "out of memory");
@@ -481,6 +512,7 @@ static void tun_on_control(struct gw_tun *t, const char *data, size_t len)
         break;
     }
     if (!rate_win_hit(&t->ctl_rate, now_ms(t), 60000, t->proto->ctl_per_min)) {
+        gw_metrics_limit(t->ctx, GW_LIMIT_CONTROL_MESSAGES);
         tun_send_error(t, TUN_E_RATE_LIMITED, m.type, NULL);
         tun_msg_clear(&m);
         return;
@@ -780,4 +812,40 @@ void gw_tun_free_all(struct gw_ctx *ctx)
 {
     while (!list_is_empty(&ctx->tuns))
         tun_free(tun_of(ctx->tuns.next));
+}
+
+void gw_tun_each_route(struct gw_ctx *ctx, void (*cb)(struct gw_route *rt, void *arg), void *arg)
+{
+    struct list *n;
+    struct list *an;
+
+    for (n = ctx->tuns.next; n != &ctx->tuns; n = n->next) {
+        struct gw_tun *t = tun_of(n);
+        if (t->state != GW_TUN_ST_LIVE)
+            continue;
+        for (an = t->agents.next; an != &t->agents; an = an->next)
+            cb(&agent_of(an)->rt, arg);
+    }
+}
+
+int gw_tun_remove_route(struct gw_ctx *ctx, const uint8_t *addr)
+{
+    struct gw_route *rt = gw_reg_get(ctx->reg, addr);
+    struct gw_tun_agent *a;
+    struct gw_tun *t;
+    uint8_t copy[ID_ADDR_LEN];
+
+    if (rt == NULL)
+        return -1;
+    /* every route in the registry is a tunnel's agent entry */
+    a = LIST_ENTRY(rt, struct gw_tun_agent, rt);
+    t = a->tun;
+    memcpy(copy, addr, sizeof(copy));
+    LOG_INFO(ctx->log, "agent_unregistered", LOG_U("tun", t->id), LOG_S("addr", a->rt.addr_str),
+             LOG_S("reason", "admin"));
+    agent_unlink_free(t, a);
+    if (t->state == GW_TUN_ST_LIVE)
+        tun_send_agent_removed(t, copy, t->proto->removed_reason);
+    tun_retire_if_empty(t);
+    return 0;
 }

@@ -89,6 +89,14 @@ size_t gw_tun_streams_total(const struct gw_ctx *ctx);
 /* After an allow-list reload: agents no longer allowed are removed. */
 void gw_tun_apply_allow(struct gw_ctx *ctx);
 
+/* Calls cb for every route of every live tunnel (each routed address once).
+ * cb must not add or remove routes. */
+void gw_tun_each_route(struct gw_ctx *ctx, void (*cb)(struct gw_route *rt, void *arg), void *arg);
+
+/* /admin: removes the route serving addr and tells its tunnel (agent_removed,
+ * the protocol's "removed" reason). Returns 0, or -1 if addr is not routed. */
+int gw_tun_remove_route(struct gw_ctx *ctx, const uint8_t *addr);
+
 /* Shutdown: frees every tunnel at once (their requests are aborted). */
 void gw_tun_free_all(struct gw_ctx *ctx);
 

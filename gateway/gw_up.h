@@ -59,6 +59,13 @@ struct gw_route {
     uint64_t resp_timeout_ms;           /* the agent asked for this; 0 = the gateway's */
     const struct gw_up_ops *up;         /* serves the route */
     void *owner;                        /* the upstream's state behind it (a tunnel session) */
+    /* for /metrics and /admin/agents (gw_metrics, gw_admin) */
+    uint64_t since_unix_ms;             /* registered at (wall clock, ms) */
+    char peer_ip[46];                   /* client IP of the tunnel (INET6_ADDRSTRLEN) */
+    uint64_t n_requests;                /* requests finished on this registration */
+    uint64_t n_bytes_in;                /* their request body bytes */
+    uint64_t n_bytes_out;               /* their response body bytes */
+    uint64_t n_errors;                  /* of them, answered with a gateway error */
 };
 
 #endif

@@ -7,7 +7,7 @@ set -eu
 BUILD="build-essential pkg-config meson ninja-build git
   libevent-dev libssl-dev libsecp256k1-dev libnghttp2-dev libcjson-dev
   libwslay-dev libhttp-parser-dev libinih-dev libhiredis-dev uuid-dev"
-TEST="libcmocka-dev curl nghttp2-client openssl procps tmux
+TEST="libcmocka-dev curl nghttp2-client openssl procps prometheus tmux
   python3 python3-pytest python3-websockets python3-ecdsa python3-pycryptodome
   python3-h2 chromium nodejs node-ws"
 BENCH="nginx-light wrk util-linux"

@@ -1005,6 +1005,255 @@ static void test_file_limits(void **state)
     reset_env();
 }
 
+/* --- reload, sources, effective values (appended) ----------------------- */
+
+struct change {
+    char key[64];
+    char old_value[128];
+    char new_value[128];
+    bool live;
+};
+
+struct changes {
+    struct change v[16];
+    size_t n;
+};
+
+static void record_change(void *arg, const char *key, const char *old_value,
+                          const char *new_value, bool live)
+{
+    struct changes *c = arg;
+
+    assert_true(c->n < 16);
+    snprintf(c->v[c->n].key, sizeof(c->v[c->n].key), "%s", key);
+    snprintf(c->v[c->n].old_value, sizeof(c->v[c->n].old_value), "%s", old_value);
+    snprintf(c->v[c->n].new_value, sizeof(c->v[c->n].new_value), "%s", new_value);
+    c->v[c->n].live = live;
+    c->n++;
+}
+
+static const struct change *find_change(const struct changes *c, const char *key)
+{
+    for (size_t i = 0; i < c->n; i++) {
+        if (strcmp(c->v[i].key, key) == 0)
+            return &c->v[i];
+    }
+    return NULL;
+}
+
+static void test_reload_live_and_restart(void **state)
+{
+    struct gw_cfg cur;
+    struct gw_cfg nw;
+    struct changes ch = {0};
+    char err[512];
+    const char *path;
+    char *domain_ptr;
+
+    reset_env();
+    path = WRITE("reload.toml", "max-header-bytes = 8192\ndomain = \"a.test\"\n"
+                                "trust-proxy = \"10.0.0.0/8\"\nregion = \"eu\"\n");
+    assert_int_equal(LOAD(&cur, err, "--config", path, "--max-body-bytes", "5"), 0);
+    domain_ptr = cur.domain;
+    WRITE("reload.toml", "max-header-bytes = 2000\ndomain = \"b.test\"\n"
+                         "trust-proxy = \"192.168.0.0/16, ::1\"\nregion = \"eu\"\n"
+                         "max-body-bytes = 9\nlisten = \"127.0.0.1:1\"\n");
+    assert_int_equal(gw_cfg_reload(&cur, &nw, record_change, &ch, err, sizeof(err)), 0);
+    /* live keys: the new value is in force */
+    assert_int_equal(nw.max_header_bytes, 2000);
+    assert_int_equal(nw.trust_proxy.n, 2);
+    /* the command line still wins over the file */
+    assert_int_equal(nw.max_body_bytes, 5);
+    assert_null(find_change(&ch, "max-body-bytes"));
+    /* restart-only keys keep the running value and its very string */
+    assert_ptr_equal(nw.domain, domain_ptr);
+    assert_string_equal(nw.domain, "a.test");
+    assert_string_equal(nw.listen.text, "127.0.0.1:8443");
+    assert_int_equal(ch.n, 5); /* port too: it shows the port of listen */
+    const struct change *c = find_change(&ch, "max-header-bytes");
+    assert_non_null(c);
+    assert_true(c->live);
+    assert_string_equal(c->old_value, "8192");
+    assert_string_equal(c->new_value, "2000");
+    c = find_change(&ch, "trust-proxy");
+    assert_non_null(c);
+    assert_true(c->live);
+    assert_string_equal(c->old_value, "10.0.0.0/8");
+    assert_string_equal(c->new_value, "192.168.0.0/16,::1/128");
+    c = find_change(&ch, "domain");
+    assert_non_null(c);
+    assert_false(c->live);
+    assert_string_equal(c->new_value, "b.test");
+    c = find_change(&ch, "listen");
+    assert_non_null(c);
+    assert_false(c->live);
+    assert_null(find_change(&ch, "region"));
+    gw_cfg_cleanup(&cur);
+
+    /* a second reload compares with what runs: domain differs again, the rest not */
+    memset(&ch, 0, sizeof(ch));
+    assert_int_equal(gw_cfg_reload(&nw, &cur, record_change, &ch, err, sizeof(err)), 0);
+    assert_int_equal(ch.n, 3);
+    assert_non_null(find_change(&ch, "port"));
+    assert_non_null(find_change(&ch, "domain"));
+    assert_non_null(find_change(&ch, "listen"));
+    assert_ptr_equal(cur.domain, domain_ptr);
+    gw_cfg_cleanup(&nw);
+    gw_cfg_cleanup(&cur);
+    reset_env();
+}
+
+static void test_reload_refused(void **state)
+{
+    struct gw_cfg cur;
+    struct gw_cfg nw;
+    struct changes ch = {0};
+    char err[512];
+    const char *path;
+
+    reset_env();
+    path = WRITE("refuse.toml", "max-header-bytes = 8192\n");
+    assert_int_equal(LOAD(&cur, err, "--config", path), 0);
+    WRITE("refuse.toml", "max-header-bytes = 2000\nmax-body-bytes = x\n");
+    assert_int_equal(gw_cfg_reload(&cur, &nw, record_change, &ch, err, sizeof(err)), -1);
+    assert_contains(err, "refuse.toml:2: max-body-bytes: \"x\" is not a whole number");
+    assert_int_equal(ch.n, 0);
+    assert_int_equal(cur.max_header_bytes, 8192);
+    WRITE("refuse.toml", "response-header-timeout = 9\nmax-response-header-timeout = 3\n");
+    assert_int_equal(gw_cfg_reload(&cur, &nw, record_change, &ch, err, sizeof(err)), -1);
+    assert_contains(err, "exceeds --max-response-header-timeout 3");
+    unlink(path);
+    assert_int_equal(gw_cfg_reload(&cur, &nw, record_change, &ch, err, sizeof(err)), -1);
+    assert_contains(err, "cannot open");
+    assert_int_equal(ch.n, 0);
+    /* cur is intact and still reloads once the file is good */
+    WRITE("refuse.toml", "max-header-bytes = 100\n");
+    assert_int_equal(gw_cfg_reload(&cur, &nw, NULL, NULL, err, sizeof(err)), 0);
+    assert_int_equal(nw.max_header_bytes, 100);
+    gw_cfg_cleanup(&nw);
+    gw_cfg_cleanup(&cur);
+    reset_env();
+}
+
+static void test_sources_and_effective(void **state)
+{
+    struct gw_cfg c;
+    char err[512];
+    char *out = NULL;
+    size_t len = 0;
+    FILE *f;
+    const char *path;
+    char want[512];
+
+    reset_env();
+    path = WRITE("src.toml", "\n# x\nregion = \"eu\"\n");
+    setenv("TUNNEL_GATEWAY_PING_INTERVAL", "7", 1);
+    setenv("PORT", "9443", 1);
+    assert_int_equal(LOAD(&c, err, "--config", path, "--drain-timeout", "3"), 0);
+    f = open_memstream(&out, &len);
+    assert_non_null(f);
+    gw_cfg_print_effective(&c, f);
+    assert_int_equal(fclose(f), 0);
+    snprintf(want, sizeof(want), "region = \"eu\"%*s# file %s:3\n", 44 - 13, "", path);
+    assert_contains(out, want);
+    assert_contains(out, "\ndrain-timeout = 3");
+    assert_contains(out, "# command line\n");
+    assert_contains(out, "# env TUNNEL_GATEWAY_PING_INTERVAL\n");
+    assert_contains(out, "\nport = \"9443\"");
+    assert_contains(out, "# env PORT\n");
+    assert_contains(out, "\nlisten = \"127.0.0.1:9443\"");
+    assert_contains(out, "\nmax-header-bytes = 65536");
+    assert_contains(out, "\nlog-level = \"info\"");
+    assert_null(strstr(out, "\nhelp ="));
+    free(out);
+    gw_cfg_cleanup(&c);
+    reset_env();
+}
+
+static void test_show_and_swap(void **state)
+{
+    const struct cfg_spec *spec = gw_cfg_spec();
+    struct gw_cfg a;
+    struct gw_cfg b;
+    char err[512];
+    char buf[64];
+    const struct cfg_opt *region = NULL;
+    const struct cfg_opt *level = NULL;
+
+    reset_env();
+    for (size_t i = 0; i < spec->nopts; i++) {
+        if (strcmp(spec->opts[i].name, "region") == 0)
+            region = &spec->opts[i];
+        if (strcmp(spec->opts[i].name, "log-level") == 0)
+            level = &spec->opts[i];
+    }
+    assert_non_null(region);
+    assert_non_null(level);
+    assert_true(level->flags & CFG_F_LIVE);
+    assert_false(region->flags & CFG_F_LIVE);
+    assert_int_equal(LOAD(&a, err, "--region", "r1", "--log-level", "WARNING"), 0);
+    assert_int_equal(LOAD(&b, err, "--region", "r2"), 0);
+    assert_int_equal(cfg_show_value(level, &a, NULL, buf, sizeof(buf)), 0);
+    assert_string_equal(buf, "warn");
+    assert_int_equal(cfg_show_value(region, &a, NULL, buf, 2), -1);
+    assert_int_equal(cfg_swap_field(region, &a, &b), 0);
+    assert_string_equal(a.region, "r2");
+    assert_string_equal(b.region, "r1");
+    gw_cfg_cleanup(&a);
+    gw_cfg_cleanup(&b);
+    /* every limit is live */
+    for (size_t i = 0; i < spec->nopts; i++) {
+        if (strncmp(spec->opts[i].group, "Limits", 6) == 0 &&
+            (strncmp(spec->opts[i].name, "max-", 4) == 0 ||
+             strstr(spec->opts[i].name, "timeout") != NULL ||
+             strstr(spec->opts[i].name, "per-") != NULL))
+            assert_true(spec->opts[i].flags & CFG_F_LIVE);
+    }
+    reset_env();
+}
+
+static void test_generated_docs(void **state)
+{
+    const struct cfg_spec *spec = gw_cfg_spec();
+    char *out = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&out, &len);
+    char want[128];
+
+    assert_non_null(f);
+    cfg_print_example(spec, f);
+    assert_int_equal(fclose(f), 0);
+    for (size_t i = 0; i < spec->nopts; i++) {
+        const struct cfg_opt *o = &spec->opts[i];
+        if (o->flags & (CFG_F_CLI_ONLY | CFG_F_CONFIG))
+            continue;
+        snprintf(want, sizeof(want), "\n# %s = ", o->name);
+        assert_contains(out, want);
+    }
+    assert_contains(out, "# max-header-bytes = 65536\n");
+    assert_contains(out, "# domain = \"localhost\"\n");
+    free(out);
+
+    out = NULL;
+    f = open_memstream(&out, &len);
+    assert_non_null(f);
+    cfg_print_man(spec, "1.2.3", ".SH X\n", f);
+    assert_int_equal(fclose(f), 0);
+    assert_contains(out, ".TH TUNNEL\\-GATEWAY 1 \"\" \"tunnel\\-gateway 1.2.3\"");
+    assert_contains(out, "\n.B \\-\\-max\\-header\\-bytes \\fIN\\fR\n");
+    assert_contains(out, "\n.SH X\n");
+    free(out);
+
+    out = NULL;
+    f = open_memstream(&out, &len);
+    assert_non_null(f);
+    cfg_print_completion(spec, f);
+    assert_int_equal(fclose(f), 0);
+    assert_contains(out, "complete -F _tunnel_gateway tunnel-gateway\n");
+    assert_contains(out, " --check-config");
+    free(out);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1027,6 +1276,11 @@ int main(void)
         cmocka_unit_test(test_help),
         cmocka_unit_test(test_parse_text),
         cmocka_unit_test(test_file_limits),
+        cmocka_unit_test(test_reload_live_and_restart),
+        cmocka_unit_test(test_reload_refused),
+        cmocka_unit_test(test_sources_and_effective),
+        cmocka_unit_test(test_show_and_swap),
+        cmocka_unit_test(test_generated_docs),
     };
 
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -49,6 +49,26 @@ int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sock
     return -1;
 }
 
+/* ---- stubs for gw_admin.c and gw_metrics.c: no tunnels here ---- */
+
+size_t gw_tun_streams_total(const struct gw_ctx *ctx)
+{
+    return 0;
+}
+
+void gw_tun_each_route(struct gw_ctx *ctx, void (*cb)(struct gw_route *rt, void *arg), void *arg)
+{
+}
+
+int gw_tun_remove_route(struct gw_ctx *ctx, const uint8_t *addr)
+{
+    return -1;
+}
+
+void gw_tun_apply_allow(struct gw_ctx *ctx)
+{
+}
+
 /* ---- fake front end ---- */
 
 struct fe_rec {
