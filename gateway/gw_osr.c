@@ -887,6 +887,7 @@ const struct gw_tun_proto gw_osr_proto = {
     .ctl_per_min = TUN_CTL_RATE_OSAURUS,
     .removed_reason = TUN_REASON_NONE,
     .auth_all_or_nothing = true,
+    .signs_domain = false,
     .up = &osr_up_ops,
     .signed_text = osr_signed_text,
     .sess_new = osr_sess_new,

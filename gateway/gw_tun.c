@@ -170,8 +170,8 @@ static void tun_auth_error(struct gw_tun *t, enum tun_err e)
     tun_msg_init(&m, TUN_MSG_AUTH_ERROR, t->proto->mode);
     m.error.err = sent;
     /* which domain signatures must name, so an agent that dialled us by IP
-     * or another name can say so (PROTOCOL.md 4.6); native mode only */
-    if (sent == TUN_E_SIGNATURE_VERIFICATION_FAILED && t->proto->mode == TUN_MODE_NATIVE)
+     * or another name can say so (PROTOCOL.md 4.6), where the protocol signs one */
+    if (sent == TUN_E_SIGNATURE_VERIFICATION_FAILED && t->proto->signs_domain)
         (void)util_snprintf(m.error.domain, sizeof(m.error.domain), "%s", t->ctx->cfg->domain);
     gw_tun_send_msg(t, &m);
     LOG_INFO(t->ctx->log, "auth_failed", LOG_U("tun", t->id), LOG_S("peer", t->peer_ip),

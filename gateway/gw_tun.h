@@ -39,6 +39,7 @@ struct gw_tun_proto {
     unsigned ctl_per_min;        /* control messages per minute */
     enum tun_reason removed_reason; /* in agent_removed after a remove_agent */
     bool auth_all_or_nothing;    /* one bad entry fails the whole auth message */
+    bool signs_domain;           /* signed texts name the gateway's domain (auth_error says which) */
     const struct gw_up_ops *up;  /* opens public requests on its routes */
     /* The text an agent entry of an auth or add_agent message signed. */
     int (*signed_text)(char *buf, size_t size, const char *domain,

@@ -624,6 +624,7 @@ const struct gw_tun_proto gw_tun_h2_proto = {
     .ctl_per_min = TUN_CTL_RATE_NATIVE,
     .removed_reason = TUN_REASON_REMOVED,
     .auth_all_or_nothing = false,
+    .signs_domain = true,
     .up = &tun_h2_up_ops,
     .signed_text = h2s_signed_text,
     .sess_new = h2s_new,
