@@ -162,7 +162,14 @@ def test_help_mentions_every_command(run):
 def test_version(run):
     p = run("tunnel-agent", "--version")
     assert p.returncode == 0
-    assert re.fullmatch(r"tunnel-agent \d+\.\d+\.\d+\n", p.stdout)
+    # the project version, and the build's git revision inside a checkout
+    m = re.fullmatch(r"tunnel-agent \d+\.\d+\.\d+(?: \(git (\S+)\))?\n", p.stdout)
+    assert m, p.stdout
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / ".git").exists():
+        rev = subprocess.run(["git", "-C", str(repo), "describe", "--always"], capture_output=True,
+                             text=True).stdout.strip()
+        assert m.group(1) is not None and m.group(1).rstrip("+") == rev, (p.stdout, rev)
 
 
 @pytest.mark.parametrize(
