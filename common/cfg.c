@@ -1388,14 +1388,17 @@ static bool opt_is_number(const struct cfg_opt *o)
     return o->type == CFG_T_UINT || o->type == CFG_T_SECONDS || o->type == CFG_T_BOOL;
 }
 
-/* Writes v as a basic TOML string. */
-static void print_toml_string(FILE *out, const char *v)
+void cfg_print_toml_string(FILE *out, const char *v)
 {
     fputc('"', out);
     for (; *v != '\0'; v++) {
-        if (*v == '"' || *v == '\\')
-            fputc('\\', out);
-        fputc(*v, out);
+        unsigned char c = (unsigned char)*v;
+        if (c == '"' || c == '\\')
+            fprintf(out, "\\%c", c);
+        else if (c < 0x20 || c == 0x7f)
+            fprintf(out, "\\u%04x", c); /* control characters are escaped in TOML */
+        else
+            fputc(c, out);
     }
     fputc('"', out);
 }
@@ -1467,20 +1470,20 @@ void cfg_print_example(const struct cfg_spec *spec, FILE *out)
             if (o->def != NULL && strncmp(o->def, "${", 2) == 0) {
                 /* the file does not expand ${VAR}: show the rule, not a literal */
                 fprintf(out, "# default: %s\n# %s = ", o->def, o->name);
-                print_toml_string(out, o->metavar != NULL ? o->metavar : "VALUE");
+                cfg_print_toml_string(out, o->metavar != NULL ? o->metavar : "VALUE");
                 fprintf(out, "\n");
             } else if (o->def != NULL) {
                 fprintf(out, "# %s = ", o->name);
                 if (opt_is_number(o))
                     fprintf(out, "%s", o->def);
                 else
-                    print_toml_string(out, o->def);
+                    cfg_print_toml_string(out, o->def);
                 fprintf(out, "\n");
             } else if (o->type == CFG_T_BOOL) {
                 fprintf(out, "# %s = false\n", o->name);
             } else {
                 fprintf(out, "# unset by default\n# %s = ", o->name);
-                print_toml_string(out, o->metavar != NULL ? o->metavar : "VALUE");
+                cfg_print_toml_string(out, o->metavar != NULL ? o->metavar : "VALUE");
                 fprintf(out, "\n");
             }
         }

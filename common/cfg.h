@@ -199,4 +199,8 @@ void cfg_print_man(const struct cfg_spec *spec, const char *version, const char 
  * after FILE and PATH options, directories after DIR ones, enum choices. */
 void cfg_print_completion(const struct cfg_spec *spec, FILE *out);
 
+/* Writes v as a TOML basic string (quotes, backslashes and control
+ * characters escaped). */
+void cfg_print_toml_string(FILE *out, const char *v);
+
 #endif

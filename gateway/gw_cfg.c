@@ -1194,18 +1194,6 @@ int gw_cfg_reload(struct gw_cfg *cur, struct gw_cfg *out, gw_cfg_change_cb cb, v
     return 0;
 }
 
-/* Writes v as a TOML basic string. */
-static void print_quoted(FILE *out, const char *v)
-{
-    fputc('"', out);
-    for (; *v != '\0'; v++) {
-        if (*v == '"' || *v == '\\')
-            fputc('\\', out);
-        fputc(*v, out);
-    }
-    fputc('"', out);
-}
-
 /* Sources start in this column. */
 #define GW_CFG_SOURCE_COL 44
 
@@ -1237,7 +1225,7 @@ void gw_cfg_print_effective(const struct gw_cfg *cfg, FILE *out)
         if (o->type == CFG_T_UINT || o->type == CFG_T_SECONDS || o->type == CFG_T_BOOL)
             fputs(v, mem);
         else
-            print_quoted(mem, v);
+            cfg_print_toml_string(mem, v);
         if (fclose(mem) != 0) {
             free(line);
             break;

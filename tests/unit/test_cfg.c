@@ -1254,6 +1254,21 @@ static void test_generated_docs(void **state)
     free(out);
 }
 
+/* --check-config output is itself a config file: strings round-trip as TOML. */
+static void test_toml_string_escapes(void **state)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+
+    (void)state;
+    assert_non_null(f);
+    cfg_print_toml_string(f, "a\"b\\c\nd\te\x7f");
+    fclose(f);
+    assert_string_equal(buf, "\"a\\\"b\\\\c\\u000ad\\u0009e\\u007f\"");
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1281,6 +1296,7 @@ int main(void)
         cmocka_unit_test(test_sources_and_effective),
         cmocka_unit_test(test_show_and_swap),
         cmocka_unit_test(test_generated_docs),
+        cmocka_unit_test(test_toml_string_escapes),
     };
 
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
