@@ -270,10 +270,107 @@ static void sa_to_ip(const struct sockaddr *sa, char *out, size_t size)
         util_snprintf(out, size, "unknown");
 }
 
+/* The right-most comma item of the last line of name, trimmed. */
+static struct iov last_item(const struct gw_hdrs *h, const char *name)
+{
+    size_t nlen = strlen(name);
+
+    for (size_t i = h->n; i-- > 0;) {
+        const nghttp2_nv *nv = &h->nv[i];
+        if (nv->namelen != nlen || memcmp(nv->name, name, nlen) != 0)
+            continue;
+        const char *v = (const char *)nv->value;
+        size_t start = nv->valuelen;
+        while (start > 0 && v[start - 1] != ',')
+            start--;
+        const char *item = v + start;
+        size_t ilen = nv->valuelen - start;
+        trim(&item, &ilen);
+        return (struct iov){item, ilen};
+    }
+    return (struct iov){"", 0};
+}
+
+/* Keeps what stood left of the client's entry as the chain: the lines
+ * before `line` and the first `upto` bytes of it, joined with ", ". A chain
+ * longer than r->xff_chain keeps its right-most entries (the nearest hops),
+ * never a cut one. */
+static void xff_keep_chain(struct gw_req *r, size_t line, size_t upto)
+{
+    size_t total = 0;
+    size_t len = 0;
+    char *buf;
+
+    for (size_t i = 0; i <= line; i++)
+        total += r->hdrs.nv[i].valuelen + 2;
+    buf = malloc(total + 1);
+    if (buf == NULL)
+        return; /* no chain, the client's address stays right */
+    for (size_t i = 0; i <= line; i++) {
+        const nghttp2_nv *nv = &r->hdrs.nv[i];
+        if (nv->namelen != 15 || memcmp(nv->name, "x-forwarded-for", 15) != 0)
+            continue;
+        const char *v = (const char *)nv->value;
+        size_t vlen = i == line ? upto : nv->valuelen;
+        trim(&v, &vlen);
+        if (vlen == 0)
+            continue;
+        if (len > 0) {
+            memcpy(buf + len, ", ", 2);
+            len += 2;
+        }
+        memcpy(buf + len, v, vlen);
+        len += vlen;
+    }
+    const char *c = buf;
+    while (len >= sizeof(r->xff_chain)) {
+        const char *comma = memchr(c, ',', len); /* drop the left-most entry */
+        if (comma == NULL) {
+            len = 0;
+            break;
+        }
+        len -= (size_t)(comma + 1 - c);
+        c = comma + 1;
+        trim(&c, &len);
+    }
+    util_snprintf(r->xff_chain, sizeof(r->xff_chain), "%.*s", (int)len, c);
+    free(buf);
+}
+
+/* X-Forwarded-For from a trusted peer, every line, right to left. */
+static void xff_walk(struct gw_req *r)
+{
+    const struct gw_cfg *cfg = r->ctx->cfg;
+
+    for (size_t i = r->hdrs.n; i-- > 0;) {
+        const nghttp2_nv *nv = &r->hdrs.nv[i];
+        if (nv->namelen != 15 || memcmp(nv->name, "x-forwarded-for", 15) != 0)
+            continue;
+        const char *v = (const char *)nv->value;
+        size_t end = nv->valuelen;
+        while (end > 0) {
+            size_t start = end;
+            while (start > 0 && v[start - 1] != ',')
+                start--;
+            const char *item = v + start;
+            size_t ilen = end - start;
+            trim(&item, &ilen);
+            struct sockaddr_storage ss;
+            if (!parse_ip(item, ilen, &ss))
+                return; /* garbage: believe nothing further left */
+            util_snprintf(r->client_ip, sizeof(r->client_ip), "%.*s", (int)ilen, item);
+            if (!gw_cfg_addr_trusted(cfg, (struct sockaddr *)&ss)) {
+                xff_keep_chain(r, i, start > 0 ? start - 1 : 0);
+                return;
+            }
+            end = start > 0 ? start - 1 : 0;
+        }
+    }
+}
+
 void gw_req_set_peer(struct gw_req *r, const struct sockaddr *peer)
 {
     const struct gw_cfg *cfg = r->ctx->cfg;
-    const nghttp2_nv *xff;
 
     memcpy(&r->peer, peer,
            peer->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
@@ -284,42 +381,18 @@ void gw_req_set_peer(struct gw_req *r, const struct sockaddr *peer)
         return;
     /* The peer is a trusted proxy: walk X-Forwarded-For from the right and
      * take the first address that is not itself trusted, as nginx's
-     * real_ip_recursive does. Everything left of it is kept as the chain. */
-    xff = gw_hdrs_get(&r->hdrs, "x-forwarded-for");
-    if (xff != NULL) {
-        const char *v = (const char *)xff->value;
-        size_t end = xff->valuelen;
-        while (end > 0) {
-            size_t start = end;
-            while (start > 0 && v[start - 1] != ',')
-                start--;
-            const char *item = v + start;
-            size_t ilen = end - start;
-            trim(&item, &ilen);
-            struct sockaddr_storage ss;
-            if (!parse_ip(item, ilen, &ss))
-                break;
-            util_snprintf(r->client_ip, sizeof(r->client_ip), "%.*s", (int)ilen, item);
-            if (!gw_cfg_addr_trusted(cfg, (struct sockaddr *)&ss)) {
-                /* keep what stood to the left as the chain */
-                size_t clen = start > 0 ? start - 1 : 0;
-                const char *c = v;
-                trim(&c, &clen);
-                if (clen < sizeof(r->xff_chain))
-                    util_snprintf(r->xff_chain, sizeof(r->xff_chain), "%.*s", (int)clen, c);
-                break;
-            }
-            end = start > 0 ? start - 1 : 0;
-        }
-    }
-    const nghttp2_nv *proto = gw_hdrs_get(&r->hdrs, "x-forwarded-proto");
-    if (proto != NULL && (strcmp((const char *)proto->value, "https") == 0 ||
-                          strcmp((const char *)proto->value, "http") == 0))
-        util_snprintf(r->fwd_proto, sizeof(r->fwd_proto), "%s", (const char *)proto->value);
-    const nghttp2_nv *fh = gw_hdrs_get(&r->hdrs, "x-forwarded-host");
-    if (fh != NULL && fh->valuelen > 0 && fh->valuelen < 256) {
+     * real_ip_recursive does. Several header lines are one list, in order
+     * (RFC 9110 5.3): a client's own line comes before the proxy's. */
+    xff_walk(r);
+    /* the proxy's own value is the last one it sent */
+    struct iov proto = last_item(&r->hdrs, "x-forwarded-proto");
+    if ((proto.len == 5 && memcmp(proto.base, "https", 5) == 0) ||
+        (proto.len == 4 && memcmp(proto.base, "http", 4) == 0))
+        util_snprintf(r->fwd_proto, sizeof(r->fwd_proto), "%.*s", (int)proto.len, proto.base);
+    struct iov fh = last_item(&r->hdrs, "x-forwarded-host");
+    if (fh.len > 0 && fh.len < 256) {
         free(r->fwd_host);
-        r->fwd_host = strdup((const char *)fh->value);
+        r->fwd_host = strndup(fh.base, fh.len);
     }
 }
 

@@ -483,6 +483,16 @@ static void h2s_send(struct gw_tun_h2 *s)
         LOG_WARN(s->ctx->log, "tunnel_h2_error", LOG_U("tun", s->id),
                  LOG_S("err", nghttp2_strerror(rv)));
         gw_tun_close(s->tun, WS_CLOSE_PROTOCOL_ERROR, "h2 error");
+        return;
+    }
+    /* The session ended itself (a connection error it answered with GOAWAY,
+     * such as a PUSH_PROMISE, or the agent's GOAWAY with nothing left in
+     * flight): a tunnel that can carry nothing must not stay routed, and its
+     * streams must not wait for their timeouts. */
+    if (!nghttp2_session_want_read(s->h2) && !nghttp2_session_want_write(s->h2)) {
+        LOG_WARN(s->ctx->log, "tunnel_h2_ended", LOG_U("tun", s->id),
+                 LOG_U("streams", s->nstreams), LOG_B("goaway_from_agent", s->goaway));
+        gw_tun_close(s->tun, WS_CLOSE_PROTOCOL_ERROR, "h2 session ended");
     }
 }
 

@@ -463,8 +463,9 @@ static void test_xfp(void **state)
     assert_string_equal(f.proto, "http");
     f = fwd_of(peer4(&p, "10.0.0.1"), "http", https);
     assert_string_equal(f.proto, "https");
-    /* only http and https, exactly, are believed */
-    static const char *const bad[] = {"ftp", "HTTPS", "Http", "https, http", " https", "",
+    /* only http and https, exactly, are believed: the proxy's own value,
+     * the last item of the last line */
+    static const char *const bad[] = {"ftp", "HTTPS", "Http", "http, HTTPS", "https, ", "",
                                       "httpsx", "ws"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         const char *h[] = {"X-Forwarded-Proto", bad[i], NULL};
@@ -472,9 +473,68 @@ static void test_xfp(void **state)
         if (strcmp(f.proto, "http") != 0)
             fail_msg("X-Forwarded-Proto \"%s\" believed: %s", bad[i], f.proto);
     }
+    /* the proxy appends: "https" from the client, then "http" from it */
+    const char *two[] = {"X-Forwarded-Proto", "https", "X-Forwarded-Proto", "http", NULL};
+    f = fwd_of(peer4(&p, "10.0.0.1"), "https", two);
+    assert_string_equal(f.proto, "http");
+    const char *list[] = {"X-Forwarded-Proto", "http, https", NULL};
+    f = fwd_of(peer4(&p, "10.0.0.1"), "http", list);
+    assert_string_equal(f.proto, "https");
     /* never from an untrusted peer */
     f = fwd_of(peer4(&p, "192.0.2.1"), "https", http);
     assert_string_equal(f.proto, "https");
+}
+
+/* Two X-Forwarded-For lines (the client's own, then the one its proxy
+ * appended) are one list in order: the client cannot spoof its address by
+ * sending the first line (issue: client-address spoofing behind
+ * --trust-proxy). */
+static void test_xff_several_lines(void **state)
+{
+    struct peer p;
+    const char *spoof[] = {"X-Forwarded-For", "6.6.6.6", "X-Forwarded-For", "1.2.3.4", NULL};
+    struct fwd f = fwd_of(peer4(&p, "10.0.0.1"), "https", spoof);
+
+    (void)state;
+    assert_string_equal(f.client_ip, "1.2.3.4");
+    assert_string_equal(f.chain, "6.6.6.6");
+    /* trusted hops in the last line are skipped into the earlier one */
+    const char *hops[] = {"X-Forwarded-For", "7.7.7.7, 1.2.3.4", "X-Forwarded-For",
+                          "10.0.0.2, 10.0.0.3", NULL};
+    f = fwd_of(peer4(&p, "10.0.0.1"), "https", hops);
+    assert_string_equal(f.client_ip, "1.2.3.4");
+    assert_string_equal(f.chain, "7.7.7.7");
+    /* garbage in the last line stops the walk: nothing left of it is believed */
+    const char *bad[] = {"X-Forwarded-For", "1.2.3.4", "X-Forwarded-For", "junk", NULL};
+    f = fwd_of(peer4(&p, "10.0.0.1"), "https", bad);
+    assert_string_equal(f.client_ip, "10.0.0.1");
+    /* X-Forwarded-Host: the proxy's (last) value */
+    const char *host[] = {"X-Forwarded-Host", "evil.test", "X-Forwarded-Host", "good.test", NULL};
+    f = fwd_of(peer4(&p, "10.0.0.1"), "https", host);
+    assert_string_equal(f.host, "good.test");
+}
+
+/* A chain longer than the gateway keeps drops its oldest entries, whole,
+ * instead of all of it. */
+static void test_xff_chain_too_long(void **state)
+{
+    struct peer p;
+    char xff[2048];
+    size_t o = 0;
+    struct fwd f;
+
+    (void)state;
+    for (int i = 0; i < 60; i++)
+        o += (size_t)snprintf(xff + o, sizeof(xff) - o, "100.64.%d.%d, ", i, i + 100);
+    snprintf(xff + o, sizeof(xff) - o, "1.2.3.4");
+    const char *h[] = {"X-Forwarded-For", xff, NULL};
+    f = fwd_of(peer4(&p, "10.0.0.1"), "https", h);
+    assert_string_equal(f.client_ip, "1.2.3.4");
+    assert_true(strlen(f.chain) > 400 && strlen(f.chain) < 512);
+    /* it ends with the hop nearest the client and starts with a whole entry */
+    assert_non_null(strstr(f.chain, "100.64.59.159"));
+    assert_int_equal(strncmp(f.chain, "100.64.", 7), 0);
+    assert_true(f.chain[strlen(f.chain) - 1] != ' ');
 }
 
 static void test_xfh(void **state)
@@ -562,6 +622,8 @@ int main(void)
         cmocka_unit_test(test_xff_garbage),
         cmocka_unit_test(test_xff_long_chain),
         cmocka_unit_test(test_xfp),
+        cmocka_unit_test(test_xff_several_lines),
+        cmocka_unit_test(test_xff_chain_too_long),
         cmocka_unit_test(test_xfh),
         cmocka_unit_test(test_trusted_v4_mapped_peer),
         cmocka_unit_test(test_set_peer_twice),

@@ -99,6 +99,8 @@ static struct {
 
 /* ---- fake tunnel (gw_tun.h) ---- */
 
+static void *g_close_sess; /* the native session: closing fails its streams, as gw_tun_close does */
+
 int gw_tun_send_msg(struct gw_tun *t, const struct tun_msg *m)
 {
     assert_ptr_equal(t, &g.tun);
@@ -109,9 +111,12 @@ int gw_tun_send_msg(struct gw_tun *t, const struct tun_msg *m)
     return 0;
 }
 
+
 void gw_tun_close(struct gw_tun *t, int code, const char *reason)
 {
     assert_ptr_equal(t, &g.tun);
+    if (g_close_sess != NULL && g.closes == 0)
+        gw_tun_h2_proto.fail_all(g_close_sess);
     g.closes++;
     g.close_code = code;
     snprintf(g.close_reason, sizeof(g.close_reason), "%s", reason);
@@ -691,6 +696,7 @@ static void *h2_env_new(void)
     assert_non_null(sess);
     assert_int_equal(gw_tun_h2_proto.streams(sess), 0);
     assert_int_equal(gw_tun_h2_proto.start(sess, 0), 0);
+    g_close_sess = sess;
     /* start sent the preface and SETTINGS at once */
     assert_true(evbuffer_get_length(g.c2s) >= 24);
     assert_memory_equal(evbuffer_pullup(g.c2s, 24), NGHTTP2_CLIENT_MAGIC, 24);
@@ -701,6 +707,7 @@ static void *h2_env_new(void)
 
 static void h2_env_free(void *sess)
 {
+    g_close_sess = NULL;
     gw_tun_h2_proto.sess_free(sess);
     srv_stop();
 }
@@ -856,6 +863,37 @@ static void test_h2_cancel(void **state)
     assert_int_equal(gw_tun_h2_proto.streams(sess), 0);
     gw_req_free(r);
     assert_int_equal(g.closes, 0);
+    h2_env_free(sess);
+}
+
+/* An agent that sends a PUSH_PROMISE (push is disabled) makes the session
+ * end itself with GOAWAY PROTOCOL_ERROR: the tunnel is closed at once and the
+ * request in flight fails now, not at its response-header timeout. */
+static void test_h2_session_ended_closes_tunnel(void **state)
+{
+    void *sess = h2_env_new();
+    struct gw_route rt;
+    struct fe_rec f;
+    struct gw_req *r = req_new(&f, "GET", "/pushy", NULL, NULL);
+    /* PUSH_PROMISE on stream 1, END_HEADERS, promising stream 2; header
+     * block :method GET, :scheme https, :path / (HPACK static entries) */
+    static const uint8_t push[] = {0, 0, 7, 0x05, 0x04, 0, 0, 0, 1,
+                                   0, 0, 0, 2, 0x82, 0x87, 0x84};
+
+    (void)state;
+    route_init(&rt, &gw_tun_h2_proto, sess);
+    assert_int_equal(rt.up->open(&rt, r), HERR_NONE);
+    pump(sess);
+    assert_int_equal(srv.nreq, 1);
+    (void)gw_tun_h2_proto.on_binary(sess, push, sizeof(push));
+    gw_tun_h2_proto.flush(sess);
+    assert_int_equal(g.closes, 1);
+    assert_int_equal(g.close_code, WS_CLOSE_PROTOCOL_ERROR);
+    /* the request failed at once with the tunnel */
+    assert_int_equal(f.errors, 1);
+    assert_int_equal(f.err, HERR_TUNNEL_CLOSED);
+    assert_null(r->up);
+    gw_req_free(r);
     h2_env_free(sess);
 }
 
@@ -1339,6 +1377,7 @@ int main(void)
         cmocka_unit_test_setup(test_h2_open_alloc_fail, test_setup),
         cmocka_unit_test_setup(test_h2_request_body, test_setup),
         cmocka_unit_test_setup(test_h2_cancel, test_setup),
+        cmocka_unit_test_setup(test_h2_session_ended_closes_tunnel, test_setup),
         cmocka_unit_test_setup(test_h2_host_busy, test_setup),
         cmocka_unit_test_setup(test_h2_drain, test_setup),
         cmocka_unit_test_setup(test_h2_offline_states, test_setup),
