@@ -82,6 +82,7 @@ struct gw_h1 {
     bool upgraded;                    /* our 101 went out: output is the WebSocket's */
     char ws_accept[29];               /* Sec-WebSocket-Accept for the 101 */
     gw_take_conn_cb take_cb;          /* the tunnel endpoint wants the connection */
+    struct event *linger;             /* raw mode after the client's half-close; NULL before */
     const void *take_arg;
 
     /* request state */
@@ -130,6 +131,8 @@ static void h1_free(struct gw_h1 *h)
     if (h->bev != NULL)
         bufferevent_free(h->bev);
     event_free(h->kick);
+    if (h->linger != NULL)
+        event_free(h->linger);
     free(h->url);
     free(h->field);
     free(h->value);
@@ -790,6 +793,15 @@ static void h1_on_write(struct bufferevent *bev, void *arg)
 /* Raw mode, the client half-closed: the upstream gets the end of its bytes
  * (the local API sees the FIN), and what it still sends may go out; the
  * connection lives on only for a linger. */
+/* The half-closed connection outlived its linger: the upstream never ended. */
+static void h1_on_linger(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_h1 *h = arg;
+
+    h->dead = true;
+    h1_finish(h);
+}
+
 static void h1_raw_eof(struct gw_h1 *h)
 {
     struct timeval tv = {H1_CLOSE_LINGER_S, 0};
@@ -800,7 +812,11 @@ static void h1_raw_eof(struct gw_h1 *h)
         return;
     }
     gw_req_body_eof(h->req);
-    bufferevent_set_timeouts(h->bev, &tv, &tv);
+    /* a timer of its own: the bufferevent's timeouts count only while it
+     * waits to read or write, and here it may do neither */
+    h->linger = evtimer_new(h->ctx->base, h1_on_linger, h);
+    if (h->linger == NULL || evtimer_add(h->linger, &tv) != 0)
+        h->dead = true;
 }
 
 static void h1_on_event(struct bufferevent *bev, short what, void *arg)
