@@ -48,6 +48,10 @@ static const struct herr_info herr_table[HERR_COUNT_] = {
     [HERR_REQUEST_TIMEOUT] = {408, "request_timeout",
                               "The request body stopped arriving."},
     [HERR_INTERNAL] = {500, "internal_error", "The gateway failed to handle the request."},
+    [HERR_VERSION_NOT_SUPPORTED] = {505, "http_version_not_supported",
+                                    "Only HTTP/1.0, HTTP/1.1 and HTTP/2 are served."},
+    [HERR_GATEWAY_BUSY] = {503, "gateway_busy",
+                           "The gateway is at a capacity limit; retry shortly."},
 };
 
 static const struct herr_info *info(enum herr e)

@@ -33,6 +33,8 @@ enum herr {
     HERR_GATEWAY_TIMEOUT,
     HERR_REQUEST_TIMEOUT,
     HERR_INTERNAL,
+    HERR_VERSION_NOT_SUPPORTED,
+    HERR_GATEWAY_BUSY,
     HERR_COUNT_ /* number of entries, not a code */
 };
 

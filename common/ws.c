@@ -434,7 +434,6 @@ static void ws_on_frame_start(wslay_event_context_ptr ctx,
                               const struct wslay_event_on_frame_recv_start_arg *a, void *user)
 {
     struct ws_conn *ws = user;
-    size_t need;
 
     ws->rx_ctrl = wslay_is_ctrl_frame(a->opcode);
     if (ws->rx_ctrl) {
@@ -448,20 +447,32 @@ static void ws_on_frame_start(wslay_event_context_ptr ctx,
     ws->rx_fin = a->fin != 0;
     if (ws_rx_muted(ws) || ws->rx_opcode != WSLAY_TEXT_FRAME)
         return;
-    if (a->payload_length > ws->max_text - ws->text_len) {
+    /* Refused on the declared length, before any payload is read; room is
+     * taken as the bytes arrive (ws_on_frame_chunk), never reserved for a
+     * length a peer merely declared. */
+    if (a->payload_length > ws->max_text - ws->text_len)
         ws_fail(ws, WS_CLOSE_TOO_BIG, "text message too big");
-        return;
-    }
-    need = ws->text_len + (size_t)a->payload_length + 1;
-    if (need > ws->text_cap) {
-        char *p = realloc(ws->text, need);
-        if (p == NULL) {
-            ws_fail(ws, WS_CLOSE_INTERNAL, "out of memory");
-            return;
-        }
-        ws->text = p;
-        ws->text_cap = need;
-    }
+}
+
+/* Room for n more text bytes and the NUL: doubles, bounded by max_text. */
+static int ws_text_grow(struct ws_conn *ws, size_t n)
+{
+    size_t need = ws->text_len + n + 1;
+    size_t cap = ws->text_cap > 0 ? ws->text_cap : 256;
+    char *p;
+
+    if (need <= ws->text_cap)
+        return 0;
+    while (cap < need)
+        cap = cap > SIZE_MAX / 2 ? need : cap * 2;
+    if (cap > ws->max_text + 1)
+        cap = need > ws->max_text + 1 ? need : ws->max_text + 1;
+    p = realloc(ws->text, cap);
+    if (p == NULL)
+        return -1;
+    ws->text = p;
+    ws->text_cap = cap;
+    return 0;
 }
 
 static void ws_on_frame_chunk(wslay_event_context_ptr ctx,
@@ -481,8 +492,10 @@ static void ws_on_frame_chunk(wslay_event_context_ptr ctx,
     if (ws_rx_muted(ws) || a->data_length == 0)
         return;
     if (ws->rx_opcode == WSLAY_TEXT_FRAME) {
-        /* Room reserved at frame start from the frame's declared length. */
-        assert(ws->text_len + a->data_length < ws->text_cap);
+        if (ws_text_grow(ws, a->data_length) != 0) {
+            ws_fail(ws, WS_CLOSE_INTERNAL, "out of memory");
+            return;
+        }
         memcpy(ws->text + ws->text_len, a->data, a->data_length);
         ws->text_len += a->data_length;
     } else if (ws->cb.on_binary != NULL) {
@@ -529,13 +542,9 @@ static void ws_on_frame_end(wslay_event_context_ptr ctx, void *user)
     ws->rx_opcode = 0;
     len = ws->text_len;
     ws->text_len = 0;
-    if (ws->text == NULL) { /* empty message: no frame reserved room */
-        ws->text = malloc(1);
-        if (ws->text == NULL) {
-            ws_fail(ws, WS_CLOSE_INTERNAL, "out of memory");
-            return;
-        }
-        ws->text_cap = 1;
+    if (ws_text_grow(ws, 0) != 0) { /* an empty message has no room yet */
+        ws_fail(ws, WS_CLOSE_INTERNAL, "out of memory");
+        return;
     }
     ws->text[len] = '\0';
     if (ws->cb.on_text != NULL)
@@ -678,6 +687,21 @@ static void ws_recv(struct ws_conn *ws)
             hlen = ws_peek_header(in, b, &payload);
             if (hlen == 0)
                 return; /* the rest of the header is still on its way */
+            /* a fragmented or oversized control frame (RFC 6455 5.5): wslay
+             * would answer with a close without a code; 1002 says why */
+            if (hlen > 0 && (b[0] & 0x08u) != 0 && ((b[0] & 0x80u) == 0 || payload > 125)) {
+                ws_fail(ws, WS_CLOSE_PROTOCOL_ERROR, "bad control frame");
+                continue;
+            }
+            /* a text message past max_text is refused on its declared length,
+             * before any payload: wslay would wait for the first byte */
+            if (hlen > 0 && !ws_rx_muted(ws) &&
+                ((b[0] & 0x0fu) == WSLAY_TEXT_FRAME ||
+                 ((b[0] & 0x0fu) == WSLAY_CONTINUATION_FRAME && ws->rx_opcode == WSLAY_TEXT_FRAME)) &&
+                payload > ws->max_text - ws->text_len) {
+                ws_fail(ws, WS_CLOSE_TOO_BIG, "text message too big");
+                continue;
+            }
             if (hlen > 0 && ws_fast_ok(ws, b)) {
                 ws->fast_masked = (b[1] & 0x80u) != 0;
                 if (ws->fast_masked)
@@ -963,6 +987,12 @@ int ws_send_binary_buffer(struct ws_conn *ws, struct evbuffer *src, size_t len)
 size_t ws_output_pending(const struct ws_conn *ws)
 {
     return ws_pending(ws) + wslay_event_get_queued_msg_length(ws->wslay);
+}
+
+void ws_set_max_text(struct ws_conn *ws, size_t max_text)
+{
+    assert(max_text > 0);
+    ws->max_text = max_text;
 }
 
 void ws_set_watermarks(struct ws_conn *ws, size_t low, size_t high)

@@ -103,6 +103,10 @@ int ws_send_binary_buffer(struct ws_conn *ws, struct evbuffer *src, size_t len);
 /* Bytes queued but not yet written to the socket (or to TLS). */
 size_t ws_output_pending(const struct ws_conn *ws);
 
+/* Changes the cap of an assembled text message (> 0), e.g. raised once the
+ * peer has authenticated. A message in progress is held to the new cap. */
+void ws_set_max_text(struct ws_conn *ws, size_t max_text);
+
 /* Output watermarks in bytes; low <= high (low is clamped to high). */
 void ws_set_watermarks(struct ws_conn *ws, size_t low, size_t high);
 

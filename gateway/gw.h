@@ -66,6 +66,9 @@ struct gw_ctx {
     bool draining;                  /* SIGTERM seen: no new tunnels */
     uint64_t drain_deadline_ms;     /* monotonic end of the drain grace */
     size_t tunnels_live;            /* authenticated tunnels */
+    size_t tunnels_pending;         /* upgraded, not yet authenticated */
+    uint64_t fd_limit;              /* RLIMIT_NOFILE soft limit (raised to the hard one) */
+    size_t osr_body_memory;         /* Osaurus request bodies being collected (gw_osr) */
     int exit_code;
     struct gw_counters n;
     struct gw_metrics m;            /* /metrics state and the access log (gw_metrics.h) */

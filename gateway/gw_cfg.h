@@ -80,6 +80,9 @@ struct gw_cfg {
 
     /* Limits (PRODUCT.md "Public side"), 0 = no limit. */
     uint64_t max_header_bytes;            /* 65536; never above UINT32_MAX */
+    uint64_t max_header_count;            /* 100 header lines per request */
+    uint64_t header_timeout_s;            /* 20: a whole request head, from its first byte */
+    uint64_t keepalive_timeout_s;         /* 75: an idle h1 or h2 connection */
     uint64_t max_body_bytes;              /* 0 */
     uint64_t resp_header_timeout_s;       /* --response-header-timeout, 300 */
     uint64_t max_resp_header_timeout_s;   /* --max-response-header-timeout, 3600 */
@@ -87,6 +90,9 @@ struct gw_cfg {
     uint64_t max_conns_per_ip;            /* 512 */
     uint64_t tunnel_connects_per_ip_per_min; /* 60 */
     uint64_t max_tunnels_per_ip;          /* 64 */
+    uint64_t max_pending_tunnels_per_ip;  /* 8 not yet authenticated */
+    uint64_t max_pending_tunnels;         /* 1024 not yet authenticated */
+    uint64_t max_osaurus_body_memory;     /* 256 MiB of Osaurus request bodies collected */
     uint64_t max_agents_per_tunnel;       /* 50 */
     uint64_t max_streams_per_tunnel;      /* 1024 */
     uint64_t agent_requests_per_min;      /* 0 */

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include <event2/event.h>
 #include <http_parser.h>
@@ -194,6 +195,23 @@ static void on_sweep(evutil_socket_t fd, short what, void *arg)
     gw_ipt_sweep(ctx->ipt, clk_mono_ms(ctx->clk));
 }
 
+/* The soft descriptor limit raised to the hard one: every connection and
+ * tunnel is a descriptor, and the default soft limit (1024) is far below
+ * what a gateway holds. Returns the limit in force (0 = unknown). */
+static uint64_t raise_fd_limit(void)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return 0;
+    if (rl.rlim_cur < rl.rlim_max) {
+        struct rlimit want = {rl.rlim_max, rl.rlim_max};
+        if (setrlimit(RLIMIT_NOFILE, &want) == 0)
+            rl.rlim_cur = rl.rlim_max;
+    }
+    return rl.rlim_cur == RLIM_INFINITY ? 0 : (uint64_t)rl.rlim_cur;
+}
+
 struct gw_ctx *gw_ctx_new(struct gw_cfg *cfg, const struct clk *clk, char *err, size_t errlen)
 {
     struct gw_ctx *ctx = calloc(1, sizeof(*ctx));
@@ -223,6 +241,7 @@ struct gw_ctx *gw_ctx_new(struct gw_cfg *cfg, const struct clk *clk, char *err, 
         goto fail_log_msg;
     }
     apply_parser_limit(cfg);
+    ctx->fd_limit = raise_fd_limit();
     ctx->base = util_event_base_new();
     if (ctx->base == NULL)
         goto fail_log;
@@ -336,7 +355,7 @@ int gw_ctx_run(struct gw_ctx *ctx)
              LOG_U("port", gw_lsn_port(ctx->lsn_main)), LOG_S("scheme", cfg->no_tls ? "http" : "https"),
              LOG_S("domain", cfg->domain), LOG_S("ca", ca_path),
              LOG_S("access", cfg->open_effective ? "open" : "allow-list"),
-             LOG_S("version", TG_VERSION));
+             LOG_U("fd_limit", ctx->fd_limit), LOG_S("version", TG_VERSION));
     if (ctx->lsn_plain != NULL)
         LOG_INFO(ctx->log, "listening", LOG_S("addr", cfg->plain_listen.host),
                  LOG_U("port", gw_lsn_port(ctx->lsn_plain)), LOG_S("scheme", "http"),

@@ -17,6 +17,21 @@
  * callback once the parser stopped. `Upgrade: h2c` is ignored (RFC 9110
  * 7.8 allows it; curl sends it on http://); any other upgrade is 501.
  *
+ * Strictness (RFC 9112, 9110): what a proxy in front could read differently
+ * is refused with 400 and the connection closed, before routing where the
+ * head shows it: a field name that is not a token (whitespace before the
+ * colon), several Host lines, a Transfer-Encoding other than one "chunked",
+ * an HTTP version other than 1.0/1.1 (505). A chunked body is decoded here,
+ * not by http-parser (which accepts a bare LF as a line end, so the local API
+ * would see another body than a proxy in front): the parser is told the
+ * message has no body and is paused, and the connection reads the chunks
+ * itself (chunk_*), CRLF only, trailers bounded by max-header-bytes.
+ *
+ * Timeouts: a new connection, or one between requests, is closed after
+ * header-timeout / keepalive-timeout of silence (the bufferevent's read
+ * timeout); a request head must be complete within header-timeout of its
+ * first byte (head_timer: a slow sender's bytes do not extend it), else 408.
+ *
  * The connection frees itself only from its own event callbacks (read, write,
  * event, and the deferred "kick" event): fe ops called from a tunnel never
  * free it, they set flags and activate the kick. */
@@ -45,7 +60,7 @@
 #define H1_BODY_LOW (64 * 1024)       /* resume once the tunnel took this much */
 #define H1_OUT_HIGH (256 * 1024)      /* withhold window from the agent */
 #define H1_OUT_LOW (32 * 1024)        /* return window again */
-#define H1_IDLE_TIMEOUT_S 75          /* keep-alive / header wait */
+#define H1_CHUNK_LINE_MAX 4096        /* a chunk-size line with its extensions */
 #define H1_CLOSE_LINGER_S 5           /* flushing a final response */
 #define H1_IN_HIGH (256 * 1024)       /* read watermark: stop reading the socket */
 
@@ -75,6 +90,31 @@ struct gw_h1 {
     bool missing_host;
     bool up_websocket;                /* Upgrade lists websocket */
     bool up_h2c_only;                 /* Upgrade is h2c alone: ignored */
+    size_t head_fields;               /* for max-header-count */
+    unsigned host_lines;
+    unsigned te_lines;                /* Transfer-Encoding lines */
+    bool te_bad;                      /* ... not exactly one "chunked" */
+    char *conn_opts;                  /* owned; Connection's values, comma-joined */
+    size_t conn_opts_len;
+    struct event *head_timer;         /* header-timeout for the head being read */
+
+    /* a chunked request body, decoded here (see the top) */
+    enum {
+        CHUNK_OFF = 0,                /* no chunked body in progress */
+        CHUNK_SIZE,                   /* hex digits */
+        CHUNK_EXT,                    /* ";..." to the CR */
+        CHUNK_SIZE_LF,                /* the LF after the size line's CR */
+        CHUNK_DATA,
+        CHUNK_DATA_CR,                /* CRLF after the data */
+        CHUNK_DATA_LF,
+        CHUNK_TRAILER,                /* a trailer line, or the final empty one */
+        CHUNK_TRAILER_LF,
+    } chunk;
+    uint64_t chunk_left;              /* CHUNK_SIZE: the size so far; DATA: bytes left */
+    size_t chunk_line;                /* bytes of the current size or trailer line */
+    size_t chunk_trailer_bytes;       /* all trailer bytes, for max-header-bytes */
+    unsigned chunk_digits;
+    uint8_t http_major, http_minor;   /* the request's version (the parser moves on) */
 
     /* upgrades */
     bool ws_pass;                     /* a WebSocket to an agent: raw once the parser stops */
@@ -107,6 +147,8 @@ static void h1_on_read(struct bufferevent *bev, void *arg);
 static void h1_on_write(struct bufferevent *bev, void *arg);
 static void h1_on_event(struct bufferevent *bev, short what, void *arg);
 static void h1_on_kick(evutil_socket_t fd, short what, void *arg);
+static void h1_on_head_timeout(evutil_socket_t fd, short what, void *arg);
+static void h1_finish(struct gw_h1 *h);
 static void h1_process(struct gw_h1 *h);
 
 /* ---- teardown ---- */
@@ -131,8 +173,10 @@ static void h1_free(struct gw_h1 *h)
     if (h->bev != NULL)
         bufferevent_free(h->bev);
     event_free(h->kick);
+    event_free(h->head_timer);
     if (h->linger != NULL)
         event_free(h->linger);
+    free(h->conn_opts);
     free(h->url);
     free(h->field);
     free(h->value);
@@ -142,6 +186,14 @@ static void h1_free(struct gw_h1 *h)
 static void h1_kick(struct gw_h1 *h)
 {
     event_active(h->kick, EV_TIMEOUT, 0);
+}
+
+/* Waiting for a request: closed after s of silence (0 = never). */
+static void h1_set_idle_timeout(struct gw_h1 *h, uint64_t s)
+{
+    struct timeval tv = {(time_t)s, 0};
+
+    bufferevent_set_timeouts(h->bev, s != 0 ? &tv : NULL, NULL);
 }
 
 /* Stop reading and free once the output is flushed (or after a linger). */
@@ -224,7 +276,7 @@ static int h1_fe_head(struct gw_req *r, int status, const nghttp2_nv *nv, size_t
     h->resp_no_body = r->is_head || status == 204 || status == 304 || status < 200;
     h->resp_chunked = false;
     if (!h->resp_no_body && !has_length) {
-        if (h->parser.http_major == 1 && h->parser.http_minor >= 1) {
+        if (h->http_major == 1 && h->http_minor >= 1) {
             h->resp_chunked = true;
             evbuffer_add(out, "transfer-encoding: chunked\r\n", 28);
         } else {
@@ -288,6 +340,10 @@ static void h1_fe_error(struct gw_req *r, enum herr e)
     struct gw_h1 *h = r->fe_data;
 
     r->status = herr_status(e);
+    /* a malformed request may be framed otherwise than we read it: nothing
+     * after it on this connection is to be trusted */
+    if (e == HERR_BAD_REQUEST || e == HERR_VERSION_NOT_SUPPORTED || e == HERR_REQUEST_TIMEOUT)
+        h->keepalive = false;
     if (h->ws_pass || (!h->msg_done && !(r->has_content_length && r->content_length == 0))) {
         /* a body (or a WebSocket's bytes) may still arrive: answer now and
          * close rather than read what nobody will use */
@@ -379,8 +435,19 @@ static int on_message_begin(http_parser *p)
     h->resp_chunked = false;
     h->resp_no_body = false;
     h->unconsumed = 0;
-    /* a request is being served: the idle timeout no longer applies */
+    h->head_fields = 0;
+    h->host_lines = 0;
+    h->te_lines = 0;
+    h->te_bad = false;
+    h->conn_opts_len = 0;
+    h->chunk = CHUNK_OFF;
+    /* a request is being read: the idle timeout no longer applies, the
+     * head's deadline does (a slow sender's bytes do not extend it) */
     bufferevent_set_timeouts(h->bev, NULL, NULL);
+    if (h->ctx->cfg->header_timeout_s != 0) {
+        struct timeval tv = {(time_t)h->ctx->cfg->header_timeout_s, 0};
+        evtimer_add(h->head_timer, &tv);
+    }
     return 0;
 }
 
@@ -431,6 +498,8 @@ static int commit_header(struct gw_h1 *h)
 
     if (h->field_len == 0)
         return 0;
+    if (h->ctx->cfg->max_header_count != 0 && ++h->head_fields > h->ctx->cfg->max_header_count)
+        h->head_too_large = true;
     if (h->head_too_large)
         goto reset;
     /* RFC 9110 5.5: surrounding whitespace is not part of the value (and
@@ -439,8 +508,23 @@ static int commit_header(struct gw_h1 *h)
            (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
         h->value_len--;
     if (h->field_len == 4 && util_iov_ieq_str((struct iov){h->field, 4}, "host")) {
-        if (r->authority == NULL)
+        if (h->host_lines++ == 0)
             r->authority = strndup(h->value ? h->value : "", h->value_len);
+        goto reset;
+    }
+    if (h->field_len == 17 && util_iov_ieq_str((struct iov){h->field, 17}, "transfer-encoding")) {
+        /* the only coding served is chunked, once (RFC 9112 6.1, 7) */
+        if (h->te_lines++ > 0 || h->value_len != 7 ||
+            !util_iov_ieq_str((struct iov){h->value, 7}, "chunked"))
+            h->te_bad = true;
+        goto reset;
+    }
+    if (h->field_len == 10 && util_iov_ieq_str((struct iov){h->field, 10}, "connection")) {
+        /* the fields it names are this hop's too (RFC 9110 7.6.1) */
+        if ((h->conn_opts_len > 0 && grow_append(&h->conn_opts, &h->conn_opts_len, ",", 1) != 0) ||
+            grow_append(&h->conn_opts, &h->conn_opts_len, h->value ? h->value : "",
+                        h->value_len) != 0)
+            return -1;
         goto reset;
     }
     if (h->field_len == 6 && util_iov_ieq_str((struct iov){h->field, 6}, "expect")) {
@@ -524,25 +608,116 @@ static enum herr h1_take_upgrade(struct gw_h1 *h, http_parser *p)
     return HERR_NONE;
 }
 
+/* The target: origin-form as it is; absolute-form (RFC 9112 3.2.2) gives
+ * the authority, which replaces Host, and the path. Returns 0, or -1 if out
+ * of memory; a target of any other form stays as it is for gw_req_check. */
+static int h1_set_target(struct gw_h1 *h, struct gw_req *r)
+{
+    struct http_parser_url u;
+    const char *url = h->url != NULL ? h->url : "/";
+    size_t len = h->url != NULL ? h->url_len : 1;
+
+    http_parser_url_init(&u);
+    if (len > 0 && url[0] != '/' && http_parser_parse_url(url, len, 0, &u) == 0 &&
+        (u.field_set & (1 << UF_SCHEMA)) && (u.field_set & (1 << UF_HOST))) {
+        const struct iov sch = {url + u.field_data[UF_SCHEMA].off, u.field_data[UF_SCHEMA].len};
+        size_t hoff = u.field_data[UF_HOST].off;
+        size_t hend = hoff + u.field_data[UF_HOST].len;
+        size_t pend = len;
+        if (!util_iov_ieq_str(sch, "http") && !util_iov_ieq_str(sch, "https"))
+            goto as_is;
+        if (hoff > 0 && url[hoff - 1] == '[')
+            hoff--, hend++; /* the parser leaves out an IPv6 literal's brackets */
+        if (u.field_set & (1 << UF_PORT))
+            hend = u.field_data[UF_PORT].off + u.field_data[UF_PORT].len;
+        if (u.field_set & (1 << UF_FRAGMENT))
+            pend = u.field_data[UF_FRAGMENT].off - 1;
+        free(r->authority);
+        r->authority = strndup(url + hoff, hend - hoff);
+        if (u.field_set & (1 << UF_PATH))
+            r->path = strndup(url + u.field_data[UF_PATH].off, pend - u.field_data[UF_PATH].off);
+        else if (u.field_set & (1 << UF_QUERY)) {
+            size_t qoff = u.field_data[UF_QUERY].off - 1;
+            if ((r->path = malloc(pend - qoff + 2)) != NULL) {
+                r->path[0] = '/';
+                memcpy(r->path + 1, url + qoff, pend - qoff);
+                r->path[pend - qoff + 1] = '\0';
+            }
+        } else {
+            r->path = strdup("/");
+        }
+        return r->authority != NULL && r->path != NULL ? 0 : -1;
+    }
+as_is:
+    r->path = strndup(url, len);
+    return r->path != NULL ? 0 : -1;
+}
+
+/* Drops the fields Connection named (hop-by-hop ones are gone already). */
+static void h1_drop_connection_opts(struct gw_h1 *h, struct gw_req *r)
+{
+    const char *v = h->conn_opts;
+    size_t len = h->conn_opts_len;
+
+    while (len > 0) {
+        size_t i = 0;
+        while (i < len && v[i] != ',')
+            i++;
+        struct iov item = {v, i};
+        while (item.len > 0 && (item.base[0] == ' ' || item.base[0] == '\t')) {
+            item.base++;
+            item.len--;
+        }
+        while (item.len > 0 && (item.base[item.len - 1] == ' ' || item.base[item.len - 1] == '\t'))
+            item.len--;
+        if (item.len > 0)
+            gw_hdrs_remove(&r->hdrs, item.base, item.len);
+        v += i < len ? i + 1 : i;
+        len -= i < len ? i + 1 : i;
+    }
+}
+
+/* Head errors found once it is in: HERR_NONE or the answer. */
+static enum herr h1_head_error(struct gw_h1 *h, http_parser *p)
+{
+    if (h->head_too_large)
+        return HERR_HEADER_TOO_LARGE;
+    if (p->http_major != 1 || p->http_minor > 1)
+        return HERR_VERSION_NOT_SUPPORTED;
+    if (h->host_lines > 1 || h->te_bad || h->req->authority == NULL || p->method == HTTP_CONNECT)
+        return HERR_BAD_REQUEST;
+    return HERR_NONE;
+}
+
 static int on_headers_complete(http_parser *p)
 {
     struct gw_h1 *h = p->data;
     struct gw_req *r = h->req;
+    enum herr e;
 
     if (commit_header(h) != 0)
         return -1;
+    evtimer_del(h->head_timer);
+    h->http_major = (uint8_t)p->http_major;
+    h->http_minor = (uint8_t)p->http_minor;
     r->method = strdup(http_method_str(p->method));
-    r->path = h->head_too_large ? strdup("-")
-                                : (h->url != NULL ? strndup(h->url, h->url_len) : strdup("/"));
-    if (r->method == NULL || r->path == NULL)
+    if (r->method == NULL)
+        return -1;
+    if (h->head_too_large)
+        r->path = strdup("-");
+    else if (h1_set_target(h, r) != 0)
+        return -1;
+    if (r->path == NULL)
         return -1;
     gw_req_set_peer(r, (struct sockaddr *)&h->peer);
-    if (h->head_too_large) {
-        gw_req_fail(r, HERR_HEADER_TOO_LARGE);
+    e = h1_head_error(h, p);
+    if (e != HERR_NONE) {
+        gw_req_fail(r, e);
         h->keepalive = false;
         h->discard_body = true;
         return 0;
     }
+    h1_drop_connection_opts(h, r);
     r->is_head = p->method == HTTP_HEAD;
     h->keepalive = http_should_keep_alive(p) != 0;
     if ((p->flags & F_CONTENTLENGTH) != 0) {
@@ -552,14 +727,8 @@ static int on_headers_complete(http_parser *p)
         r->has_content_length = true; /* no body at all */
         r->content_length = 0;
     }
-    if (r->authority == NULL || p->method == HTTP_CONNECT) {
-        gw_req_fail(r, HERR_BAD_REQUEST);
-        h->keepalive = false;
-        h->discard_body = true;
-        return 0;
-    }
     if (p->upgrade) {
-        enum herr e = h1_take_upgrade(h, p);
+        e = h1_take_upgrade(h, p);
         if (e != HERR_NONE) {
             gw_req_fail(r, e);
             h->keepalive = false;
@@ -569,12 +738,20 @@ static int on_headers_complete(http_parser *p)
     }
     /* a WebSocket's bytes come after the head, for as long as it lives */
     r->body_eof = !h->ws_pass && r->has_content_length && r->content_length == 0;
+    if ((p->flags & F_CHUNKED) != 0 && !h->ws_pass) {
+        h->chunk = CHUNK_SIZE;
+        h->chunk_left = 0;
+        h->chunk_line = 0;
+        h->chunk_digits = 0;
+        h->chunk_trailer_bytes = 0;
+    }
     gw_px_start(r);
     /* RFC 9110 10.1.1: only once the request will really be forwarded */
     if (h->expect_continue && !r->body_eof && !h->ws_pass && r->err == HERR_NONE &&
         r->status == 0 && r->up != NULL)
         evbuffer_add(bufferevent_get_output(h->bev), "HTTP/1.1 100 Continue\r\n\r\n", 25);
-    return 0;
+    /* a chunked body is ours to read: to the parser, the message ends here */
+    return h->chunk != CHUNK_OFF ? 1 : 0;
 }
 
 static int on_body(http_parser *p, const char *at, size_t n)
@@ -595,12 +772,14 @@ static int on_message_complete(http_parser *p)
 {
     struct gw_h1 *h = p->data;
 
+    /* one request at a time: later pipelined bytes wait in the buffer */
+    http_parser_pause(p, 1);
+    if (h->chunk != CHUNK_OFF)
+        return 0; /* its body follows, read by h1_process_chunked */
     h->msg_done = true;
     /* an upgrade "completes" at its head; its bytes follow in raw mode */
     if (!h->ws_pass && !h->discard_body && !h->resp_done)
         gw_req_body_eof(h->req);
-    /* one request at a time: later pipelined bytes wait in the buffer */
-    http_parser_pause(p, 1);
     return 0;
 }
 
@@ -659,6 +838,174 @@ static void h1_process_raw(struct gw_h1 *h)
         evbuffer_drain(in, evbuffer_get_length(in)); /* answered: nobody reads these */
 }
 
+/* A malformed chunked body: answered 400 if nothing was answered yet (the
+ * upstream, if opened, is cancelled first), else the response is cut. */
+static void h1_chunk_error(struct gw_h1 *h)
+{
+    struct gw_req *r = h->req;
+
+    h->chunk = CHUNK_OFF;
+    h->keepalive = false;
+    h->msg_done = true;
+    if (r->status == 0 && r->err == HERR_NONE) {
+        gw_req_cancel(r);
+        gw_req_fail(r, HERR_BAD_REQUEST);
+    } else {
+        gw_req_cancel(r);
+    }
+    h1_close_after_flush(h);
+}
+
+static int hex_val(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* One framing byte of a chunked body (RFC 9112 7.1: chunk-size [ext] CRLF
+ * data CRLF ... 0 [ext] CRLF *(trailer CRLF) CRLF). Returns 0, 1 when the
+ * body is complete, -1 on malformed framing. */
+static int h1_chunk_byte(struct gw_h1 *h, char c)
+{
+    size_t max = h->ctx->cfg->max_header_bytes;
+    int d;
+
+    switch (h->chunk) {
+    case CHUNK_SIZE:
+        d = hex_val(c);
+        if (d >= 0) {
+            if (++h->chunk_digits > 15) /* 2^60: no overflow, far beyond any limit */
+                return -1;
+            h->chunk_left = h->chunk_left * 16 + (uint64_t)d;
+            return 0;
+        }
+        if (h->chunk_digits == 0)
+            return -1;
+        if (c == '\r') {
+            h->chunk = CHUNK_SIZE_LF;
+            return 0;
+        }
+        if (c != ';' && c != ' ' && c != '\t') /* BWS before an extension */
+            return -1;
+        h->chunk = CHUNK_EXT;
+        h->chunk_line = h->chunk_digits + 1;
+        return 0;
+    case CHUNK_EXT:
+        if (c == '\r') {
+            h->chunk = CHUNK_SIZE_LF;
+            return 0;
+        }
+        /* extensions are not interpreted, only bounded and kept printable */
+        if (++h->chunk_line > H1_CHUNK_LINE_MAX || c == '\n' || c == '\0' ||
+            ((unsigned char)c < 0x20 && c != '\t') || c == 0x7f)
+            return -1;
+        return 0;
+    case CHUNK_SIZE_LF:
+        if (c != '\n')
+            return -1;
+        h->chunk_digits = 0;
+        if (h->chunk_left == 0) {
+            h->chunk = CHUNK_TRAILER;
+            h->chunk_line = 0;
+        } else {
+            h->chunk = CHUNK_DATA;
+        }
+        return 0;
+    case CHUNK_DATA_CR:
+        if (c != '\r')
+            return -1;
+        h->chunk = CHUNK_DATA_LF;
+        return 0;
+    case CHUNK_DATA_LF:
+        if (c != '\n')
+            return -1;
+        h->chunk = CHUNK_SIZE;
+        h->chunk_left = 0;
+        return 0;
+    case CHUNK_TRAILER:
+        if (max != 0 && ++h->chunk_trailer_bytes > max)
+            return -1;
+        if (c == '\r') {
+            h->chunk = CHUNK_TRAILER_LF;
+            return 0;
+        }
+        if (c == '\n' || c == '\0')
+            return -1;
+        h->chunk_line++;
+        return 0;
+    case CHUNK_TRAILER_LF:
+        if (c != '\n')
+            return -1;
+        if (h->chunk_line == 0)
+            return 1; /* the empty line: done */
+        h->chunk = CHUNK_TRAILER;
+        h->chunk_line = 0;
+        return 0;
+    case CHUNK_OFF:
+    case CHUNK_DATA:
+        break;
+    }
+    return -1;
+}
+
+/* Reads a chunked body from the input into the request body (trailers are
+ * read and dropped), with the same backpressure as any body. */
+static void h1_process_chunked(struct gw_h1 *h)
+{
+    struct evbuffer *in = bufferevent_get_input(h->bev);
+    struct gw_req *r = h->req;
+
+    while (h->chunk != CHUNK_OFF && !h->body_paused && !h->closing && !h->dead) {
+        struct evbuffer_iovec v;
+        const char *b;
+        size_t i = 0;
+
+        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1 || v.iov_len == 0)
+            return;
+        b = v.iov_base;
+        while (i < v.iov_len && h->chunk != CHUNK_OFF) {
+            if (h->chunk == CHUNK_DATA) {
+                size_t n = v.iov_len - i;
+                if (n > h->chunk_left)
+                    n = (size_t)h->chunk_left;
+                if (!h->discard_body && !h->resp_done && gw_req_body_add(r, b + i, n) < 0) {
+                    evbuffer_drain(in, i + n);
+                    h1_chunk_error(h);
+                    return;
+                }
+                i += n;
+                h->chunk_left -= n;
+                if (h->chunk_left == 0)
+                    h->chunk = CHUNK_DATA_CR;
+                if (gw_req_body_avail(r) > H1_BODY_HIGH) {
+                    h->body_paused = true;
+                    break;
+                }
+                continue;
+            }
+            int rv = h1_chunk_byte(h, b[i++]);
+            if (rv < 0) {
+                evbuffer_drain(in, i);
+                LOG_DEBUG(h->ctx->log, "bad_chunk", LOG_U("conn", h->id));
+                h1_chunk_error(h);
+                return;
+            }
+            if (rv == 1) {
+                h->chunk = CHUNK_OFF;
+                h->msg_done = true;
+                if (!h->discard_body && !h->resp_done)
+                    gw_req_body_eof(r);
+            }
+        }
+        evbuffer_drain(in, i);
+    }
+}
+
 /* Feeds buffered input to the parser until something says stop. */
 static void h1_process(struct gw_h1 *h)
 {
@@ -676,6 +1023,12 @@ static void h1_process(struct gw_h1 *h)
             h1_process_raw(h);
             return;
         }
+        if (h->chunk != CHUNK_OFF) {
+            h1_process_chunked(h);
+            if (h->chunk != CHUNK_OFF || h->closing || h->dead)
+                return;
+            continue;
+        }
         if (h->req != NULL && h->msg_done) {
             if (!h->resp_done)
                 return; /* pipelined bytes wait for this response */
@@ -686,8 +1039,7 @@ static void h1_process(struct gw_h1 *h)
                 h1_close_after_flush(h);
                 return;
             }
-            struct timeval tv = {H1_IDLE_TIMEOUT_S, 0};
-            bufferevent_set_timeouts(h->bev, &tv, NULL);
+            h1_set_idle_timeout(h, h->ctx->cfg->keepalive_timeout_s);
             http_parser_pause(&h->parser, 0);
         }
         if (h->body_paused)
@@ -743,6 +1095,27 @@ static void h1_process(struct gw_h1 *h)
 }
 
 /* ---- event callbacks (the only places that free) ---- */
+
+/* The head did not come whole within header-timeout of its first byte. */
+static void h1_on_head_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_h1 *h = arg;
+    struct gw_req *r = h->req;
+
+    if (h->dead || h->closing || r == NULL || r->status != 0 || r->err != HERR_NONE)
+        return;
+    if (r->method == NULL)
+        r->method = strdup("-");
+    if (r->path == NULL)
+        r->path = strdup("-");
+    gw_req_set_peer(r, (struct sockaddr *)&h->peer);
+    h->keepalive = false;
+    h->msg_done = true;
+    gw_metrics_limit(h->ctx, GW_LIMIT_HEADER_TIMEOUT);
+    gw_req_fail(r, HERR_REQUEST_TIMEOUT);
+    h1_close_after_flush(h);
+    h1_finish(h);
+}
 
 static void h1_finish(struct gw_h1 *h)
 {
@@ -860,12 +1233,12 @@ int gw_h1_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
                 socklen_t peerlen, const char *scheme, uint64_t conn_id)
 {
     struct gw_h1 *h = calloc(1, sizeof(*h));
-    struct timeval tv = {H1_IDLE_TIMEOUT_S, 0};
 
     if (h == NULL)
         goto fail_bev;
     h->kick = event_new(ctx->base, -1, 0, h1_on_kick, h);
-    if (h->kick == NULL)
+    h->head_timer = evtimer_new(ctx->base, h1_on_head_timeout, h);
+    if (h->kick == NULL || h->head_timer == NULL)
         goto fail_h;
     h->ctx = ctx;
     h->link.free_now = h1_free_now;
@@ -879,7 +1252,8 @@ int gw_h1_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     h->parser.data = h;
     bufferevent_setcb(bev, h1_on_read, h1_on_write, h1_on_event, h);
     tls_bev_read_ahead(bev); /* h1_on_read kicks after every read */
-    bufferevent_set_timeouts(bev, &tv, NULL);
+    /* the first request: header-timeout from the connection's start */
+    h1_set_idle_timeout(h, ctx->cfg->header_timeout_s);
     bufferevent_setwatermark(bev, EV_READ, 0, H1_IN_HIGH);
     bufferevent_enable(bev, EV_READ | EV_WRITE);
     /* bytes may already be buffered (TLS handshake, h2c sniffing) */
@@ -888,6 +1262,10 @@ int gw_h1_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     return 0;
 
 fail_h:
+    if (h->kick != NULL)
+        event_free(h->kick);
+    if (h->head_timer != NULL)
+        event_free(h->head_timer);
     free(h);
 fail_bev:
     bufferevent_free(bev);

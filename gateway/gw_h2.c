@@ -29,8 +29,8 @@
 #define H2_STREAM_WINDOW (256 * 1024)   /* request body window per stream */
 #define H2_CONN_WINDOW (16 * 1024 * 1024)
 #define H2_MAX_STREAMS 256
-#define H2_IDLE_TIMEOUT_S 300          /* only while no stream is open */
 #define H2_REFUSED_TIMEOUT_S 5         /* a refused connection's whole life */
+#define H2_LINGER_S 5                  /* a complete response's stream, client side open */
 
 struct gw_h2 {
     struct gw_conn_link link;         /* in ctx->conns; first member */
@@ -39,6 +39,7 @@ struct gw_h2 {
     struct bufferevent *bev;          /* owned */
     nghttp2_session *session;         /* owned */
     struct event *kick;               /* deferred send / free */
+    struct event *head_timer;         /* header-timeout of the header block being read */
     struct sockaddr_storage peer;
     socklen_t peerlen;
     const char *scheme;
@@ -60,15 +61,27 @@ struct gw_h2s {
     size_t resp_unconsumed;           /* bytes to return to the tunnel once sent */
     uint64_t body_returned;           /* request body bytes whose window we returned */
     size_t head_bytes;                /* for max-header-bytes */
+    size_t head_fields;               /* for max-header-count */
+    struct event *linger;             /* owned or NULL: the response is complete, the
+                                       * client's side is still open */
     bool head_too_large;
     struct gw_h2s *next, *prev;       /* in gw_h2.streams */
 };
 
 static void h2_send(struct gw_h2 *h);
+static void h2_finish(struct gw_h2 *h);
 
 static void h2_kick(struct gw_h2 *h)
 {
     event_active(h->kick, EV_TIMEOUT, 0);
+}
+
+/* No stream open: the connection closes after s of silence (0 = never). */
+static void h2_set_idle_timeout(struct gw_h2 *h, uint64_t s)
+{
+    struct timeval tv = {(time_t)s, 0};
+
+    bufferevent_set_timeouts(h->bev, s != 0 ? &tv : NULL, NULL);
 }
 
 /* ---- fe ops ---- */
@@ -239,6 +252,53 @@ static int on_send_data(nghttp2_session *session, nghttp2_frame *frame, const ui
     return 0;
 }
 
+static void h2s_on_linger(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_h2s *s = arg;
+    struct gw_h2 *h = s->h2;
+
+    nghttp2_submit_rst_stream(h->session, NGHTTP2_FLAG_NONE, s->stream_id, NGHTTP2_NO_ERROR);
+    h2_send(h);
+    h2_finish(h);
+}
+
+/* The response is complete while the client still has its side of the
+ * stream open (a body nobody will read, or a client that never half-closes):
+ * it has H2_LINGER_S to finish (the rest of its body is dropped), then the
+ * stream is reset with NO_ERROR (RFC 9113 8.1) rather than kept forever.
+ * Not at once: curl 7.x reports a reset during its upload as an error even
+ * after a complete response. */
+static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
+{
+    struct gw_h2 *h = user_data;
+    int32_t id = frame->hd.stream_id;
+    struct gw_h2s *s;
+    struct timeval tv = {H2_LINGER_S, 0};
+
+    if ((frame->hd.type != NGHTTP2_DATA && frame->hd.type != NGHTTP2_HEADERS) ||
+        !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM) || id <= 0 ||
+        nghttp2_session_get_stream_remote_close(session, id) != 0)
+        return 0;
+    s = nghttp2_session_get_stream_user_data(session, id);
+    if (s == NULL || s->linger != NULL)
+        return 0;
+    s->linger = evtimer_new(h->ctx->base, h2s_on_linger, s);
+    if (s->linger == NULL || evtimer_add(s->linger, &tv) != 0)
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, id, NGHTTP2_NO_ERROR);
+    return 0;
+}
+
+/* A header block was not whole within header-timeout. */
+static void h2_on_head_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_h2 *h = arg;
+
+    gw_metrics_limit(h->ctx, GW_LIMIT_HEADER_TIMEOUT);
+    LOG_INFO(h->ctx->log, "header_timeout", LOG_U("conn", h->id));
+    h->dead = true;
+    h2_finish(h);
+}
+
 static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
 {
     struct gw_h2 *h = user_data;
@@ -267,6 +327,12 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     h->streams = s;
     if (h->nstreams++ == 0)
         bufferevent_set_timeouts(h->bev, NULL, NULL);
+    /* the block (HEADERS + CONTINUATION) must be whole within header-timeout;
+     * nothing else can come on the connection meanwhile */
+    if (h->ctx->cfg->header_timeout_s != 0) {
+        struct timeval tv = {(time_t)h->ctx->cfg->header_timeout_s, 0};
+        evtimer_add(h->head_timer, &tv);
+    }
     return 0;
 }
 
@@ -291,7 +357,8 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
         return 0;
     r = s->req;
     s->head_bytes += namelen + valuelen;
-    if (max != 0 && s->head_bytes > max) {
+    if ((max != 0 && s->head_bytes > max) ||
+        (h->ctx->cfg->max_header_count != 0 && ++s->head_fields > h->ctx->cfg->max_header_count)) {
         s->head_too_large = true;
         return 0;
     }
@@ -366,6 +433,8 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
     struct gw_h2s *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
     bool end_stream = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
 
+    if (frame->hd.type == NGHTTP2_HEADERS)
+        evtimer_del(h->head_timer);
     if (s == NULL)
         return 0;
     switch (frame->hd.type) {
@@ -419,11 +488,11 @@ static void h2s_free(struct gw_h2 *h, struct gw_h2s *s)
         gw_req_log(s->req, "client_gone");
     gw_req_free(s->req);
     evbuffer_free(s->resp);
+    if (s->linger != NULL)
+        event_free(s->linger);
     free(s);
-    if (--h->nstreams == 0 && !h->dead) {
-        struct timeval tv = {h->refused ? H2_REFUSED_TIMEOUT_S : H2_IDLE_TIMEOUT_S, 0};
-        bufferevent_set_timeouts(h->bev, &tv, NULL);
-    }
+    if (--h->nstreams == 0 && !h->dead)
+        h2_set_idle_timeout(h, h->refused ? H2_REFUSED_TIMEOUT_S : h->ctx->cfg->keepalive_timeout_s);
 }
 
 static int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
@@ -472,6 +541,7 @@ static void h2_free(struct gw_h2 *h)
     nghttp2_session_del(h->session);
     bufferevent_free(h->bev);
     event_free(h->kick);
+    event_free(h->head_timer);
     free(h);
 }
 
@@ -550,7 +620,6 @@ int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, H2_STREAM_WINDOW},
         {NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL, 1},
     };
-    struct timeval tv = {refused ? H2_REFUSED_TIMEOUT_S : H2_IDLE_TIMEOUT_S, 0};
 
     if (h == NULL)
         goto fail_bev;
@@ -558,7 +627,8 @@ int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     if (refused)
         iv[0].value = 1; /* one request, answered 429 */
     h->kick = event_new(ctx->base, -1, 0, h2_on_kick, h);
-    if (h->kick == NULL)
+    h->head_timer = evtimer_new(ctx->base, h2_on_head_timeout, h);
+    if (h->kick == NULL || h->head_timer == NULL)
         goto fail_h;
     if (nghttp2_session_callbacks_new(&cbs) != 0)
         goto fail_kick;
@@ -569,6 +639,7 @@ int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
     if (nghttp2_option_new(&opt) != 0)
         goto fail_cbs;
     nghttp2_option_set_no_auto_window_update(opt, 1);
@@ -589,7 +660,8 @@ int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     bufferevent_setcb(bev, h2_on_read, h2_on_write, h2_on_event, h);
     tls_bev_read_ahead(bev); /* h2_on_read kicks every read */
     bufferevent_setwatermark(bev, EV_WRITE, H2_OUT_LOW, 0);
-    bufferevent_set_timeouts(bev, &tv, NULL);
+    /* the first request: header-timeout from the connection's start */
+    h2_set_idle_timeout(h, refused ? H2_REFUSED_TIMEOUT_S : ctx->cfg->header_timeout_s);
     bufferevent_enable(bev, EV_READ | EV_WRITE);
     h2_send(h);
     if (evbuffer_get_length(bufferevent_get_input(bev)) > 0)
@@ -601,8 +673,11 @@ fail_opt:
 fail_cbs:
     nghttp2_session_callbacks_del(cbs);
 fail_kick:
-    event_free(h->kick);
 fail_h:
+    if (h->kick != NULL)
+        event_free(h->kick);
+    if (h->head_timer != NULL)
+        event_free(h->head_timer);
     free(h);
 fail_bev:
     bufferevent_free(bev);

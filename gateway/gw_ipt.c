@@ -13,6 +13,7 @@ struct ip_entry {
     uint8_t key[16];            /* IPv6, or IPv4 as ::ffff:a.b.c.d */
     uint32_t conns;             /* open public connections */
     uint32_t tunnels;           /* open tunnels */
+    uint32_t pending;           /* of which not yet authenticated */
     uint64_t window_start_ms;   /* start of the current minute of upgrades */
     uint32_t window_count;      /* upgrades in that minute */
     struct ip_entry *next;
@@ -195,6 +196,24 @@ void gw_ipt_tunnel_release(struct gw_ipt *t, const struct sockaddr *sa)
 
     if (e != NULL && e->tunnels > 0)
         e->tunnels--;
+}
+
+bool gw_ipt_pending_acquire(struct gw_ipt *t, const struct sockaddr *sa, uint64_t max)
+{
+    struct ip_entry *e = find(t, sa, false);
+
+    if (e == NULL || (max != 0 && e->pending >= max))
+        return e == NULL && max == 0;
+    e->pending++;
+    return true;
+}
+
+void gw_ipt_pending_release(struct gw_ipt *t, const struct sockaddr *sa)
+{
+    struct ip_entry *e = find(t, sa, false);
+
+    if (e != NULL && e->pending > 0)
+        e->pending--;
 }
 
 void gw_ipt_sweep(struct gw_ipt *t, uint64_t now_ms)

@@ -32,6 +32,12 @@ enum gw_ipt_verdict gw_ipt_tunnel_acquire(struct gw_ipt *t, const struct sockadd
                                           uint64_t max_tunnels, uint64_t per_min, uint64_t now_ms);
 void gw_ipt_tunnel_release(struct gw_ipt *t, const struct sockaddr *sa);
 
+/* One more unauthenticated tunnel from sa (max-pending-tunnels-per-ip),
+ * which holds a tunnel slot already (gw_ipt_tunnel_acquire): refused (false)
+ * at max (0 = no limit). Released when it authenticates or goes. */
+bool gw_ipt_pending_acquire(struct gw_ipt *t, const struct sockaddr *sa, uint64_t max);
+void gw_ipt_pending_release(struct gw_ipt *t, const struct sockaddr *sa);
+
 /* Drops entries that count nothing and whose rate window has passed. */
 void gw_ipt_sweep(struct gw_ipt *t, uint64_t now_ms);
 

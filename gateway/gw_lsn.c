@@ -27,6 +27,10 @@
 #include "util.h"
 
 #define HS_TIMEOUT_S 10 /* TLS handshake / first bytes */
+#define ACCEPT_PAUSE_MS 100 /* out of descriptors: stop accepting this long */
+/* Descriptors kept for tunnels' and the gateway's own needs (log reopen,
+ * reload, the CA): a public connection that would use one is closed at once. */
+#define FD_RESERVE 32
 #define GW_IO_MAX (256 * 1024) /* bytes per socket write call */
 
 static const char h2_preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -34,7 +38,12 @@ static const char h2_preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 struct gw_lsn {
     struct gw_ctx *ctx;
     struct evconnlistener *el;   /* owned */
+    struct event *resume;        /* owned; ends an accept pause */
     bool tls;
+    bool disabled;               /* gw_lsn_disable: never resumed */
+    bool paused;                 /* out of descriptors: an episode is on */
+    uint64_t episode_failures;   /* accept failures in it */
+    uint64_t episode_shed;       /* connections closed at once for the reserve */
     uint16_t port;
 };
 
@@ -162,7 +171,28 @@ static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct 
     struct timeval tv = {HS_TIMEOUT_S, 0};
     int one = 1;
 
+    if (l->paused) {
+        LOG_INFO(ctx->log, "accept_resumed", LOG_U("port", l->port),
+                 LOG_U("failures", l->episode_failures), LOG_U("shed", l->episode_shed));
+        l->paused = false;
+        l->episode_failures = 0;
+        l->episode_shed = 0;
+    }
+
     ctx->n.conns_accepted++;
+    /* descriptors are handed out lowest first: a high one means few are left */
+    if (ctx->fd_limit > FD_RESERVE && (uint64_t)fd >= ctx->fd_limit - FD_RESERVE) {
+        evutil_closesocket(fd);
+        gw_metrics_limit(ctx, GW_LIMIT_DESCRIPTORS);
+        if (l->episode_shed++ == 0 && !l->paused)
+            LOG_WARN(ctx->log, "fd_reserve", LOG_U("port", l->port), LOG_U("limit", ctx->fd_limit),
+                     LOG_U("reserve", FD_RESERVE));
+        return;
+    }
+    if (l->episode_shed > 0 && !l->paused) {
+        LOG_INFO(ctx->log, "fd_reserve_end", LOG_U("port", l->port), LOG_U("shed", l->episode_shed));
+        l->episode_shed = 0;
+    }
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     hs = calloc(1, sizeof(*hs));
     if (hs == NULL) {
@@ -218,15 +248,35 @@ static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct 
     bufferevent_enable(bev, EV_READ | EV_WRITE);
 }
 
+static void lsn_on_resume(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_lsn *l = arg;
+
+    if (!l->disabled)
+        evconnlistener_enable(l->el);
+}
+
+/* accept(2) failed. Out of descriptors (or kernel memory), the listening
+ * socket stays readable and would spin: stop accepting for a moment, and say
+ * so once per episode (it ends with the next accepted connection). */
 static void lsn_on_error(struct evconnlistener *el, void *arg)
 {
     struct gw_lsn *l = arg;
     int e = EVUTIL_SOCKET_ERROR();
+    struct timeval tv = {0, ACCEPT_PAUSE_MS * 1000};
 
-    /* EMFILE and friends: log, back off by disabling for a moment would be
-     * better; the listener keeps running and retries on the next event */
-    LOG_WARN(l->ctx->log, "accept_failed", LOG_S("err", evutil_socket_error_to_string(e)),
-             LOG_U("port", l->port));
+    if (e != EMFILE && e != ENFILE && e != ENOBUFS && e != ENOMEM) {
+        LOG_WARN(l->ctx->log, "accept_failed", LOG_S("err", evutil_socket_error_to_string(e)),
+                 LOG_U("port", l->port));
+        return;
+    }
+    gw_metrics_limit(l->ctx, GW_LIMIT_DESCRIPTORS);
+    if (l->episode_failures++ == 0)
+        LOG_WARN(l->ctx->log, "accept_paused", LOG_S("err", evutil_socket_error_to_string(e)),
+                 LOG_U("port", l->port), LOG_U("pause_ms", ACCEPT_PAUSE_MS));
+    l->paused = true;
+    evconnlistener_disable(l->el);
+    evtimer_add(l->resume, &tv);
 }
 
 struct gw_lsn *gw_lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bool tls,
@@ -242,12 +292,19 @@ struct gw_lsn *gw_lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bo
     }
     l->ctx = ctx;
     l->tls = tls;
+    l->resume = evtimer_new(ctx->base, lsn_on_resume, l);
+    if (l->resume == NULL) {
+        util_snprintf(err, errlen, "out of memory");
+        free(l);
+        return NULL;
+    }
     l->el = evconnlistener_new_bind(ctx->base, lsn_on_accept, l,
                                     LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
                                         LEV_OPT_CLOSE_ON_EXEC,
                                     1024, (const struct sockaddr *)&addr->ss, (int)addr->sslen);
     if (l->el == NULL) {
         util_snprintf(err, errlen, "cannot listen on %s: %s", addr->text, strerror(errno));
+        event_free(l->resume);
         free(l);
         return NULL;
     }
@@ -265,8 +322,11 @@ uint16_t gw_lsn_port(const struct gw_lsn *l)
 
 void gw_lsn_disable(struct gw_lsn *l)
 {
-    if (l != NULL)
+    if (l != NULL) {
+        l->disabled = true;
+        evtimer_del(l->resume);
         evconnlistener_disable(l->el);
+    }
 }
 
 void gw_lsn_free(struct gw_lsn *l)
@@ -274,5 +334,6 @@ void gw_lsn_free(struct gw_lsn *l)
     if (l == NULL)
         return;
     evconnlistener_free(l->el);
+    event_free(l->resume);
     free(l);
 }

@@ -54,6 +54,11 @@ static const char *const limit_names[GW_LIMIT_COUNT_] = {
     [GW_LIMIT_TUNNEL_CONNECTS] = "tunnel_connects",
     [GW_LIMIT_TUNNELS_PER_IP] = "tunnels_per_ip",
     [GW_LIMIT_CONTROL_MESSAGES] = "control_messages",
+    [GW_LIMIT_PENDING_TUNNELS] = "pending_tunnels",
+    [GW_LIMIT_PENDING_TUNNELS_PER_IP] = "pending_tunnels_per_ip",
+    [GW_LIMIT_HEADER_TIMEOUT] = "header_timeout",
+    [GW_LIMIT_DESCRIPTORS] = "descriptors",
+    [GW_LIMIT_OSAURUS_BODY_MEMORY] = "osaurus_body_memory",
 };
 
 const char *gw_auth_outcome_name(enum gw_auth_outcome o)

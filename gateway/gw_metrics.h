@@ -37,6 +37,11 @@ enum gw_limit_kind {
     GW_LIMIT_TUNNEL_CONNECTS,    /* --tunnel-connects-per-ip-per-min */
     GW_LIMIT_TUNNELS_PER_IP,     /* --max-tunnels-per-ip */
     GW_LIMIT_CONTROL_MESSAGES,   /* control messages per tunnel per minute */
+    GW_LIMIT_PENDING_TUNNELS,    /* --max-pending-tunnels */
+    GW_LIMIT_PENDING_TUNNELS_PER_IP, /* --max-pending-tunnels-per-ip */
+    GW_LIMIT_HEADER_TIMEOUT,     /* --header-timeout */
+    GW_LIMIT_DESCRIPTORS,        /* out of file descriptors (or within the reserve) */
+    GW_LIMIT_OSAURUS_BODY_MEMORY,/* Osaurus-mode request bodies being collected */
     GW_LIMIT_COUNT_
 };
 

@@ -43,6 +43,12 @@
 
 #define OSR_MAX_REQ_BODY ((size_t)TUN_OSR_MAX_BODY) /* request body, bytes (the relay's 10 MB) */
 #define OSR_MAX_UNSENT ((size_t)4 * 1024 * 1024)    /* streamed bytes the caller has not taken */
+/* A `request` frame carries its whole body, so bodies are collected before
+ * they go: memory bounded per tunnel (a few maximum bodies) and per gateway
+ * (--max-osaurus-body-memory), counted by what each body declared
+ * (Content-Length, reserved at once) or has brought so far (chunked). Past
+ * either, 503 gateway_busy before the client saw anything. */
+#define OSR_TUNNEL_BODY_MEMORY ((size_t)64 * 1024 * 1024)
 #define OSR_BUCKETS 256u                            /* id table size; a power of two */
 #define OSR_ID_LEN 36                               /* util_uuid4() */
 
@@ -62,7 +68,10 @@ struct osr_req {
     struct gw_req *req;      /* borrowed; NULL once detached */
     char id[OSR_ID_LEN + 1]; /* the `request` frame's id */
     enum osr_rq_state state;
-    struct evbuffer *body; /* OSR_RQ_BODY: body collected so far; NULL after */
+    uint8_t *body;         /* OSR_RQ_BODY: body collected so far (owned); NULL after */
+    size_t body_len;
+    size_t body_cap;       /* allocated: the declared length, or doubling to the limit */
+    size_t reserved;       /* body memory counted for it (tunnel and gateway) */
     size_t unsent;         /* streamed bytes handed to the front end, not yet consumed */
     bool no_body;          /* HEAD, 204, 205, 304: response bytes are not relayed */
     struct osr_req *next;  /* bucket chain */
@@ -76,6 +85,7 @@ struct gw_osr {
     bool base64;                          /* the client asked for base64 bodies */
     struct osr_req *buckets[OSR_BUCKETS]; /* id table, chained */
     size_t pending;                       /* requests in the table */
+    size_t body_memory;                   /* reserved by its requests' bodies */
     unsigned unanswered_pings;            /* JSON pings sent since the last pong */
     bool draining;                        /* relay_restarting sent: close 1012 once idle */
     bool retiring;                        /* lost its last agent: close 1000 once idle */
@@ -119,6 +129,37 @@ static void osr_insert(struct gw_osr *o, struct osr_req *q)
     o->pending++;
 }
 
+/* Counts q's body as want bytes (never less than before): 0, or -1 past
+ * the tunnel's or the gateway's bound (nothing counted then). */
+static int osr_reserve(struct osr_req *q, size_t want)
+{
+    struct gw_osr *o = q->osr;
+    struct gw_ctx *ctx = o->ctx;
+    size_t more = want > q->reserved ? want - q->reserved : 0;
+    uint64_t cap = ctx->cfg->max_osaurus_body_memory;
+
+    if (more == 0)
+        return 0;
+    if (o->body_memory + more > OSR_TUNNEL_BODY_MEMORY ||
+        (cap != 0 && ctx->osr_body_memory + more > cap)) {
+        gw_metrics_limit(ctx, GW_LIMIT_OSAURUS_BODY_MEMORY);
+        LOG_WARN(ctx->log, "osr_body_memory", LOG_U("tun", o->id), LOG_U("want", want),
+                 LOG_U("tunnel", o->body_memory), LOG_U("gateway", ctx->osr_body_memory));
+        return -1;
+    }
+    q->reserved += more;
+    o->body_memory += more;
+    ctx->osr_body_memory += more;
+    return 0;
+}
+
+static void osr_unreserve(struct osr_req *q)
+{
+    q->osr->body_memory -= q->reserved;
+    q->osr->ctx->osr_body_memory -= q->reserved;
+    q->reserved = 0;
+}
+
 /* Unlinks q from the table and frees it. */
 static void osr_req_free(struct osr_req *q)
 {
@@ -131,8 +172,8 @@ static void osr_req_free(struct osr_req *q)
         *pp = q->next;
         o->pending--;
     }
-    if (q->body != NULL)
-        evbuffer_free(q->body);
+    free(q->body);
+    osr_unreserve(q);
     free(q);
 }
 
@@ -372,7 +413,7 @@ static enum herr osr_send_request(struct osr_req *q)
     struct tun_msg m;
     struct osr_req_hdrs rh;
     char addr[ID_ADDR_STR_LEN + 1];
-    size_t blen = evbuffer_get_length(q->body);
+    size_t blen = q->body_len;
     size_t len;
     char *s;
     enum herr e;
@@ -388,14 +429,8 @@ static enum herr osr_send_request(struct osr_req *q)
     m.http.hdrs = rh.h;
     m.http.n_hdrs = rh.n;
     m.http.body = (struct iov){"", 0};
-    if (blen > 0) {
-        const unsigned char *p = evbuffer_pullup(q->body, -1);
-        if (p == NULL) {
-            osr_req_hdrs_cleanup(&rh);
-            return HERR_INTERNAL;
-        }
-        m.http.body = (struct iov){(const char *)p, blen};
-    }
+    if (blen > 0)
+        m.http.body = (struct iov){(const char *)q->body, blen};
     /* text bodies: the codec turns invalid UTF-8 into U+FFFD, as the relay's
      * TextDecoder does; base64 only for clients that asked for it */
     m.http.base64 = o->base64;
@@ -409,8 +444,10 @@ static enum herr osr_send_request(struct osr_req *q)
     }
     free(s);
     ctx->n.bytes_to_agents += blen;
-    evbuffer_free(q->body);
+    free(q->body);
     q->body = NULL;
+    q->body_len = q->body_cap = 0;
+    osr_unreserve(q);
     q->state = OSR_RQ_WAIT;
     LOG_DEBUG(ctx->log, "osr_request", LOG_U("tun", o->id), LOG_U("req", r->id),
               LOG_S("id", q->id), LOG_U("body", blen));
@@ -426,10 +463,28 @@ static enum herr osr_take_body(struct osr_req *q)
 
     if (n > 0) {
         /* 413 past 10 MB, chunked or not, as the relay */
-        if (n > OSR_MAX_REQ_BODY - evbuffer_get_length(q->body))
+        if (n > OSR_MAX_REQ_BODY - q->body_len)
             return HERR_BODY_TOO_LARGE;
-        if (gw_req_body_take(r, q->body, n) != 0)
+        if (osr_reserve(q, q->body_len + n) != 0)
+            return HERR_GATEWAY_BUSY;
+        /* one contiguous buffer, copied into: the front end's chains carry as
+         * much slack as data, and the frame needs the body in one piece */
+        if (q->body_len + n > q->body_cap) {
+            size_t cap = q->body_cap > 0 ? q->body_cap : 64 * 1024;
+            uint8_t *p;
+            while (cap < q->body_len + n)
+                cap *= 2;
+            if (cap > OSR_MAX_REQ_BODY)
+                cap = OSR_MAX_REQ_BODY;
+            p = realloc(q->body, cap);
+            if (p == NULL)
+                return HERR_INTERNAL;
+            q->body = p;
+            q->body_cap = cap;
+        }
+        if (gw_req_body_copy(r, q->body + q->body_len, n) != 0)
             return HERR_INTERNAL;
+        q->body_len += n;
     }
     if (!r->body_eof)
         return HERR_NONE;
@@ -482,10 +537,14 @@ static enum herr osr_up_open(struct gw_route *rt, struct gw_req *r)
     q = calloc(1, sizeof(*q));
     if (q == NULL)
         return HERR_INTERNAL;
-    q->body = evbuffer_new();
-    if (q->body == NULL || util_uuid4(q->id) != 0) {
-        if (q->body != NULL)
-            evbuffer_free(q->body);
+    /* a declared length is the buffer's size from the start (its pages
+     * are only touched as the bytes come) */
+    if (r->has_content_length && r->content_length > 0) {
+        q->body = malloc((size_t)r->content_length);
+        q->body_cap = (size_t)r->content_length;
+    }
+    if ((q->body == NULL && q->body_cap > 0) || util_uuid4(q->id) != 0) {
+        free(q->body);
         free(q);
         return HERR_INTERNAL;
     }
@@ -494,7 +553,11 @@ static enum herr osr_up_open(struct gw_route *rt, struct gw_req *r)
     q->state = OSR_RQ_BODY;
     osr_insert(o, q);
     gw_req_attach(r, &osr_up_ops, q);
-    e = osr_take_body(q);
+    /* a declared length is counted at once: uploads held just short of
+     * complete cannot add up past the bounds */
+    e = r->has_content_length && osr_reserve(q, (size_t)r->content_length) != 0
+            ? HERR_GATEWAY_BUSY
+            : osr_take_body(q);
     if (e != HERR_NONE) {
         /* the bridge answers e */
         gw_req_detach(r);

@@ -51,8 +51,15 @@ static void px_to_agent(struct gw_req *r)
 
 void gw_px_start(struct gw_req *r)
 {
+    enum herr e;
+
     if (gw_req_set_request_id(r) != 0) {
         gw_req_fail(r, HERR_INTERNAL);
+        return;
+    }
+    e = gw_req_check(r);
+    if (e != HERR_NONE) {
+        gw_req_fail(r, e);
         return;
     }
     gw_req_route(r);
@@ -63,6 +70,7 @@ void gw_px_start(struct gw_req *r)
         else
             gw_admin_handle(r);
         return;
+    case GW_ROUTE_NONE:
     case GW_ROUTE_ERROR:
         gw_req_fail(r, r->route_err);
         return;

@@ -100,6 +100,23 @@ bool gw_hdr_is_gateway_set(const char *name, size_t len)
     return in_list(gateway_set, sizeof(gateway_set) / sizeof(gateway_set[0]), name, len);
 }
 
+void gw_hdrs_remove(struct gw_hdrs *h, const char *name, size_t len)
+{
+    size_t j = 0;
+
+    for (size_t i = 0; i < h->n; i++) {
+        nghttp2_nv *nv = &h->nv[i];
+        if (util_iov_ieq((struct iov){(const char *)nv->name, nv->namelen}, (struct iov){name, len})) {
+            h->bytes -= nv->namelen + nv->valuelen;
+            free(nv->name);
+            free(nv->value);
+            continue;
+        }
+        h->nv[j++] = *nv;
+    }
+    h->n = j;
+}
+
 int gw_hdrs_add(struct gw_hdrs *h, const char *name, size_t nlen, const char *value,
                 size_t vlen, size_t max_bytes)
 {
@@ -180,6 +197,22 @@ static int host_only(const char *authority, char *out, size_t size)
     }
     if (end == 0 || end >= size)
         return -1;
+    /* after the host: nothing, or ':' and a port (RFC 3986 3.2.3: digits,
+     * maybe none) */
+    if (end < len) {
+        const char *port = authority + end + 1;
+        size_t plen = len - end - 1;
+        uint64_t v = 0;
+        if (authority[end] != ':' || plen > 5)
+            return -1;
+        for (size_t i = 0; i < plen; i++) {
+            if (port[i] < '0' || port[i] > '9')
+                return -1;
+            v = v * 10 + (uint64_t)(port[i] - '0');
+        }
+        if (v > 65535)
+            return -1;
+    }
     for (size_t i = 0; i < end; i++) {
         char c = authority[i];
         out[i] = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
@@ -189,6 +222,65 @@ static int host_only(const char *authority, char *out, size_t size)
     if (end > 1 && out[end - 1] == '.')
         out[end - 1] = '\0';
     return 0;
+}
+
+/* A dot segment ("." or "..", any of its dots maybe "%2e") in the path part
+ * of an origin-form target. */
+static bool has_dot_segment(const char *path)
+{
+    const char *p = path;
+
+    while (*p == '/') {
+        size_t dots = 0;
+        bool other = false;
+        p++;
+        while (*p != '\0' && *p != '/' && *p != '?' && *p != '#') {
+            if (*p == '.') {
+                dots++;
+                p++;
+            } else if (p[0] == '%' && p[1] == '2' && (p[2] == 'e' || p[2] == 'E')) {
+                dots++;
+                p += 3;
+            } else {
+                other = true;
+                p++;
+            }
+        }
+        if (!other && (dots == 1 || dots == 2))
+            return true;
+        if (*p != '/')
+            break;
+    }
+    return false;
+}
+
+enum herr gw_req_check(const struct gw_req *r)
+{
+    const char *path = r->path;
+    size_t plen;
+
+    if (r->method == NULL || path == NULL ||
+        nghttp2_check_method((const uint8_t *)r->method, strlen(r->method)) == 0)
+        return HERR_BAD_REQUEST;
+    plen = strlen(path);
+    /* origin-form only: '*' (OPTIONS) and absolute paths elsewhere are not
+     * something an agent's API serves */
+    if (plen == 0 || path[0] != '/' || nghttp2_check_path((const uint8_t *)path, plen) == 0 ||
+        has_dot_segment(path))
+        return HERR_BAD_REQUEST;
+    if (r->authority != NULL &&
+        nghttp2_check_authority((const uint8_t *)r->authority, strlen(r->authority)) == 0)
+        return HERR_BAD_REQUEST;
+    if (r->protocol != NULL &&
+        nghttp2_check_header_value_rfc9113((const uint8_t *)r->protocol, strlen(r->protocol)) == 0)
+        return HERR_BAD_REQUEST;
+    for (size_t i = 0; i < r->hdrs.n; i++) {
+        const nghttp2_nv *h = &r->hdrs.nv[i];
+        if (nghttp2_check_header_name(h->name, h->namelen) == 0 ||
+            nghttp2_check_header_value_rfc9113(h->value, h->valuelen) == 0)
+            return HERR_BAD_REQUEST;
+    }
+    return HERR_NONE;
 }
 
 void gw_req_route(struct gw_req *r)
@@ -481,6 +573,15 @@ int gw_req_body_take(struct gw_req *r, struct evbuffer *dst, size_t n)
     } else if (evbuffer_drain(r->body, n) != 0) {
         return -1;
     }
+    r->body_out += n;
+    r->fe->body_drained(r);
+    return 0;
+}
+
+int gw_req_body_copy(struct gw_req *r, void *dst, size_t n)
+{
+    if (evbuffer_remove(r->body, dst, n) != (int)n)
+        return -1;
     r->body_out += n;
     r->fe->body_drained(r);
     return 0;

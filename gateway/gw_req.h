@@ -84,7 +84,8 @@ struct gw_fe_ops {
 };
 
 enum gw_route_kind {
-    GW_ROUTE_AGENT = 0, /* <address>.<domain> */
+    GW_ROUTE_NONE = 0,  /* not routed (yet): the request failed before */
+    GW_ROUTE_AGENT,     /* <address>.<domain> */
     GW_ROUTE_APEX,      /* <domain>, or a host outside the domain (IP literal) */
     GW_ROUTE_ERROR,     /* see route_err */
 };
@@ -153,12 +154,21 @@ void gw_req_free(struct gw_req *r);
 int gw_hdrs_add(struct gw_hdrs *h, const char *name, size_t nlen, const char *value,
                 size_t vlen, size_t max_bytes);
 void gw_hdrs_cleanup(struct gw_hdrs *h);
+/* Removes every field named name (any case). */
+void gw_hdrs_remove(struct gw_hdrs *h, const char *name, size_t len);
 /* First value of name (lowercase), or NULL. */
 const nghttp2_nv *gw_hdrs_get(const struct gw_hdrs *h, const char *name);
 
 /* True for hop-by-hop headers (RFC 9110 7.6.1) and ones only the gateway sets. */
 bool gw_hdr_is_hop_by_hop(const char *name, size_t len);
 bool gw_hdr_is_gateway_set(const char *name, size_t len);
+
+/* The head is one every upstream can carry (an agent's HTTP/2 would refuse
+ * what nghttp2's checks refuse, RFC 9113 8.2.1 and 8.3.1): method, an
+ * origin-form path without dot segments (".", "..", also percent-encoded,
+ * which would leave the agent's base path), authority, protocol, header
+ * names and values. HERR_NONE or HERR_BAD_REQUEST. */
+enum herr gw_req_check(const struct gw_req *r);
 
 /* Sets r->route/route_err/addr from r->authority and the configured domain
  * (gw_px_start calls it). */
@@ -183,6 +193,8 @@ void gw_req_body_eof(struct gw_req *r);
  * or -1. */
 size_t gw_req_body_avail(const struct gw_req *r);
 int gw_req_body_take(struct gw_req *r, struct evbuffer *dst, size_t n);
+/* The same, copied into dst (n bytes of room). */
+int gw_req_body_copy(struct gw_req *r, void *dst, size_t n);
 
 /* Starts the request's wait clock once it has an upstream (gw_px). */
 void gw_req_arm_wait(struct gw_req *r);

@@ -1,6 +1,8 @@
 /* The tunnel endpoint; see gw_tep.h. The per-IP tunnel slot is taken here
  * and handed to the tunnel with the connection; if the front end's
- * connection ends before the hand-over, on_conn gets NULL and releases it. */
+ * connection ends before the hand-over, on_conn gets NULL and releases it.
+ * The same holds for the pending slot (not yet authenticated: per IP and in
+ * total), which the tunnel gives back once it authenticates. */
 #include "gw_tep.h"
 
 #include <string.h>
@@ -50,6 +52,38 @@ static const struct gw_tun_proto *pick_proto(const nghttp2_nv *nv)
     return NULL;
 }
 
+static void release_slots(struct gw_ctx *ctx, const struct sockaddr *peer)
+{
+    gw_ipt_pending_release(ctx->ipt, peer);
+    ctx->tunnels_pending--;
+    gw_ipt_tunnel_release(ctx->ipt, peer);
+}
+
+/* Takes a pending slot for peer, which holds a tunnel slot: HERR_NONE, or
+ * the refusal (the tunnel slot is then given back). */
+static enum herr acquire_pending(struct gw_ctx *ctx, struct gw_req *r)
+{
+    const struct gw_cfg *cfg = ctx->cfg;
+    const struct sockaddr *peer = (struct sockaddr *)&r->peer;
+    enum herr e = HERR_NONE;
+
+    if (cfg->max_pending_tunnels != 0 && ctx->tunnels_pending >= cfg->max_pending_tunnels)
+        e = HERR_GATEWAY_BUSY;
+    else if (!gw_ipt_pending_acquire(ctx->ipt, peer, cfg->max_pending_tunnels_per_ip))
+        e = HERR_TOO_MANY_CONNECTIONS;
+    if (e != HERR_NONE) {
+        gw_ipt_tunnel_release(ctx->ipt, peer);
+        gw_metrics_limit(ctx, e == HERR_GATEWAY_BUSY ? GW_LIMIT_PENDING_TUNNELS
+                                                     : GW_LIMIT_PENDING_TUNNELS_PER_IP);
+        LOG_WARN(ctx->log, "tunnel_refused", LOG_U("conn", r->conn_id), LOG_S("peer", r->client_ip),
+                 LOG_S("err", e == HERR_GATEWAY_BUSY ? "max_pending_tunnels"
+                                                     : "max_pending_tunnels_per_ip"));
+        return e;
+    }
+    ctx->tunnels_pending++;
+    return HERR_NONE;
+}
+
 /* The front end handed the connection over (or it ended first). */
 static void on_conn(struct gw_req *r, struct bufferevent *bev, const void *arg)
 {
@@ -59,7 +93,7 @@ static void on_conn(struct gw_req *r, struct bufferevent *bev, const void *arg)
 
     if (bev == NULL || key == NULL ||
         ws_accept_key((const char *)key->value, key->valuelen, accept) != 0) {
-        gw_ipt_tunnel_release(r->ctx->ipt, (struct sockaddr *)&r->peer);
+        release_slots(r->ctx, (struct sockaddr *)&r->peer);
         if (bev != NULL)
             bufferevent_free(bev);
         return;
@@ -77,6 +111,7 @@ void gw_tep_handle(struct gw_req *r)
     const struct gw_tun_proto *proto;
     char accept[29];
     enum gw_ipt_verdict v;
+    enum herr e;
 
     /* tunnels are HTTP/1.1 upgrades: an h2 extended CONNECT would share its
      * connection, and the tunnel needs one of its own */
@@ -105,8 +140,13 @@ void gw_tep_handle(struct gw_req *r)
         gw_req_fail(r, v == GW_IPT_RATE ? HERR_RATE_LIMITED : HERR_TOO_MANY_CONNECTIONS);
         return;
     }
+    e = acquire_pending(ctx, r);
+    if (e != HERR_NONE) {
+        gw_req_fail(r, e);
+        return;
+    }
     if (r->fe->take_conn(r, on_conn, proto) != 0) {
-        gw_ipt_tunnel_release(ctx->ipt, (struct sockaddr *)&r->peer);
+        release_slots(ctx, (struct sockaddr *)&r->peer);
         gw_req_fail(r, HERR_WEBSOCKET_REQUIRED);
     }
 }

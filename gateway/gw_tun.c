@@ -71,6 +71,7 @@ struct gw_tun {
 
     bool dead;                           /* free at the next kick */
     bool counted;                        /* counted in ctx->tunnels_live */
+    bool pending;                        /* holds a pending slot (ctx and per IP) */
     unsigned features;                   /* TUN_FEAT_* from the auth message */
     struct rate_win ctl_rate;            /* control-message rate limit */
 };
@@ -339,10 +340,22 @@ static enum tun_err check_agent(struct gw_tun *t, const struct tun_msg_agent_aut
 
 /* ---- authentication and control messages ---- */
 
+/* Gives back the slot of an unauthenticated tunnel (gw_tep took it). */
+static void tun_release_pending(struct gw_tun *t)
+{
+    if (!t->pending)
+        return;
+    t->pending = false;
+    t->ctx->tunnels_pending--;
+    gw_ipt_pending_release(t->ctx->ipt, (struct sockaddr *)&t->peer);
+}
+
 static void tun_go_live(struct gw_tun *t, const struct tun_msg *ok)
 {
     t->state = GW_TUN_ST_LIVE;
     evtimer_del(t->auth_timer);
+    tun_release_pending(t);
+    ws_set_max_text(t->ws, t->proto->max_text);
     t->ctx->tunnels_live++;
     t->counted = true;
     gw_metrics_auth(t->ctx, GW_AUTH_OK);
@@ -560,9 +573,9 @@ static int tun_on_binary(void *arg, const uint8_t *data, size_t len)
     struct gw_tun *t = arg;
 
     if (t->proto->on_binary == NULL || t->state == GW_TUN_ST_CLOSING)
-        return 0; /* a protocol without binary messages ignores them */
-    if (t->state != GW_TUN_ST_LIVE) {
-        gw_tun_close(t, WS_CLOSE_PROTOCOL_ERROR, "binary before auth");
+        return 0; /* a protocol without binary messages ignores them (as the relay does) */
+    if (t->state == GW_TUN_ST_AUTH) { /* the first message is auth */
+        tun_auth_error(t, TUN_E_EXPECTED_AUTH_FRAME);
         return 0;
     }
     if (t->proto->on_binary(t->sess, data, len) != 0) {
@@ -657,6 +670,7 @@ void gw_tun_close(struct gw_tun *t, int code, const char *reason)
     while (!list_is_empty(&t->agents))
         agent_unlink_free(t, agent_of(t->agents.next));
     t->proto->fail_all(t->sess);
+    tun_release_pending(t);
     if (t->counted) {
         t->ctx->tunnels_live--;
         t->counted = false;
@@ -702,6 +716,7 @@ int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sock
     t->ctx = ctx;
     t->id = conn_id;
     t->proto = proto;
+    t->pending = true;
     memcpy(&t->peer, peer,
            peer->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
     util_snprintf(t->peer_ip, sizeof(t->peer_ip), "%s", client_ip);
@@ -712,7 +727,11 @@ int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sock
     if (proto->subprotocol != NULL)
         evbuffer_add_printf(out, "sec-websocket-protocol: %s\r\n", proto->subprotocol);
     evbuffer_add(out, "\r\n", 2);
-    t->ws = ws_conn_new(ctx->base, bev, false, proto->max_text, &tun_ws_cbs, t);
+    /* before auth, every message is an auth message: at most a control
+     * message's size in both modes (raised in tun_go_live) */
+    t->ws = ws_conn_new(ctx->base, bev, false,
+                        proto->max_text < TUN_CTL_MAX_BYTES ? proto->max_text : TUN_CTL_MAX_BYTES,
+                        &tun_ws_cbs, t);
     bev = NULL; /* owned by ws now, also on failure */
     if (t->ws == NULL)
         goto fail_t;
@@ -738,6 +757,8 @@ fail_t:
         event_free(t->auth_timer);
     free(t);
 fail_bev:
+    gw_ipt_pending_release(ctx->ipt, peer);
+    ctx->tunnels_pending--;
     gw_ipt_tunnel_release(ctx->ipt, peer);
     if (bev != NULL)
         bufferevent_free(bev);

@@ -51,7 +51,8 @@ struct gw_tun_proto {
     int (*start)(void *sess, unsigned features);
     /* A binary message after auth. 0, or -1: the tunnel closes (protocol
      * error). NULL: the protocol has none, binary messages are ignored
-     * (before auth too); otherwise one before auth closes the tunnel. */
+     * (before auth too); otherwise one before auth fails auth with
+     * expected_auth_frame. */
     int (*on_binary)(void *sess, const uint8_t *data, size_t len);
     /* A decoded ping/pong/response/stream_* text message after auth. */
     void (*on_data)(void *sess, const struct tun_msg *m);
@@ -75,8 +76,9 @@ struct gw_tun_proto {
 
 /* Writes the 101 answer (ws_accept: the Sec-WebSocket-Accept value; the
  * protocol's subprotocol) and starts authentication. The caller has counted
- * a tunnel for peer in ctx->ipt; the tunnel releases it when it goes (also on
- * failure here). Takes ownership of bev, also on failure. Returns 0 or -1. */
+ * a tunnel for peer in ctx->ipt, and a pending one there and in
+ * ctx->tunnels_pending; the tunnel releases them when it authenticates (the
+ * pending one) or goes (also on failure here). Takes ownership of bev, also on failure. Returns 0 or -1. */
 int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
                   const char *ws_accept, const struct gw_tun_proto *proto, uint64_t conn_id,
                   const char *client_ip);

@@ -27,9 +27,28 @@
 #include "util.h"
 #include "ws.h"
 
-#define GW_TUN_STREAM_WINDOW (1024 * 1024)         /* response bytes in flight per stream */
-#define GW_TUN_CONN_WINDOW (64 * 1024 * 1024)      /* ... and per tunnel */
+/* Flow control. A response's bytes count against its stream's window until
+ * its client has taken them (up_consumed), so a client that stops reading
+ * stops only its own stream, holding at most its stream window. The
+ * connection window is given back as the bytes arrive, while the tunnel
+ * holds less than GW_TUN_HELD_MAX for its clients: no stalled client takes
+ * the other streams' share (PRODUCT.md: a stopped client never stalls other
+ * streams). Past it, the connection window waits for the clients too, which
+ * bounds a tunnel's response memory at GW_TUN_HELD_MAX + GW_TUN_CONN_WINDOW.
+ * A stream starts with the small window and grows to the large one once it
+ * has moved two windows' worth with room to spare: bulk transfers get the
+ * large window, a crowd of stalled streams holds the small one each. */
+#define GW_TUN_STREAM_WINDOW (256 * 1024)          /* a new stream's receive window */
+#define GW_TUN_STREAM_WINDOW_MAX (1024 * 1024)     /* a moving stream's */
+#define GW_TUN_CONN_WINDOW (64 * 1024 * 1024)      /* the tunnel's */
+#define GW_TUN_HELD_MAX (64u * 1024 * 1024)        /* response bytes held for clients */
 #define GW_TUN_FLUSH_BYTES (64 * 1024)             /* one WebSocket message at most */
+/* A response head as the agent sends it: decoded bytes (RFC 9113 6.5.2: name
+ * + value + 32 per field) and fields. Beyond either the stream is reset and
+ * the client gets 502, before anything is kept: HPACK lets a few bytes on
+ * the wire reference a large header many times. */
+#define GW_TUN_MAX_HEADER_LIST (256u * 1024)
+#define GW_TUN_MAX_HEADER_FIELDS 1000u
 
 struct gw_tun_h2 {
     struct gw_tun *tun;                  /* owner */
@@ -45,6 +64,8 @@ struct gw_tun_h2 {
     bool retiring;                       /* close once the streams are done */
     bool draining;                       /* ... with 1012: the gateway drains */
     bool closed;                         /* fail_all ran: the tunnel is going */
+    uint64_t held;                       /* response bytes received, not yet taken by clients */
+    uint64_t conn_owed;                  /* connection window not yet given back */
 };
 
 struct tstream {
@@ -55,13 +76,42 @@ struct tstream {
     struct gw_hdrs resp_hdrs;            /* response headers being received */
     bool head_done;
     uint64_t delivered;                  /* response bytes handed to the front end */
-    uint64_t returned;                   /* of those, window given back to the agent */
+    uint64_t returned;                   /* of those, taken by the client */
+    uint32_t window;                     /* the stream's receive window */
+    uint32_t hdr_bytes;                  /* the response head so far (RFC 9113 6.5.2) */
+    uint32_t hdr_fields;
     struct list node;                    /* in gw_tun_h2.streams */
 };
 
 static void h2s_send(struct gw_tun_h2 *s);
 
 /* ---- streams ---- */
+
+/* n response bytes of st reached its client (or never will): its stream
+ * window, the connection window owed, and a larger window for a stream that
+ * moves. */
+static void tstream_consumed(struct tstream *st, uint64_t n)
+{
+    struct gw_tun_h2 *s = st->sess;
+
+    if (n == 0)
+        return;
+    st->returned += n;
+    s->held -= n;
+    if (s->h2 == NULL)
+        return;
+    nghttp2_session_consume_stream(s->h2, st->id, (size_t)n);
+    if (s->conn_owed > 0 && s->held < GW_TUN_HELD_MAX) {
+        nghttp2_session_consume_connection(s->h2, (size_t)s->conn_owed);
+        s->conn_owed = 0;
+    }
+    if (st->window < GW_TUN_STREAM_WINDOW_MAX && st->req != NULL &&
+        st->returned >= 2ull * st->window && s->held < GW_TUN_HELD_MAX / 2 &&
+        nghttp2_session_set_local_window_size(s->h2, NGHTTP2_FLAG_NONE, st->id,
+                                              GW_TUN_STREAM_WINDOW_MAX) == 0)
+        st->window = GW_TUN_STREAM_WINDOW_MAX;
+    gw_tun_kick(s->tun);
+}
 
 /* The stream no longer waits for its bytes to reach the client (it ended,
  * failed or was cancelled): give the agent back the connection window for
@@ -70,13 +120,7 @@ static void h2s_send(struct gw_tun_h2 *s);
  * the connection even when the stream is already closed. */
 static void tstream_release_window(struct tstream *st)
 {
-    uint64_t n = st->delivered - st->returned;
-
-    st->returned = st->delivered;
-    if (n > 0 && st->sess->h2 != NULL) {
-        nghttp2_session_consume(st->sess->h2, st->id, (size_t)n);
-        gw_tun_kick(st->sess->tun);
-    }
+    tstream_consumed(st, st->delivered - st->returned);
 }
 
 /* Ends st's request as a stream failure; e applies before the head. */
@@ -128,13 +172,7 @@ static void up_body_more(void *arg)
 
 static void up_consumed(void *arg, size_t n)
 {
-    struct tstream *st = arg;
-
-    st->returned += n;
-    if (st->sess->h2 != NULL) {
-        nghttp2_session_consume(st->sess->h2, st->id, n);
-        gw_tun_kick(st->sess->tun);
-    }
+    tstream_consumed(arg, n);
 }
 
 static void up_cancel(void *arg)
@@ -236,6 +274,7 @@ static enum herr up_open(struct gw_route *rt, struct gw_req *r)
     prd.read_callback = body_read_cb;
     st->sess = s;
     st->req = r;
+    st->window = GW_TUN_STREAM_WINDOW;
     /* a WebSocket's bytes come later: its stream always has a body */
     id = nghttp2_submit_request(s->h2, NULL, nv, n,
                                 !ws && r->body_eof && gw_req_body_avail(r) == 0 ? NULL : &prd,
@@ -307,6 +346,17 @@ static int h2_on_header(nghttp2_session *session, const nghttp2_frame *frame, co
 
     if (st == NULL || frame->hd.type != NGHTTP2_HEADERS || st->head_done)
         return 0; /* trailers are not relayed */
+    /* counted as decoded, interim heads included, before anything is kept */
+    st->hdr_bytes += (uint32_t)(namelen + valuelen + 32); /* each at most 64 KiB (nghttp2) */
+    if (++st->hdr_fields > GW_TUN_MAX_HEADER_FIELDS || st->hdr_bytes > GW_TUN_MAX_HEADER_LIST) {
+        struct gw_tun_h2 *s = user_data;
+        LOG_WARN(s->ctx->log, "agent_header_too_large", LOG_U("tun", s->id),
+                 LOG_I("stream", st->id), LOG_U("fields", st->hdr_fields),
+                 LOG_U("bytes", st->hdr_bytes));
+        gw_hdrs_cleanup(&st->resp_hdrs);
+        tstream_fail(st, HERR_BAD_HOST_RESPONSE);
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* RST_STREAM; the block is still decoded */
+    }
     if (namelen == 7 && memcmp(name, ":status", 7) == 0) {
         uint64_t code;
         if (util_parse_u64((const char *)value, valuelen, &code) == 0 && code >= 100 &&
@@ -383,6 +433,11 @@ static int h2_on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t str
     }
     s->ctx->n.bytes_from_agents += len;
     st->delivered += len;
+    s->held += len;
+    if (s->held <= GW_TUN_HELD_MAX)
+        nghttp2_session_consume_connection(session, len);
+    else
+        s->conn_owed += len;
     if (gw_req_body(st->req, data, len) != 0)
         tstream_drop(st);
     return 0;

@@ -95,6 +95,9 @@ static struct {
     char texts[MAX_TEXTS][TEXT_MAX];
     size_t text_len[MAX_TEXTS];
     int pings;
+    /* fake metrics */
+    int limits;
+    enum gw_limit_kind last_limit;
 } g;
 
 /* ---- fake tunnel (gw_tun.h) ---- */
@@ -126,6 +129,15 @@ void gw_tun_kick(struct gw_tun *t)
 {
     assert_ptr_equal(t, &g.tun);
     g.kicks++;
+}
+
+/* ---- fake metrics (gw_metrics.h) ---- */
+
+void gw_metrics_limit(struct gw_ctx *ctx, enum gw_limit_kind k)
+{
+    (void)ctx;
+    g.limits++;
+    g.last_limit = k;
 }
 
 /* ---- fake WebSocket (ws.h) ---- */
