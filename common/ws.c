@@ -687,10 +687,11 @@ static void ws_recv(struct ws_conn *ws)
             hlen = ws_peek_header(in, b, &payload);
             if (hlen == 0)
                 return; /* the rest of the header is still on its way */
-            /* a fragmented or oversized control frame (RFC 6455 5.5): wslay
-             * would answer with a close without a code; 1002 says why */
-            if (hlen > 0 && (b[0] & 0x08u) != 0 && ((b[0] & 0x80u) == 0 || payload > 125)) {
-                ws_fail(ws, WS_CLOSE_PROTOCOL_ERROR, "bad control frame");
+            /* a length not in its shortest form (RFC 6455 5.2), a fragmented
+             * or oversized control frame (5.5): wslay would answer with a
+             * close without a code; 1002 says why */
+            if (hlen < 0 || ((b[0] & 0x08u) != 0 && ((b[0] & 0x80u) == 0 || payload > 125))) {
+                ws_fail(ws, WS_CLOSE_PROTOCOL_ERROR, hlen < 0 ? "bad frame length" : "bad control frame");
                 continue;
             }
             /* a text message past max_text is refused on its declared length,

@@ -268,6 +268,9 @@ enum herr gw_req_check(const struct gw_req *r)
     if (plen == 0 || path[0] != '/' || nghttp2_check_path((const uint8_t *)path, plen) == 0 ||
         has_dot_segment(path))
         return HERR_BAD_REQUEST;
+    for (size_t i = 0; i < plen; i++) /* nor DEL, which the agent's HTTP/1.1 would write */
+        if ((unsigned char)path[i] <= 0x20 || (unsigned char)path[i] == 0x7f)
+            return HERR_BAD_REQUEST;
     if (r->authority != NULL &&
         nghttp2_check_authority((const uint8_t *)r->authority, strlen(r->authority)) == 0)
         return HERR_BAD_REQUEST;

@@ -503,6 +503,10 @@ static int h2s_start(void *arg, unsigned features)
     if (nghttp2_option_new(&opt) != 0)
         goto out_cbs;
     nghttp2_option_set_no_auto_window_update(opt, 1);
+    /* what a request's head may be is max-header-bytes/-count's to say; the
+     * default (64 KiB of deflate bound, ~12 bytes a field over the raw size)
+     * would turn many small headers into a stream error */
+    nghttp2_option_set_max_send_header_block_length(opt, 1u << 20);
     nghttp2_session_callbacks_set_send_callback(cbs, h2_on_send);
     nghttp2_session_callbacks_set_send_data_callback(cbs, h2_on_send_data);
     nghttp2_session_callbacks_set_on_header_callback(cbs, h2_on_header);

@@ -162,6 +162,8 @@ static void test_route_apex(void **state)
     expect_apex("example.com.:8443");
     expect_apex("EXAMPLE.COM");
     expect_apex("Example.Com:80");
+    expect_apex("example.com:"); /* an empty port (RFC 3986 3.2.3) */
+    expect_apex("[::1]:");
 }
 
 static void test_route_agent(void **state)
@@ -266,12 +268,66 @@ static void test_route_malformed(void **state)
     expect_error(":", HERR_BAD_REQUEST);
     expect_error("[::1", HERR_BAD_REQUEST);
     expect_error("[", HERR_BAD_REQUEST);
+    /* after the host only ':' and a port of digits up to 65535 (none is allowed) */
+    expect_error("[::1]junk", HERR_BAD_REQUEST);
+    expect_error("example.com:abc", HERR_BAD_REQUEST);
+    expect_error("example.com:65536", HERR_BAD_REQUEST);
+    expect_error("example.com:123456", HERR_BAD_REQUEST);
+    expect_error("example.com:-1", HERR_BAD_REQUEST);
+    expect_error("example.com:80:80", HERR_BAD_REQUEST);
     /* an unbracketed IPv6 literal is host "" with a port */
     expect_error("::1", HERR_BAD_REQUEST);
     /* a host longer than any DNS name */
     memset(longhost, 'a', 300);
     memcpy(longhost + 300, ".example.com", 13);
     expect_error(longhost, HERR_BAD_REQUEST);
+}
+
+/* ---- what every upstream can carry (gw_req_check) ---- */
+
+static enum herr check_of(const char *method, const char *path, const char *name,
+                          const char *value)
+{
+    struct gw_req *r = req_new("https");
+    enum herr e;
+
+    r->method = strdup(method);
+    r->path = strdup(path);
+    r->authority = strdup("example.com");
+    if (name != NULL)
+        assert_int_equal(gw_hdrs_add(&r->hdrs, name, strlen(name), value, strlen(value), 0), 0);
+    e = gw_req_check(r);
+    gw_req_free(r);
+    return e;
+}
+
+static void test_req_check(void **state)
+{
+    static const char *const bad_paths[] = {
+        "*", "", "example.com/x", "/a/../b", "/..", "/../", "/.", "/./x", "/a/.",
+        "/%2e%2e/x", "/%2E%2e", "/.%2e/x", "/%2e/x", "/a/..?q", "/a\tb", "/a\x0c" "b",
+        "/a b", "/a\x7f" "b",
+    };
+    static const char *const good_paths[] = {
+        "/", "/a", "/a/b/", "/...", "/.x", "/x.", "/a..b", "/%2e%2e%2e", "/a?x=/../",
+        "/a?q=%2e%2e", "//x", "/%2fx",
+    };
+
+    for (size_t i = 0; i < sizeof(bad_paths) / sizeof(bad_paths[0]); i++)
+        if (check_of("GET", bad_paths[i], NULL, NULL) != HERR_BAD_REQUEST)
+            fail_msg("path \"%s\" accepted", bad_paths[i]);
+    for (size_t i = 0; i < sizeof(good_paths) / sizeof(good_paths[0]); i++)
+        if (check_of("GET", good_paths[i], NULL, NULL) != HERR_NONE)
+            fail_msg("path \"%s\" refused", good_paths[i]);
+    assert_int_equal(check_of("G@T", "/", NULL, NULL), HERR_BAD_REQUEST);
+    assert_int_equal(check_of("", "/", NULL, NULL), HERR_BAD_REQUEST);
+    assert_int_equal(check_of("PROPFIND", "/", NULL, NULL), HERR_NONE);
+    assert_int_equal(check_of("GET", "/", "x-ok", "a b\tc"), HERR_NONE);
+    assert_int_equal(check_of("GET", "/", "bad name", "v"), HERR_BAD_REQUEST);
+    assert_int_equal(check_of("GET", "/", "x-a", "a\x7f"), HERR_BAD_REQUEST); /* a CTL */
+    assert_int_equal(check_of("GET", "/", "x-a", "caf\xc3\xa9"), HERR_NONE);  /* obs-text */
+    assert_int_equal(check_of("GET", "/", "x-a", " lead"), HERR_BAD_REQUEST);
+    assert_int_equal(check_of("GET", "/", "x-a", "a\rb"), HERR_BAD_REQUEST);
 }
 
 /* ---- forwarding headers ---- */
@@ -616,6 +672,7 @@ int main(void)
         cmocka_unit_test(test_route_unknown_host),
         cmocka_unit_test(test_route_ip_literal),
         cmocka_unit_test(test_route_malformed),
+        cmocka_unit_test(test_req_check),
         cmocka_unit_test(test_untrusted_peer),
         cmocka_unit_test(test_trusted_peer_no_headers),
         cmocka_unit_test(test_xff_rightmost_untrusted),

@@ -61,7 +61,8 @@ struct ws_conn {
 struct fe_rec {
     int heads;
     int status;
-    char hdrs[2048]; /* "name: value\n" per response header */
+    char hdrs[2048]; /* "name: value\n" per response header (up to 64 of them) */
+    size_t nhdrs;
     size_t hlen;
     int bodies;
     char body[4096];
@@ -185,7 +186,8 @@ static int fe_head(struct gw_req *r, int status, const nghttp2_nv *nv, size_t n)
 
     f->heads++;
     f->status = status;
-    for (size_t i = 0; i < n; i++) {
+    f->nhdrs = n;
+    for (size_t i = 0; i < n && n <= 64; i++) { /* many: counted, not recorded */
         int k = snprintf(f->hdrs + f->hlen, sizeof(f->hdrs) - f->hlen, "%.*s: %.*s\n",
                          (int)nv[i].namelen, (const char *)nv[i].name, (int)nv[i].valuelen,
                          (const char *)nv[i].value);
@@ -606,7 +608,14 @@ static void srv_start(void)
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, srv_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, srv_data);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, srv_stream_close);
-    assert_int_equal(nghttp2_session_server_new(&srv.h2, cbs, NULL), 0);
+    {
+        /* a hostile agent's heads may be as long as it likes on the wire */
+        nghttp2_option *opt;
+        assert_int_equal(nghttp2_option_new(&opt), 0);
+        nghttp2_option_set_max_send_header_block_length(opt, 4u << 20);
+        assert_int_equal(nghttp2_session_server_new2(&srv.h2, cbs, NULL, opt), 0);
+        nghttp2_option_del(opt);
+    }
     nghttp2_session_callbacks_del(cbs);
     /* as the agent does: extended CONNECT (RFC 8441) for WebSockets */
     assert_int_equal(nghttp2_submit_settings(srv.h2, NGHTTP2_FLAG_NONE, &iv, 1), 0);
@@ -911,6 +920,71 @@ static void test_h2_session_ended_closes_tunnel(void **state)
 
 /* max-streams-per-tunnel 2: the third request is refused with host_busy,
  * and admitted once one of the two ended. */
+/* The agent answers request i with n copies of one header (HPACK sends
+ * each copy after the first as a one-byte reference). */
+static void srv_respond_many(int i, size_t n, size_t vlen)
+{
+    nghttp2_nv *nv = calloc(n + 1, sizeof(*nv));
+    char *v = malloc(vlen);
+
+    assert_non_null(nv);
+    assert_non_null(v);
+    memset(v, 'v', vlen);
+    nv[0] = (nghttp2_nv){(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE};
+    for (size_t k = 1; k <= n; k++)
+        nv[k] = (nghttp2_nv){(uint8_t *)"x-h", (uint8_t *)v, 3, vlen, NGHTTP2_NV_FLAG_NONE};
+    assert_int_equal(nghttp2_submit_response(srv.h2, srv.ids[i], nv, n + 1, NULL), 0);
+    free(nv);
+    free(v);
+}
+
+/* A response head is bounded as it is decoded (fields, and bytes counted as
+ * RFC 9113 6.5.2 does): past either, 502 bad_host_response and the stream is
+ * reset, whatever few bytes it took on the wire; the tunnel carries on. */
+static void test_h2_header_limits(void **state)
+{
+    void *sess = h2_env_new();
+    struct gw_route rt;
+    struct fe_rec f[2];
+    struct gw_req *r0 = req_new(&f[0], "GET", "/0", NULL, NULL);
+    struct gw_req *r1 = req_new(&f[1], "GET", "/1", NULL, NULL);
+
+    route_init(&rt, &gw_tun_h2_proto, sess);
+    assert_int_equal(rt.up->open(&rt, r0), HERR_NONE);
+    assert_int_equal(rt.up->open(&rt, r1), HERR_NONE);
+    pump(sess);
+    assert_int_equal(srv.nreq, 2);
+    srv_respond_many(0, 1001, 1);    /* 1,001 fields of 36 bytes */
+    srv_respond_many(1, 90, 3000);  /* 90 x 3,035 bytes: 273 KB from ~3 KB */
+    pump(sess);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(f[i].errors, 1);
+        assert_int_equal(f[i].err, HERR_BAD_HOST_RESPONSE);
+        assert_int_equal(f[i].heads, 0);
+    }
+    assert_int_equal(gw_tun_h2_proto.streams(sess), 0);
+    assert_int_equal(g.closes, 0);
+    gw_req_free(r0);
+    gw_req_free(r1);
+    /* 1,000 fields, and heads just under the byte bound, pass */
+    r0 = req_new(&f[0], "GET", "/2", NULL, NULL);
+    r1 = req_new(&f[1], "GET", "/3", NULL, NULL);
+    assert_int_equal(rt.up->open(&rt, r0), HERR_NONE);
+    assert_int_equal(rt.up->open(&rt, r1), HERR_NONE);
+    pump(sess);
+    srv_respond_many(2, 999, 1);
+    srv_respond_many(3, 80, 3000);
+    pump(sess);
+    assert_int_equal(f[0].heads, 1);
+    assert_int_equal(f[1].heads, 1);
+    assert_int_equal(f[0].nhdrs, 999);
+    assert_int_equal(f[1].nhdrs, 80);
+    assert_int_equal(f[0].errors + f[1].errors, 0);
+    gw_req_free(r0);
+    gw_req_free(r1);
+    gw_tun_h2_proto.sess_free(sess);
+}
+
 static void test_h2_host_busy(void **state)
 {
     void *sess = h2_env_new();
@@ -1133,11 +1207,11 @@ static void test_osr_open_alloc_fail(void **state)
     unsigned long fails;
 
     route_init(&rt, &gw_osr_proto, sess);
-    /* the request, its body buffer, the header frame's two arrays and joined
-     * values, and the encoder's output buffer (tun_msg's own writer; cJSON
-     * allocates in its shared library, unseen) */
+    /* the request, the header frame's two arrays and joined values, and the
+     * encoder's output buffer (tun_msg's own writer; cJSON allocates in its
+     * shared library, unseen); a GET has no body buffer */
     fails = open_walk(&gw_osr_proto, sess, &rt, r);
-    assert_int_equal(fails, 6);
+    assert_int_equal(fails, 5);
     assert_int_equal(g.ntexts, 1);
     expect_osr_request(0, "GET", "/v1/models?x=1", "", id);
 
@@ -1345,6 +1419,68 @@ static void test_osr_refusals(void **state)
     gw_osr_proto.sess_free(sess);
 }
 
+/* An upload held short of complete, declaring n bytes. */
+static struct gw_req *held_upload(struct fe_rec *f, uint64_t n)
+{
+    struct gw_req *r = req_new(f, "PUT", "/up", NULL, NULL);
+
+    r->body_eof = false;
+    r->has_content_length = true;
+    r->content_length = n;
+    return r;
+}
+
+/* Bodies being collected are counted by their declared length at open, per
+ * tunnel (64 MiB) and per gateway (max-osaurus-body-memory): past either,
+ * 503 gateway_busy before anything went to the agent; a request that goes
+ * gives its share back. */
+static void test_osr_body_memory(void **state)
+{
+    void *sess = osr_env_new();
+    struct gw_route rt;
+    struct fe_rec f[8];
+    struct gw_req *r[8];
+    uint64_t n = 9990000;
+    uint64_t max_streams = g.cfg.max_streams_per_tunnel;
+
+    route_init(&rt, &gw_osr_proto, sess);
+    g.cfg.max_streams_per_tunnel = 0;
+    g.cfg.max_osaurus_body_memory = 25000000;
+    for (int i = 0; i < 2; i++) {
+        r[i] = held_upload(&f[i], n);
+        assert_int_equal(rt.up->open(&rt, r[i]), HERR_NONE);
+    }
+    assert_int_equal(g.ctx.osr_body_memory, 2 * n);
+    r[2] = held_upload(&f[2], n);
+    assert_int_equal(rt.up->open(&rt, r[2]), HERR_GATEWAY_BUSY);
+    assert_int_equal(g.last_limit, GW_LIMIT_OSAURUS_BODY_MEMORY);
+    assert_null(r[2]->up);
+    assert_int_equal(g.ctx.osr_body_memory, 2 * n);
+    gw_req_cancel(r[0]);
+    gw_req_free(r[0]);
+    assert_int_equal(g.ctx.osr_body_memory, n);
+    assert_int_equal(rt.up->open(&rt, r[2]), HERR_NONE);
+    assert_int_equal(g.ctx.osr_body_memory, 2 * n);
+    assert_int_equal(g.ntexts, 0); /* nothing was sent for any */
+    /* the tunnel's own bound: six fit in 64 MiB, the seventh does not */
+    g.cfg.max_osaurus_body_memory = 0;
+    for (int i = 3; i < 7; i++) {
+        r[i] = held_upload(&f[i], n);
+        assert_int_equal(rt.up->open(&rt, r[i]), HERR_NONE);
+    }
+    r[7] = held_upload(&f[7], n);
+    assert_int_equal(rt.up->open(&rt, r[7]), HERR_GATEWAY_BUSY);
+    gw_req_free(r[7]);
+    for (int i = 1; i < 7; i++) {
+        gw_req_cancel(r[i]);
+        gw_req_free(r[i]);
+    }
+    assert_int_equal(g.ctx.osr_body_memory, 0);
+    g.cfg.max_osaurus_body_memory = 268435456;
+    g.cfg.max_streams_per_tunnel = max_streams;
+    gw_osr_proto.sess_free(sess);
+}
+
 /* The native session carries a WebSocket as RFC 8441 extended CONNECT. */
 static void test_h2_websocket_head(void **state)
 {
@@ -1399,6 +1535,8 @@ int main(void)
         cmocka_unit_test_setup(test_osr_host_busy, test_setup),
         cmocka_unit_test_setup(test_osr_drain, test_setup),
         cmocka_unit_test_setup(test_osr_refusals, test_setup),
+        cmocka_unit_test_setup(test_osr_body_memory, test_setup),
+        cmocka_unit_test_setup(test_h2_header_limits, test_setup),
     };
 
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -834,8 +834,8 @@ static void test_protocol_errors(void **state)
 
 static void test_protocol_errors_frame_level(void **state)
 {
-    /* Control frames over 125 bytes or fragmented are refused by wslay's
-     * frame layer, which sends a close without a code; the owner gets 1002. */
+    /* Control frames over 125 bytes or fragmented: refused on the header
+     * (wslay's frame layer would send a close without a code). */
     static const uint8_t bad[][2] = {{0x89, 0x80 | 126}, {0x09, 0x80}};
     for (size_t i = 0; i < 2; i++) {
         struct peer p;
@@ -847,11 +847,80 @@ static void test_protocol_errors_frame_level(void **state)
         raw_write(fd, f, 2 + 2 + 4 + 130);
         raw_read(fd, resp, 2);
         assert_int_equal(resp[0], 0x88);
+        /* refused before wslay sees the frame: the close says 1002 */
+        assert_true((resp[1] & 0x7f) >= 2);
+        raw_read(fd, resp, 2);
+        assert_int_equal(resp[0] << 8 | resp[1], WS_CLOSE_PROTOCOL_ERROR);
         RUN_UNTIL(p.n_close == 1);
         assert_int_equal(p.close_code, WS_CLOSE_PROTOCOL_ERROR);
         close(fd);
         peer_cleanup(&p);
     }
+}
+
+/* A text frame declaring more than max_text is refused (1009) on its header,
+ * before a byte of payload; nothing is reserved for the declared length. */
+static void test_declared_text_refused_at_once(void **state)
+{
+    static const uint8_t heads[][14] = {
+        {0x81, 0x80 | 127, 0, 0, 0, 1, 0, 0, 0, 0, 1, 2, 3, 4},     /* 4 GiB */
+        {0x81, 0x80 | 126, 0x01, 0x00, 1, 2, 3, 4},                 /* 256 > 100 */
+        {0x01, 0x80 | 50, 1, 2, 3, 4},                              /* 50, then ... */
+    };
+    static const size_t lens[] = {14, 8, 6};
+
+    for (size_t i = 0; i < 3; i++) {
+        struct peer p;
+        uint8_t resp[4];
+        uint8_t f[128];
+        peer_init(&p);
+        int fd = raw_pair(&p, false, 100);
+        raw_write(fd, heads[i], lens[i]);
+        if (i == 2) { /* ... a continuation taking the message past 100 */
+            uint8_t pl[50];
+            memset(pl, 'a', sizeof(pl));
+            raw_write(fd, pl, sizeof(pl)); /* key 01020304 unmasks to something: */
+            size_t n = frame(f, true, 0, true, "", 0);
+            f[1] = 0x80 | 51;
+            raw_write(fd, f, n);
+        }
+        raw_read(fd, resp, 4);
+        assert_int_equal(resp[0], 0x88);
+        assert_int_equal(resp[2] << 8 | resp[3], WS_CLOSE_TOO_BIG);
+        RUN_UNTIL(p.n_close == 1);
+        assert_int_equal(p.n_text, 0);
+        close(fd);
+        peer_cleanup(&p);
+    }
+}
+
+/* ws_set_max_text raises the cap (as after authentication); a message is
+ * assembled from frames much larger than the first room taken. */
+static void test_set_max_text(void **state)
+{
+    struct peer srv, cli;
+    size_t n = 300 * 1024;
+    char *big = malloc(n);
+
+    assert_non_null(big);
+    memset(big, 'y', n);
+    peer_init(&srv);
+    peer_init(&cli);
+    conn_pair(&srv, &cli, 100);
+    ws_set_max_text(srv.ws, n);
+    assert_int_equal(ws_send_text(cli.ws, big, n), 0);
+    assert_int_equal(ws_send_text(cli.ws, "x", 1), 0);
+    RUN_UNTIL(srv.n_text == 2);
+    assert_int_equal(srv.texts[0].len, n);
+    assert_memory_equal(srv.texts[0].data, big, n);
+    assert_int_equal(srv.texts[1].len, 1);
+    ws_set_max_text(srv.ws, 10);
+    assert_int_equal(ws_send_text(cli.ws, "0123456789A", 11), 0);
+    RUN_UNTIL(srv.n_close == 1 && cli.n_close == 1);
+    assert_int_equal(srv.close_code, WS_CLOSE_TOO_BIG);
+    free(big);
+    peer_cleanup(&srv);
+    peer_cleanup(&cli);
 }
 
 static void test_client_refuses_masked(void **state)
@@ -1452,6 +1521,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_eof, setup, teardown),
         cmocka_unit_test_setup_teardown(test_protocol_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_protocol_errors_frame_level, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_declared_text_refused_at_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_set_max_text, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_refuses_masked, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_masks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_raw_fragments_and_ping, setup, teardown),
