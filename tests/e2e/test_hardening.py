@@ -43,9 +43,12 @@ def api():
 
 
 def stop_all(*procs):
-    for p in procs:
-        if p is not None:
-            p.stop()
+    """Stops each; all must exit 0 (a sanitizer report, a leak at exit or a
+    crash would not)."""
+    procs = [p.proc if isinstance(p, Agent) else p for p in procs]
+    rcs = [(p, p.stop()) for p in procs if p is not None]
+    bad = [(getattr(p, "log_path", p), rc) for p, rc in rcs if rc != 0]
+    assert not bad, bad
 
 
 def start_agent(build_dir, tmp, gw, api, names=("api",), name="agent"):
@@ -518,7 +521,7 @@ def test_descriptor_exhaustion_does_not_spin(build_dir, tmp_path, api):
     finally:
         for s in socks:
             s.close()
-        g.stop()
+        stop_all(g)
 
 
 # ---- item 1: pre-auth memory, unauthenticated connection caps ----
@@ -620,7 +623,7 @@ def test_preauth_declared_length_refused_at_once(build_dir, tmp_path, subprotoco
     finally:
         for s in socks:
             s.close()
-        gw.stop()
+        stop_all(gw)
 
 
 def test_preauth_rfc6455_violations(build_dir, tmp_path):
@@ -654,7 +657,7 @@ def test_preauth_rfc6455_violations(build_dir, tmp_path):
             (texts[-1] if texts else {}).items(), texts
         assert code == 4000
     finally:
-        gw.stop()
+        stop_all(gw)
 
 
 def test_unauthenticated_tunnel_caps(build_dir, tmp_path):
@@ -702,7 +705,7 @@ def test_unauthenticated_tunnel_caps(build_dir, tmp_path):
     finally:
         for s in socks:
             s.close()
-        gw.stop()
+        stop_all(gw)
 
 
 def ws_upgrade_ok(gw):
@@ -862,7 +865,7 @@ def test_hpack_bomb_from_agent(build_dir, tmp_path, continuations):
             assert result["peak"] - result["rss0"] < 16 * 1024, result
         assert "event=agent_header_too_large" in gw.text()
     finally:
-        gw.stop()
+        stop_all(gw)
 
 
 # ---- item 4: Osaurus-mode bodies ----
@@ -905,4 +908,4 @@ def test_osaurus_bodies_bounded(build_dir, tmp_path):
     finally:
         for s in socks:
             s.close()
-        gw.stop()
+        stop_all(gw)
