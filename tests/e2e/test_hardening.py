@@ -902,6 +902,8 @@ def test_osaurus_bodies_bounded(build_dir, tmp_path):
             assert held < 60 * 1024, (rss0, held)  # about the 40 MB held, not twice that
             for s in socks:
                 s.close()
+            # and back to the baseline once they are gone
+            wait_for(lambda: gw.rss_kib() - rss0 < 12 * 1024, 10, "the bodies freed")
             await c.close()
         asyncio.run(asyncio.wait_for(go(), 120))
         assert "event=osr_body_memory" in gw.text()
