@@ -62,6 +62,7 @@ struct gw_h2s {
     uint64_t body_returned;           /* request body bytes whose window we returned */
     size_t head_bytes;                /* for max-header-bytes */
     size_t head_fields;               /* for max-header-count */
+    bool head_pending;                /* its header block is still arriving (head_timer) */
     struct event *linger;             /* owned or NULL: the response is complete, the
                                        * client's side is still open */
     bool head_too_large;
@@ -332,6 +333,7 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     if (h->ctx->cfg->header_timeout_s != 0) {
         struct timeval tv = {(time_t)h->ctx->cfg->header_timeout_s, 0};
         evtimer_add(h->head_timer, &tv);
+        s->head_pending = true;
     }
     return 0;
 }
@@ -433,10 +435,12 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
     struct gw_h2s *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
     bool end_stream = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
 
-    if (frame->hd.type == NGHTTP2_HEADERS)
-        evtimer_del(h->head_timer);
     if (s == NULL)
         return 0;
+    if (frame->hd.type == NGHTTP2_HEADERS && s->head_pending) {
+        s->head_pending = false;
+        evtimer_del(h->head_timer);
+    }
     switch (frame->hd.type) {
     case NGHTTP2_HEADERS:
         if (frame->headers.cat == NGHTTP2_HCAT_REQUEST)
@@ -483,6 +487,8 @@ static void h2s_free(struct gw_h2 *h, struct gw_h2s *s)
         h->streams = s->next;
     if (s->next != NULL)
         s->next->prev = s->prev;
+    if (s->head_pending) /* reset before its block was whole (nghttp2 refused it) */
+        evtimer_del(h->head_timer);
     gw_req_cancel(s->req);
     if (!s->req->logged)
         gw_req_log(s->req, "client_gone");

@@ -455,6 +455,18 @@ def test_slow_h2_header_block_and_unclosed_stream(build_dir, tmp_path, api):
             frames, closed = read_h2_frames(s, 10 * TIME_SCALE)
             dt = time.monotonic() - t0
         assert closed and 1.5 <= dt < 2 + 3 * TIME_SCALE, dt
+        # a header block nghttp2 refuses (an uppercase name) does not leave the
+        # header clock running: the connection still serves after the timeout
+        bad = hpack.Encoder().encode([(":method", "GET"), (":scheme", "https"),
+                                      (":authority", H), (":path", "/status/200")]) + \
+            b"\x00\x03X-A\x01v"
+        with connect(gw, H, alpn=("h2",)) as s:
+            s.sendall(preface + h2_frame(1, 0x5, 1, bad))
+            frames, _ = read_h2_frames(s, 3)  # past the 2 s header timeout
+            assert any(t == 3 and sid == 1 for t, _, sid, _ in frames), frames
+            s.sendall(h2_frame(1, 0x5, 3, block))
+            frames, _ = read_h2_frames(s, 3 * TIME_SCALE)
+            assert any(t == 1 and sid == 3 for t, _, sid, _ in frames), frames
         # an answered stream the client never half-closes: reset NO_ERROR after a linger
         with connect(gw, H, alpn=("h2",)) as s:
             s.sendall(preface + h2_frame(1, 0x4, 1, block))  # END_HEADERS, no END_STREAM
