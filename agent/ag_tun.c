@@ -56,6 +56,13 @@
 #define TUN_ADD_RETRY_MS 5000u
 #define TUN_DEFAULT_PING_S 20u
 #define TUN_IO_MAX (256u * 1024u) /* bytes per socket read / write call */
+/* A request's header list as decoded, counted as fields arrive (RFC 7541 4.1
+ * sizes: name + value + 32 each), so that a few bytes of HPACK references to
+ * one large table entry cannot expand into a huge head for the local API.
+ * Past either limit the rest of the list is dropped unstored and the stream
+ * is answered 431 header_too_large. Advertised as SETTINGS_MAX_HEADER_LIST_SIZE. */
+#define TUN_MAX_HEADER_LIST (256u * 1024u)
+#define TUN_MAX_HEADER_FIELDS 4096u
 
 enum tun_state {
     TUN_ST_DIAL = 0,
@@ -102,6 +109,9 @@ struct tun_stream {
     char probe[33];                 /* x-tunnel-probe */
     struct tun_hdr *hdrs;
     size_t nhdrs, hcap;
+    uint64_t hdr_list_bytes; /* RFC 7541 size of the fields received so far */
+    size_t hdr_fields;       /* fields received so far, pseudo-headers included */
+    bool hdr_overflow;       /* over a limit: nothing more stored, answered 431 */
     bool started;          /* routing decided */
     bool req_end;          /* END_STREAM received */
     bool responded;        /* response HEADERS submitted */
@@ -804,6 +814,10 @@ static void stream_start(struct tun_stream *s, bool end_stream)
 
     s->started = true;
     s->req_end = end_stream;
+    if (s->hdr_overflow) {
+        stream_respond_herr(s, HERR_HEADER_TOO_LARGE);
+        return;
+    }
     a = s->addr[0] != '\0' ? ag_agt_find(t->ctx, s->addr) : NULL;
     if (a == NULL || !ag_tun_serves(t, s->addr) || !ag_agt_wanted(a) || t->ctx->stopping ||
         s->method == NULL || s->path == NULL) {
@@ -952,8 +966,17 @@ static int on_header(nghttp2_session *h2, const nghttp2_frame *frame, nghttp2_rc
     if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
         return 0; /* trailers: dropped */
     s = nghttp2_session_get_stream_user_data(h2, frame->hd.stream_id);
-    if (s == NULL)
+    if (s == NULL || s->hdr_overflow)
         return 0;
+    s->hdr_fields++;
+    s->hdr_list_bytes += (uint64_t)n.len + v.len + 32u;
+    if (s->hdr_fields > TUN_MAX_HEADER_FIELDS || s->hdr_list_bytes > TUN_MAX_HEADER_LIST) {
+        s->hdr_overflow = true;
+        LOG_WARN(s->t->ctx->log, "request_headers_too_large", LOG_U("tun", s->t->id),
+                 LOG_U("stream", s->log_id), LOG_U("fields", s->hdr_fields),
+                 LOG_U("bytes", s->hdr_list_bytes));
+        return 0;
+    }
     if (n.len > 0 && n.base[0] == ':') {
         if (rc_is(name, ":method"))
             slot = &s->method;
@@ -1102,6 +1125,7 @@ static int h2_start(struct ag_tun *t)
         {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, TUN_MAX_STREAMS},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, TUN_STREAM_WINDOW},
         {NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL, 1},
+        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, TUN_MAX_HEADER_LIST},
     };
     int rv;
 

@@ -1,5 +1,6 @@
 """Helpers for the agent daemon tests (test_agent_daemon.py): a gateway on a
-fixed port (so that it can be restarted where the agent expects it), curl
+given port (tunnel_env.reserve_port(), so that it can be restarted where the
+agent expects it), curl
 calls through the tunnel, log scraping. Built on tunnel_env.py."""
 
 import re

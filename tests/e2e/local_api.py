@@ -5,6 +5,7 @@ Runs in the test process (threads), so tests can read what it saw:
   ANY  /echo             same, for POST/PUT/DELETE with a body
   GET  /bytes?n=N&seed=S N deterministic pseudo-random bytes (Content-Length)
   GET  /chunked?n=N      N bytes, chunked, 64 KiB chunks
+  GET  /slowbytes?n=&chunk=&interval_ms=  N bytes (Content-Length), a chunk per interval
   POST /upload?id=X      reads the body as it comes (records the time of its first
                          byte), answers {"len","sha256"}; &slow=BPS reads slowly
   GET  /sse?n=&interval_ms=  server-sent events, one per interval, timestamped
@@ -50,6 +51,7 @@ class State:
         self.closed = {}        # hold id -> monotonic time the connection closed
         self.opened = {}        # hold id -> monotonic time the request arrived
         self.requests = 0
+        self.paths = []         # every request's target, in order of arrival
         self.last_headers = None
 
 
@@ -125,6 +127,7 @@ class Handler(BaseHTTPRequestHandler):
         path, q = self.q()
         with self.st.lock:
             self.st.requests += 1
+            self.st.paths.append(self.path)
             self.st.last_headers = self.headers
         if path.startswith("/echo"):
             n, digest = self.read_body()
@@ -149,6 +152,19 @@ class Handler(BaseHTTPRequestHandler):
                 c = BLOCK if left >= len(BLOCK) else BLOCK[:left]
                 self.wfile.write(c)
                 left -= len(c)
+        elif path == "/slowbytes":
+            # n bytes (Content-Length), in chunks of `chunk` bytes, one per interval
+            n, chunk = int(q.get("n", "0")), int(q.get("chunk", "1024"))
+            iv = int(q.get("interval_ms", "50")) / 1000
+            data = det_bytes(n, "slow")
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            for i in range(0, n, chunk):
+                self.wfile.write(data[i:i + chunk])
+                self.wfile.flush()
+                time.sleep(iv)
         elif path == "/chunked":
             n = int(q.get("n", "0"))
             data = det_bytes(n, q.get("seed", "0"))

@@ -118,10 +118,12 @@ def test_agents_list(env):
 
 
 def test_disconnect_live_tunnel(env):
+    env.agent.proc.mark()
+    gw_at = env.gw.mark()
     s, _, body = curl(env.gw, f"/admin/agents/{env.addr}/disconnect", token=TOKEN, method="POST")
     assert s == 200 and json.loads(body)["disconnected"] is True
     env.agent.proc.wait_log(rf"event=agent_removed .*addr={env.addr} .*reason=removed")
-    assert "reason=admin" in env.gw.text()
+    assert "reason=admin" in env.gw.text(gw_at)
     s, _, body = curl(env.gw, "/admin/agents/0x" + "cd" * 20 + "/disconnect", token=TOKEN,
                       method="POST")
     assert s == 502 and json.loads(body)["error"] == "agent_offline"
@@ -132,6 +134,7 @@ def test_disconnect_live_tunnel(env):
 def test_deny_live_and_new(env):
     # the daemon reconnects after the disconnect above; wait for the route
     wait_for(lambda: agent_status(env, env.addr)[0] == 200, 30, "agent routed again")
+    env.agent.proc.mark()
     s, _, body = curl(env.gw, f"/admin/deny/{env.addr}", token=TOKEN, method="POST")
     assert s == 200 and json.loads(body)["denied"] is True
     # gone from the live tunnel at once
@@ -143,6 +146,7 @@ def test_deny_live_and_new(env):
     # a new registration is refused as not_allowed
     # (the daemon gives up on a not_allowed agent: restart it to register anew)
     env.agent.stop()
+    env.gw.mark()
     env.agent.run(env.gw)
     env.gw.wait_log(r"event=auth_failed .*err=address_not_allowed", timeout=30)
     assert agent_status(env, env.addr)[0] == 502

@@ -18,7 +18,7 @@ import pytest
 
 from helpers_daemon import FixedGateway, agent_state, curl, log_values, wait_state
 from local_api import LocalApi
-from tunnel_env import Agent, Gateway, free_port, wait_for
+from tunnel_env import TIME_SCALE, Agent, Gateway, reserve_port, wait_for
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def procs():
 
 
 def test_gateway_down_at_start_is_retried_with_backoff(build_dir, tmp_path, api, procs):
-    port = free_port()
+    port = reserve_port()
     ag = Agent(build_dir, tmp_path)
     addr = ag.new("a", api.url)
     # the CA file must exist for `run`: start the gateway once to create it
@@ -77,7 +77,7 @@ def test_gateway_down_at_start_is_retried_with_backoff(build_dir, tmp_path, api,
 
 
 def test_reconnects_after_gateway_restart(build_dir, tmp_path, api, procs):
-    port = free_port()
+    port = reserve_port()
     gw = FixedGateway(build_dir, tmp_path, port)
     procs.append(gw)
     ag = Agent(build_dir, tmp_path)
@@ -85,17 +85,23 @@ def test_reconnects_after_gateway_restart(build_dir, tmp_path, api, procs):
     proc = ag.run(gw)
     procs.append(proc)
     wait_state(ag, "a", "connected", 20)
+    proc.mark()
     gw.stop(signal.SIGKILL)
     proc.wait_log(r"event=tunnel_down", timeout=10)
     wait_state(ag, "a", "connecting", 5)
-    # down for 10 s (issue 5): attempts at ~1, 3, 7, 15 s after the drop, so
-    # the next one comes at most 8 s * 1.2 after the restart
-    time.sleep(10)
+    # down long enough for the backoff to grow (issue 5): attempts at ~1, 3,
+    # 7 s after the drop, then one 8 s +-20 % later; once that last delay is
+    # scheduled the restart must be found within it
+    wait_for(lambda: len(re.findall(r"event=reconnect_in_ms ms=(\d+)",
+                                    proc.text(proc.log_offset))) >= 4, 20, "4 retries scheduled")
+    delays = [int(v) for v in re.findall(r"event=reconnect_in_ms ms=(\d+)",
+                                         proc.text(proc.log_offset))]
+    assert 6400 <= delays[3] <= 9600, delays
     gw2 = FixedGateway(build_dir, tmp_path, port)
     procs.append(gw2)
     t0 = time.monotonic()
     wait_state(ag, "a", "connected", 20)
-    assert time.monotonic() - t0 < 12
+    assert time.monotonic() - t0 < delays[3] / 1000 + 2 * TIME_SCALE
     st, body = curl(gw2, addr, "/echo")
     assert st == 200
 
@@ -156,10 +162,11 @@ def test_enable_disable_on_running_daemon(build_dir, tmp_path, api, procs):
     done = {}
 
     def slow():
-        done["r"] = curl(gw, a1, "/sse?n=10&interval_ms=300")
+        done["r"] = curl(gw, a1, "/sse?n=10&interval_ms=300&id=slow1")
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.5)
+    # the local API has it (and is streaming) before "two" is touched
+    wait_for(lambda: any("id=slow1" in p for p in api.state.paths), 10, "slow1 at the local API")
 
     t0 = time.monotonic()
     ag.cli("disable", "two")
@@ -169,12 +176,12 @@ def test_enable_disable_on_running_daemon(build_dir, tmp_path, api, procs):
         st, body = curl(gw, a2, "/echo")
         return st == 502 and json.loads(body)["error"] == "agent_offline"
     wait_for(offline, 2, "two offline")
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 2.5 * TIME_SCALE
 
     t0 = time.monotonic()
     ag.cli("enable", "two", "--yes")
     wait_state(ag, "two", "connected", 2)
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 2.5 * TIME_SCALE
     st, _ = curl(gw, a2, "/echo")
     assert st == 200
 
@@ -263,7 +270,7 @@ def test_response_timeout_and_unreachable(build_dir, tmp_path, api, procs):
     ag = Agent(build_dir, tmp_path)
     addr = ag.new("a", api.url)
     ag.cli("set", "a", "--response-timeout", "1")
-    dead = ag.new("dead", f"http://127.0.0.1:{free_port()}")
+    dead = ag.new("dead", f"http://127.0.0.1:{reserve_port()}")
     procs.append(ag.run(gw))
     ag.wait_connected(timeout=20)
 
@@ -271,7 +278,7 @@ def test_response_timeout_and_unreachable(build_dir, tmp_path, api, procs):
     st, body = curl(gw, addr, "/hold?id=t1")
     took = time.monotonic() - t0
     assert st == 504 and json.loads(body)["error"] == "gateway_timeout"
-    assert 0.9 <= took < 4
+    assert 0.9 <= took < 4 * TIME_SCALE
     # the local API saw its request aborted
     wait_for(lambda: "t1" in api.state.closed, 3, "hold closed")
 
@@ -295,6 +302,7 @@ def test_sigterm_lets_inflight_finish(build_dir, tmp_path, api, procs):
     t = threading.Thread(target=lambda: out.setdefault("r", curl(gw, addr, "/sse?n=6&interval_ms=300")))
     t.start()
     wait_for(lambda: agent_state(ag, "a")["inflight"] == 1, 5, "in flight")
+    proc.mark()
     os.kill(proc.pid(), signal.SIGTERM)
     proc.wait_log(r"event=shutting_down", 5)
     # new requests are no longer served by this agent
@@ -312,9 +320,15 @@ def test_status_reports_probe_and_requests(build_dir, tmp_path, api, procs):
     procs.append(gw)
     ag = Agent(build_dir, tmp_path)
     addr = ag.new("a", api.url)
+    started_ms = time.time() * 1000
     procs.append(ag.run(gw))
     a = wait_state(ag, "a", "connected", 20)
-    assert a["probe_rtt_ms"] >= 0 and a["last_probe_ms"] > (time.time() - 60) * 1000
+    now_ms = time.time() * 1000
+    # the probe ran after the daemon started, and its round trip fits in the
+    # time since (an unset or wrapped value, or one from another clock, fails)
+    assert started_ms - 1000 <= a["last_probe_ms"] <= now_ms + 1000, (started_ms, a, now_ms)
+    assert isinstance(a["probe_rtt_ms"], int)
+    assert 0 <= a["probe_rtt_ms"] <= now_ms - started_ms, (a["probe_rtt_ms"], now_ms - started_ms)
     assert a["url"] == f"https://{addr}.localhost:{gw.port}"
     assert a["error"] is None
     before = api.state.requests
@@ -417,7 +431,7 @@ def test_fake_drain_reconnects_at_once_and_finishes_streams(build_dir, tmp_path,
     t0 = time.monotonic()
     t1.drain()
     t2 = fake.wait_tunnels(2, timeout=5)
-    assert time.monotonic() - t0 < 2          # no backoff
+    assert time.monotonic() - t0 < 2 * TIME_SCALE  # no backoff
     assert t2.auth["instance"] == t1.auth["instance"]
     assert [e["address"] for e in t2.auth["agents"]] == [addr]
     assert r.done.wait(10) and r.ended and r.body.count(b"data:") == 6
@@ -480,8 +494,15 @@ def test_fake_all_refused_is_not_retried(build_dir, tmp_path, fake, api, procs):
     s = wait_for(lambda: (agent_state(ag, "a") or {}).get("state") == "error"
                  and agent_state(ag, "a"), 10, "refused")
     assert "address_not_allowed" in s["error"]
-    time.sleep(3)
-    assert fake.attempts == 1  # no blind retry loop
+    # the daemon decides in the same callback that logs tunnel_down: no retry
+    # is scheduled after the refusal (a retry would be logged as reconnect_in_ms)
+    proc.wait_log(r"event=tunnel_down .*address_not_allowed", timeout=5)
+    assert "event=reconnect_in_ms" not in proc.text()
+    # and nothing dials within a first backoff's longest delay (1.2 s) either
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.5:
+        assert fake.attempts == 1  # no blind retry loop
+        time.sleep(0.1)
 
 
 def test_fake_silent_gateway_is_detected(build_dir, tmp_path, api, procs):
@@ -493,10 +514,11 @@ def test_fake_silent_gateway_is_detected(build_dir, tmp_path, api, procs):
         procs.append(proc)
         t1 = fake.wait_tunnels(1)
         t0 = time.monotonic()
+        proc.mark()
         t1.silent = True  # reads nothing, answers nothing
         proc.wait_log(r"event=keepalive_timeout", timeout=10)
         took = time.monotonic() - t0
-        assert 2.5 <= took <= 6, took
+        assert 2.5 <= took <= 6 * TIME_SCALE, took
         fake.wait_tunnels(2, timeout=10)  # and reconnected
     finally:
         fake.stop()
@@ -516,5 +538,5 @@ def test_fake_cancel_closes_local_request(build_dir, tmp_path, fake, api, procs)
         t0 = time.monotonic()
         t.reset(sid, 8)  # CANCEL
         wait_for(lambda: hid in api.state.closed, 2, "local connection closed")
-        assert api.state.closed[hid] - t0 < 1.0
+        assert api.state.closed[hid] - t0 < 1.0 * TIME_SCALE
     assert agent_state(ag, "a")["inflight"] == 0

@@ -255,6 +255,7 @@ def test_enable_retries_an_agent_in_error(build_dir, tmp_path, api, procs):
     a = wait_state(ag, "a", "error", 20 * SCALE)
     assert "address_not_allowed" in a["error"], a
     allow.write_text(addr + "\n")
+    gw.mark()
     gw.p.send_signal(signal.SIGHUP)
     gw.wait_log(r"event=reloaded what=allow addresses=1")
     # still in error: a refused agent is not retried in a loop

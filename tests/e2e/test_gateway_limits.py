@@ -10,7 +10,7 @@ import time
 import pytest
 
 from local_api import LocalApi
-from tunnel_env import Agent, Gateway, wait_for
+from tunnel_env import TIME_SCALE, Agent, Gateway, wait_for
 
 
 @pytest.fixture
@@ -71,6 +71,7 @@ def test_allow_list_refuses_unlisted_address(build_dir, tmp_path, api):
         # listed after a reload (SIGHUP): registered
         import signal
         allow.write_text(addr + "\n")
+        gw.mark()
         gw.p.send_signal(signal.SIGHUP)
         gw.wait_log(r"event=reloaded what=allow addresses=1")
         ag.run(gw)
@@ -104,7 +105,7 @@ def test_limits_host_busy_timeout_and_body_size(build_dir, tmp_path, api):
         t0 = time.monotonic()
         code, body = curl(f"{base}/hold?id=t1", *ca, host=host, port=gw.port)
         assert code == 504 and json.loads(body)["error"] == "gateway_timeout"
-        assert 1.5 <= time.monotonic() - t0 < 6
+        assert 1.5 <= time.monotonic() - t0 < 6 * TIME_SCALE
         wait_for(lambda: "t1" in api.state.closed, 5, "local request closed after 504")
         # two streams held: the third is answered 503 host_busy at once
         held = [subprocess.Popen(["curl", "-sS", "-N", *ca, "--connect-to",
@@ -117,7 +118,7 @@ def test_limits_host_busy_timeout_and_body_size(build_dir, tmp_path, api):
             t0 = time.monotonic()
             code, body = curl(f"{base}/echo", *ca, host=host, port=gw.port)
             assert code == 503 and json.loads(body)["error"] == "host_busy"
-            assert time.monotonic() - t0 < 2
+            assert time.monotonic() - t0 < 2 * TIME_SCALE
         finally:
             for p in held:
                 p.kill()

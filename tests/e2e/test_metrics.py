@@ -188,6 +188,7 @@ def test_access_log_and_request_id(env):
 def test_access_log_reopened_on_sighup(env):
     rotated = env.tmp / "access.log.1"
     os.rename(env.access, rotated)
+    env.gw.mark()
     env.gw.p.send_signal(signal.SIGHUP)
     env.gw.wait_log(r"event=reloaded what=access_log")
     assert curl(env.gw, f"{env.addr}.localhost", "/echo", "-H", "X-Request-Id: after-hup")[0] == 200

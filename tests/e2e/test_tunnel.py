@@ -14,7 +14,7 @@ import time
 import pytest
 
 from local_api import LocalApi, det_bytes, stream_digest
-from tunnel_env import SANITIZED, Agent, Gateway, free_port, wait_for
+from tunnel_env import SANITIZED, TIME_SCALE, Agent, Gateway, reserve_port, wait_for
 
 MiB = 1 << 20
 HTTP = ["--http1.1", "--http2"]
@@ -36,7 +36,7 @@ def env(build_dir, tmp_path_factory):
     e.agent = Agent(build_dir, tmp)
     e.addr = e.agent.new("api", e.api.url)
     e.agent.cli("set", "api", "--max-inflight", "1000")
-    e.dead_addr = e.agent.new("dead", f"http://127.0.0.1:{free_port()}")
+    e.dead_addr = e.agent.new("dead", f"http://127.0.0.1:{reserve_port()}")
     e.agent.run(e.gw)
     e.agent.wait_connected(timeout=30)
     e.host = f"{e.addr}.localhost"
@@ -245,20 +245,24 @@ def test_slow_reader_bounded_and_stopped_reader_does_not_stall_others(env):
     growth = with_rss(e, slow)
     assert max(growth) <= 32, f"RSS growth MiB gateway/agent: {growth}"
 
-    # a stopped reader on the same tunnel must not slow another download
+    # a stopped reader on the same tunnel must not slow another download; it
+    # is stopped only once its response streams (a reader stopped before its
+    # first byte would hold nothing on the tunnel and prove nothing)
+    got = e.tmp / "stopped.out"
     stopped = subprocess.Popen(["curl", "-sS", "--cacert", str(e.gw.ca),
-                                f"{e.base}/stream?n={1 << 30}", "-o", "/dev/null"])
-    time.sleep(0.5)
-    os.kill(stopped.pid, signal.SIGSTOP)
+                                f"{e.base}/stream?n={1 << 30}", "-o", str(got)])
     try:
+        wait_for(lambda: got.exists() and got.stat().st_size >= MiB, 10, "bytes at the reader")
+        os.kill(stopped.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         p = subprocess.run(["curl", "-sS", "--cacert", str(e.gw.ca), f"{e.base}/stream?n={n}"],
                            stdout=subprocess.PIPE, timeout=60)
         assert p.returncode == 0 and len(p.stdout) == n
-        assert time.monotonic() - t0 < 30
+        assert time.monotonic() - t0 < 30 * TIME_SCALE
     finally:
         os.kill(stopped.pid, signal.SIGKILL)
         stopped.wait()
+        got.unlink(missing_ok=True)
 
 
 def test_upload_streams_before_client_finishes_and_slow_local_reader(env):
@@ -306,7 +310,7 @@ def test_client_disconnect_cancels_local_request(env, http, after_head):
     p.kill()
     p.wait()
     wait_for(lambda: hid in e.api.state.closed, 5, "the local request closed")
-    assert e.api.state.closed[hid] - t0 < 2.0
+    assert e.api.state.closed[hid] - t0 < 2.0 * TIME_SCALE
 
 
 @pytest.mark.parametrize("http", HTTP)

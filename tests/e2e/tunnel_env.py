@@ -21,9 +21,17 @@ sys.path.insert(0, str(REPO / "tests" / "vectors"))
 import eip191_ref  # noqa: E402  (independent EIP-191: ecdsa + pycryptodome)
 
 SANITIZED = os.environ.get("TG_SANITIZED") == "1"
+# Wall-clock bounds on how fast something happens are multiplied by this in
+# sanitizer builds (ASan/UBSan run the programs 2-5x slower); bounds on how
+# late something may happen at the earliest (a timeout must not fire early)
+# are not.
+TIME_SCALE = 3 if SANITIZED else 1
 
 
 def wait_for(pred, timeout, what, interval=0.05):
+    """Polls pred until it returns something true (returned); the deadline is
+    timeout seconds, times TIME_SCALE in sanitizer builds."""
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
@@ -39,23 +47,37 @@ class Proc:
     def __init__(self, argv, log_path, env=None):
         self.log_path = Path(log_path)
         self.log = open(self.log_path, "wb")
+        self.log_offset = 0
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
         self.p = subprocess.Popen([str(a) for a in argv], stdout=self.log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
 
-    def text(self):
-        return self.log_path.read_text(errors="replace")
+    def text(self, since=0):
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")
 
-    def wait_log(self, pattern, timeout=10):
+    def mark(self):
+        """Remembers the log's current end: the next wait_log() looks only at
+        lines written after it, so an old line cannot satisfy a new wait.
+        Returns the offset (for wait_log(since=...))."""
+        self.log.flush()
+        self.log_offset = self.log_path.stat().st_size
+        return self.log_offset
+
+    def wait_log(self, pattern, timeout=10, since=None):
+        """The first match of pattern in the log from offset since (default:
+        the last mark(), the start if none); bounded by timeout (scaled in
+        sanitizer builds)."""
         rx = re.compile(pattern)
+        start = self.log_offset if since is None else since
 
         def find():
             if self.p.poll() is not None:
                 raise RuntimeError(f"process exited ({self.p.returncode}):\n{self.text()[-3000:]}")
-            m = rx.search(self.text())
-            return m
+            return rx.search(self.text(start))
         return wait_for(find, timeout, f"/{pattern}/ in {self.log_path.name}")
 
     def pid(self):
@@ -104,12 +126,19 @@ class Gateway(Proc):
         return f"{self.scheme}://{host or self.domain}:{self.port}"
 
 
-def free_port():
+_reserved = []  # sockets holding reserved ports, open until the test process exits
+
+
+def reserve_port():
+    """A port of 127.0.0.1 from binding port 0, kept bound (SO_REUSEADDR, never
+    listening) for the rest of the test run: nothing else takes it, a connect
+    to it is refused (a dead local API), and a gateway (which binds with
+    SO_REUSEADDR) can listen on it, be killed and come back on it."""
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    _reserved.append(s)
+    return s.getsockname()[1]
 
 
 class Agent:
