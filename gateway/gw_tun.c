@@ -63,7 +63,8 @@ struct gw_tun {
     uint64_t nonce_expiry_ms;
 
     struct event *auth_timer;            /* AUTH deadline */
-    struct event *ping_timer;            /* keepalive */
+    struct event *ping_timer;            /* keepalive: the next ping or the silence deadline */
+    uint64_t next_ping_ms;               /* when the next ping is due */
     struct event *kick;                  /* deferred flush / free */
 
     struct list agents;                  /* struct gw_tun_agent, owned */
@@ -366,6 +367,7 @@ static void tun_go_live(struct gw_tun *t, const struct tun_msg *ok)
     }
     if (t->ctx->cfg->ping_interval_s != 0) {
         struct timeval tv = {(time_t)t->ctx->cfg->ping_interval_s, 0};
+        t->next_ping_ms = now_ms(t) + t->ctx->cfg->ping_interval_s * 1000u;
         evtimer_add(t->ping_timer, &tv);
     }
     LOG_INFO(t->ctx->log, "tunnel_up", LOG_U("tun", t->id), LOG_S("peer", t->peer_ip),
@@ -641,21 +643,34 @@ static void tun_on_auth_timeout(evutil_socket_t fd, short what, void *arg)
         tun_auth_error(t, TUN_E_AUTH_TIMEOUT);
 }
 
+/* Keepalive: a ping every interval, and the tunnel closed once nothing has
+ * arrived for TUN_DEAD_AFTER_PINGS intervals. The timer fires at whichever
+ * comes first, so the silence is caught at its deadline, not at the next
+ * ping after it (up to an interval late). */
 static void tun_on_ping(evutil_socket_t fd, short what, void *arg)
 {
     struct gw_tun *t = arg;
     uint64_t interval_ms = t->ctx->cfg->ping_interval_s * 1000u;
-    struct timeval tv = {(time_t)t->ctx->cfg->ping_interval_s, 0};
-    uint64_t silent = now_ms(t) - ws_last_rx_ms(t->ws);
+    uint64_t now = now_ms(t);
+    uint64_t last = ws_last_rx_ms(t->ws);
+    uint64_t dead_at = last + TUN_DEAD_AFTER_PINGS * interval_ms;
+    uint64_t next;
+    struct timeval tv;
 
     if (t->state != GW_TUN_ST_LIVE)
         return;
-    if (silent > 3 * interval_ms) {
-        LOG_INFO(t->ctx->log, "tunnel_silent", LOG_U("tun", t->id), LOG_U("silent_ms", silent));
+    if (now >= dead_at) {
+        LOG_INFO(t->ctx->log, "tunnel_silent", LOG_U("tun", t->id), LOG_U("silent_ms", now - last));
         gw_tun_close(t, WS_CLOSE_GOING_AWAY, "keepalive timeout");
         return;
     }
-    t->proto->ping(t->sess);
+    if (now >= t->next_ping_ms) {
+        t->proto->ping(t->sess);
+        t->next_ping_ms = now + interval_ms;
+    }
+    next = (t->next_ping_ms < dead_at ? t->next_ping_ms : dead_at) - now;
+    tv.tv_sec = (time_t)(next / 1000u);
+    tv.tv_usec = (suseconds_t)(next % 1000u) * 1000;
     evtimer_add(t->ping_timer, &tv);
 }
 
