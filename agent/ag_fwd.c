@@ -556,6 +556,13 @@ static int on_headers_complete(http_parser *p)
 
     if (status == 101 && f->websocket)
         return ws_upgraded(f);
+    /* a 2xx to the upgrade is not an accepted WebSocket, and a 2xx to an
+     * extended CONNECT would be one to the client (RFC 8441 5): 502; any
+     * other status passes through as the refusal it is */
+    if (f->websocket && status >= 200 && status < 300) {
+        f->failed = true;
+        return -1;
+    }
     if (status >= 100 && status < 200) {
         if (status == 101) {
             f->failed = true; /* we never asked for an upgrade */

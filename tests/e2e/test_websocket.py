@@ -348,6 +348,48 @@ def test_refusal_status_headers_and_body_unchanged_raw_h1(env):
     assert "sec-websocket-accept" not in hdrs
 
 
+def test_2xx_without_upgrade_is_not_an_open_websocket(env):
+    """A local API that answers the upgrade 200 (no 101) has not accepted a
+    WebSocket: an HTTP/1.1 client gets 502, not 101, and an HTTP/2 client's
+    extended CONNECT gets 502, not the 200 that would open it (RFC 8441 5)."""
+    e = env
+    with raw_tls(e) as s:
+        s.sendall((f"GET /refuse?status=200&id=ok1 HTTP/1.1\r\nHost: {e.host}:{e.gw.port}\r\n"
+                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        status, hdrs, body = read_response(s)
+    assert status == 502, (status, hdrs, body)
+    assert "sec-websocket-accept" not in hdrs
+    import h2.config
+    import h2.connection
+    import h2.events
+    ctx = ssl.create_default_context(cafile=str(e.gw.ca))
+    ctx.set_alpn_protocols(["h2"])
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", e.gw.port), timeout=30 * S),
+                         server_hostname=e.host) as s:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        s.sendall(conn.data_to_send())
+        while not conn.remote_settings.enable_connect_protocol:
+            conn.receive_data(s.recv(65536))
+            s.sendall(conn.data_to_send())
+        conn.send_headers(1, [(":method", "CONNECT"), (":protocol", "websocket"),
+                              (":scheme", "https"), (":path", "/refuse?status=200&id=ok2"),
+                              (":authority", f"{e.host}:{e.gw.port}"),
+                              ("sec-websocket-version", "13")])
+        s.sendall(conn.data_to_send())
+        status = None
+        deadline = time.monotonic() + 30 * S
+        while status is None and time.monotonic() < deadline:
+            for ev in conn.receive_data(s.recv(65536)):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)[b":status"]
+            s.sendall(conn.data_to_send())
+    assert status == b"502", status
+    assert e.api.requests_for("/refuse?status=200&id=ok2")
+
+
 def test_101_accept_is_for_the_clients_key_raw_h1(env):
     import base64
     e = env
