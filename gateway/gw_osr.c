@@ -348,7 +348,7 @@ static enum herr osr_req_hdrs_build(struct osr_req_hdrs *rh, const struct gw_req
 
     memset(rh, 0, sizeof(*rh));
     refs = calloc(in->n + 1, sizeof(*refs));
-    rh->h = calloc(in->n + 2, sizeof(*rh->h));
+    rh->h = calloc(in->n + 4, sizeof(*rh->h));
     if (refs == NULL || rh->h == NULL) {
         e = HERR_INTERNAL;
         goto out;
@@ -393,6 +393,14 @@ static enum herr osr_req_hdrs_build(struct osr_req_hdrs *rh, const struct gw_req
     }
     rh->h[rh->n++] = (struct tun_msg_hdr){IOV_LIT("x-agent-address"), {addr, strlen(addr)}};
     rh->h[rh->n++] = (struct tun_msg_hdr){IOV_LIT("x-forwarded-for"), {xff, strlen(xff)}};
+    /* set, where the relay strips them (PROTOCOL.md 9.4): the local API can
+     * build its own public URLs */
+    {
+        const char *fh = r->fwd_host != NULL ? r->fwd_host : r->authority;
+        rh->h[rh->n++] = (struct tun_msg_hdr){IOV_LIT("x-forwarded-proto"),
+                                              {r->fwd_proto, strlen(r->fwd_proto)}};
+        rh->h[rh->n++] = (struct tun_msg_hdr){IOV_LIT("x-forwarded-host"), {fh, strlen(fh)}};
+    }
     if (rh->n > TUN_OSR_MAX_REQ_HEADERS)
         e = HERR_HEADER_TOO_LARGE;
 

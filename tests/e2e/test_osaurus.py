@@ -58,10 +58,12 @@ class OsrClient:
         assert self.ws.subprotocol is None
         ch = json.loads(await asyncio.wait_for(self.ws.recv(), 5))
         assert ch["type"] == "challenge" and re.fullmatch(r"[0-9a-f]{64}", ch["nonce"])
-        d = secrets.randbelow(eip191_ref.N - 1) + 1
-        raw = eip191_ref.address_from_priv(d)
-        checksum = eip191_ref.to_checksum(raw)
-        assert checksum != checksum.lower()  # mixed case, as the Osaurus app sends it
+        while True:  # an address whose EIP-55 form has upper case, as the app sends it
+            d = secrets.randbelow(eip191_ref.N - 1) + 1
+            raw = eip191_ref.address_from_priv(d)
+            checksum = eip191_ref.to_checksum(raw)
+            if checksum != checksum.lower():
+                break
         ts = int(time.time())
         sig = eip191_ref.sign(d, f"osaurus-tunnel:{checksum}:{ch['nonce']}:{ts}".encode())
         auth = {"type": "auth", "agents": [{"address": checksum, "signature": "0x" + sig.hex()}],
@@ -219,13 +221,16 @@ def test_request_frame_and_response(gw, tmp_path, http):
         assert all(k == k.lower() for k in h)
         assert h["x-agent-address"] == c.addr
         assert h["x-forwarded-for"] == "127.0.0.1"
+        # set from the request, the client's claims replaced (PROTOCOL.md 9.4)
+        assert h["x-forwarded-proto"] == "https"
+        assert h["x-forwarded-host"] == f"{c.host}:{gw.port}"
         assert h["authorization"] == "Bearer tok"
         assert h["x-multi"] == "a, b"
         assert h["content-type"] == "application/json"
         assert h["content-length"] == str(len(payload))
         assert h["cookie"] == "session=secret"  # forwarded, unlike the relay
-        for gone in ("host", ":authority", "proxy-authorization", "x-forwarded-proto",
-                     "x-forwarded-host", "x-forwarded-port", "x-real-ip", "fly-client-ip",
+        for gone in ("host", ":authority", "proxy-authorization",
+                     "x-forwarded-port", "x-real-ip", "fly-client-ip",
                      "cf-connecting-ip"):
             assert gone not in h, gone
         assert req["body"] == payload.decode()
