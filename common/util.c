@@ -49,7 +49,7 @@ void util_hex_encode(const uint8_t *in, size_t len, char *out)
     out[2 * len] = '\0';
 }
 
-static int hex_val(int c)
+int util_hex_val(int c)
 {
     if (c >= '0' && c <= '9')
         return c - '0';
@@ -62,7 +62,7 @@ static int hex_val(int c)
 
 bool util_is_hex_digit(int c)
 {
-    return hex_val(c) >= 0;
+    return util_hex_val(c) >= 0;
 }
 
 int util_hex_decode(const char *in, size_t inlen, uint8_t *out, size_t outlen)
@@ -70,8 +70,8 @@ int util_hex_decode(const char *in, size_t inlen, uint8_t *out, size_t outlen)
     if (inlen != 2 * outlen)
         return -1;
     for (size_t i = 0; i < outlen; i++) {
-        int hi = hex_val((unsigned char)in[2 * i]);
-        int lo = hex_val((unsigned char)in[2 * i + 1]);
+        int hi = util_hex_val((unsigned char)in[2 * i]);
+        int lo = util_hex_val((unsigned char)in[2 * i + 1]);
         if (hi < 0 || lo < 0)
             return -1;
         out[i] = (uint8_t)(hi << 4 | lo);
@@ -182,4 +182,26 @@ struct event_base *util_event_base_new(void)
     base = event_base_new_with_config(cfg);
     event_config_free(cfg);
     return base;
+}
+
+bool util_list_next(struct iov *list, struct iov *item)
+{
+    size_t i = 0;
+
+    if (list->len == 0)
+        return false;
+    while (i < list->len && list->base[i] != ',')
+        i++;
+    *item = (struct iov){list->base, i};
+    while (item->len > 0 && (item->base[0] == ' ' || item->base[0] == '\t')) {
+        item->base++;
+        item->len--;
+    }
+    while (item->len > 0 && (item->base[item->len - 1] == ' ' || item->base[item->len - 1] == '\t'))
+        item->len--;
+    if (i < list->len)
+        i++; /* the comma */
+    list->base += i;
+    list->len -= i;
+    return true;
 }

@@ -31,6 +31,8 @@ int util_hex_decode(const char *in, size_t inlen, uint8_t *out, size_t outlen);
 
 /* True if c is [0-9a-fA-F]. */
 bool util_is_hex_digit(int c);
+/* The value of a hex digit (either case), or -1. */
+int util_hex_val(int c);
 
 /* Fills buf from the OS CSPRNG (OpenSSL RAND_bytes). Returns 0 or -1. */
 int util_rand_bytes(uint8_t *buf, size_t len);
@@ -50,6 +52,11 @@ bool util_iov_ieq(struct iov a, struct iov b);
 
 /* Case-insensitive compare of a byte range and a C string (ASCII). */
 bool util_iov_ieq_str(struct iov a, const char *s);
+
+/* The next element of a comma-separated field value (RFC 9110 5.6.1) into
+ * item, without surrounding spaces and tabs, and list moved past it; empty
+ * elements are returned too (item->len 0). False once list is used up. */
+bool util_list_next(struct iov *list, struct iov *item);
 
 /* snprintf that returns -1 on error or truncation, else the length. */
 int util_snprintf(char *buf, size_t size, const char *fmt, ...)

@@ -54,6 +54,7 @@
 #include "gw_req.h"
 #include "log.h"
 #include "tls.h"
+#include "util.h"
 #include "ws.h"
 
 #define H1_BODY_HIGH (256 * 1024)     /* stop reading the client's body */
@@ -463,30 +464,18 @@ static int on_url(http_parser *p, const char *at, size_t n)
 /* Upgrade: a comma list of protocols (RFC 9110 7.8), case-insensitive. */
 static void note_upgrade(struct gw_h1 *h)
 {
-    const char *v = h->value != NULL ? h->value : "";
-    size_t len = h->value_len;
+    struct iov list = {h->value != NULL ? h->value : "", h->value_len};
+    struct iov item;
     bool other = false;
     bool h2c = false;
 
-    while (len > 0) {
-        size_t i = 0;
-        while (i < len && v[i] != ',')
-            i++;
-        struct iov item = {v, i};
-        while (item.len > 0 && (item.base[0] == ' ' || item.base[0] == '\t')) {
-            item.base++;
-            item.len--;
-        }
-        while (item.len > 0 && (item.base[item.len - 1] == ' ' || item.base[item.len - 1] == '\t'))
-            item.len--;
+    while (util_list_next(&list, &item)) {
         if (util_iov_ieq_str(item, "websocket"))
             h->up_websocket = true;
         else if (util_iov_ieq_str(item, "h2c"))
             h2c = true;
         else if (item.len > 0)
             other = true;
-        v += i < len ? i + 1 : i;
-        len -= i < len ? i + 1 : i;
     }
     h->up_h2c_only = h2c && !other && !h->up_websocket;
 }
@@ -656,25 +645,12 @@ as_is:
 /* Drops the fields Connection named (hop-by-hop ones are gone already). */
 static void h1_drop_connection_opts(struct gw_h1 *h, struct gw_req *r)
 {
-    const char *v = h->conn_opts;
-    size_t len = h->conn_opts_len;
+    struct iov list = {h->conn_opts != NULL ? h->conn_opts : "", h->conn_opts_len};
+    struct iov item;
 
-    while (len > 0) {
-        size_t i = 0;
-        while (i < len && v[i] != ',')
-            i++;
-        struct iov item = {v, i};
-        while (item.len > 0 && (item.base[0] == ' ' || item.base[0] == '\t')) {
-            item.base++;
-            item.len--;
-        }
-        while (item.len > 0 && (item.base[item.len - 1] == ' ' || item.base[item.len - 1] == '\t'))
-            item.len--;
+    while (util_list_next(&list, &item))
         if (item.len > 0)
             gw_hdrs_remove(&r->hdrs, item.base, item.len);
-        v += i < len ? i + 1 : i;
-        len -= i < len ? i + 1 : i;
-    }
 }
 
 /* Head errors found once it is in: HERR_NONE or the answer. */
@@ -856,17 +832,6 @@ static void h1_chunk_error(struct gw_h1 *h)
     h1_close_after_flush(h);
 }
 
-static int hex_val(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* One framing byte of a chunked body (RFC 9112 7.1: chunk-size [ext] CRLF
  * data CRLF ... 0 [ext] CRLF *(trailer CRLF) CRLF). Returns 0, 1 when the
  * body is complete, -1 on malformed framing. */
@@ -877,7 +842,7 @@ static int h1_chunk_byte(struct gw_h1 *h, char c)
 
     switch (h->chunk) {
     case CHUNK_SIZE:
-        d = hex_val(c);
+        d = util_hex_val((unsigned char)c);
         if (d >= 0) {
             if (++h->chunk_digits > 15) /* 2^60: no overflow, far beyond any limit */
                 return -1;

@@ -19,36 +19,22 @@
 #include "gw_tun_h2.h"
 #include "log.h"
 #include "tun_msg.h"
+#include "util.h"
 #include "ws.h"
 
 /* Sec-WebSocket-Protocol: a comma list; picks the tunnel protocol (none
  * offered: Osaurus, which has no subprotocol). NULL if none is known. */
 static const struct gw_tun_proto *pick_proto(const nghttp2_nv *nv)
 {
-    const char *v;
-    size_t len;
+    struct iov list;
+    struct iov item;
 
     if (nv == NULL)
         return &gw_osr_proto;
-    v = (const char *)nv->value;
-    len = nv->valuelen;
-    while (len > 0) {
-        size_t i = 0;
-        while (i < len && v[i] != ',')
-            i++;
-        const char *item = v;
-        size_t ilen = i;
-        while (ilen > 0 && (*item == ' ' || *item == '\t')) {
-            item++;
-            ilen--;
-        }
-        while (ilen > 0 && (item[ilen - 1] == ' ' || item[ilen - 1] == '\t'))
-            ilen--;
-        if (ilen == strlen(TUN_SUBPROTOCOL) && memcmp(item, TUN_SUBPROTOCOL, ilen) == 0)
+    list = (struct iov){(const char *)nv->value, nv->valuelen};
+    while (util_list_next(&list, &item))
+        if (item.len == strlen(TUN_SUBPROTOCOL) && memcmp(item.base, TUN_SUBPROTOCOL, item.len) == 0)
             return &gw_tun_h2_proto;
-        v += i < len ? i + 1 : i;
-        len -= i < len ? i + 1 : i;
-    }
     return NULL;
 }
 

@@ -64,6 +64,26 @@ static void test_ieq(void **state)
     assert_false(util_iov_ieq_str(IOV_LIT("a"), "b"));
 }
 
+static void test_list_next(void **state)
+{
+    struct iov list = IOV_LIT(" a ,b,\t, c\t,");
+    struct iov item;
+    const char *want[] = {"a", "b", "", "c"};
+    size_t n = 0;
+
+    while (util_list_next(&list, &item)) {
+        assert_true(n < 4);
+        assert_int_equal(item.len, strlen(want[n]));
+        assert_memory_equal(item.base, want[n], item.len);
+        n++;
+    }
+    assert_int_equal(n, 4);
+    list = (struct iov){"", 0};
+    assert_false(util_list_next(&list, &item));
+    assert_int_equal(util_hex_val('F'), 15);
+    assert_int_equal(util_hex_val('g'), -1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -71,6 +91,7 @@ int main(void)
         cmocka_unit_test(test_hex),
         cmocka_unit_test(test_uuid),
         cmocka_unit_test(test_ieq),
+        cmocka_unit_test(test_list_next),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
