@@ -11,12 +11,13 @@ TEST="libcmocka-dev curl nghttp2-client openssl procps prometheus tmux
   python3 python3-pytest python3-websockets python3-ecdsa python3-pycryptodome
   python3-h2 chromium nodejs node-ws"
 BENCH="nginx-light wrk util-linux"
+FUZZ="clang libclang-rt-14-dev"
 
 # --build: compile only; default (--all): build, tests, demo and benchmark
 want="$BUILD"
 case "${1:-}" in
     --build) ;;
-    ""|--all) want="$BUILD $TEST $BENCH" ;;
+    ""|--all) want="$BUILD $TEST $BENCH $FUZZ" ;;
     *) echo "usage: $0 [--build|--all]" >&2; exit 2 ;;
 esac
 
