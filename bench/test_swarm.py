@@ -65,7 +65,8 @@ class Gateway:
         self.proc = subprocess.Popen(
             [self.exe, "--listen", "127.0.0.1:%d" % self.port, "--state-dir", self.state,
              "--domain", "localhost", "--log-level", "warn", "--max-conns-per-ip", "0",
-             "--max-tunnels-per-ip", "0", "--tunnel-connects-per-ip-per-min", "0"],
+             "--max-tunnels-per-ip", "0", "--tunnel-connects-per-ip-per-min", "0",
+             "--max-pending-tunnels-per-ip", "0", "--max-pending-tunnels", "0"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
         wait_port(self.port, 15, self.proc)

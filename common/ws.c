@@ -333,6 +333,9 @@ static void ws_fail(struct ws_conn *ws, int code, const char *reason)
 {
     size_t len;
 
+    /* reading stops in any case: a refused frame found while a close is
+     * under way must not be looked at again (ws_recv would spin on it) */
+    wslay_event_shutdown_read(ws->wslay);
     if (ws->closing)
         return;
     ws->failed = true;

@@ -894,6 +894,36 @@ static void test_declared_text_refused_at_once(void **state)
     }
 }
 
+/* A frame refused on its header once a close is under way (here: our owner
+ * closed on the first message) stops reading: found by fuzz_h1_head, ws_recv
+ * used to spin on the same header forever (fuzz/corpus/h1_head/
+ * ws_bad_frame_after_close_spin). */
+static void test_refused_frame_while_closing(void **state)
+{
+    static const uint8_t bad[][2] = {{0x09, 0x80}, {0x89, 0x80 | 126}, {0x81, 0x80 | 127}};
+
+    for (size_t i = 0; i < 3; i++) {
+        struct peer p;
+        uint8_t f[64];
+        uint8_t resp[4];
+        size_t n;
+        peer_init(&p);
+        p.close_on_text = true;
+        int fd = raw_pair(&p, false, 100);
+        n = frame(f, true, 1, true, "x", 1);
+        memcpy(f + n, bad[i], 2);
+        memset(f + n + 2, 0xff, 12); /* lengths, key: whatever the header needs */
+        raw_write(fd, f, n + 14);
+        raw_read(fd, resp, 4);
+        assert_int_equal(resp[0], 0x88);
+        raw_write(fd, (const uint8_t[]){0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8}, 8);
+        RUN_UNTIL(p.n_close == 1);
+        assert_int_equal(p.n_text, 1);
+        close(fd);
+        peer_cleanup(&p);
+    }
+}
+
 /* ws_set_max_text raises the cap (as after authentication); a message is
  * assembled from frames much larger than the first room taken. */
 static void test_set_max_text(void **state)
@@ -1523,6 +1553,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_protocol_errors_frame_level, setup, teardown),
         cmocka_unit_test_setup_teardown(test_declared_text_refused_at_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_set_max_text, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_refused_frame_while_closing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_refuses_masked, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_masks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_raw_fragments_and_ping, setup, teardown),
