@@ -9,9 +9,9 @@
  * Content-Length body, 1: 200 without length then end, 2: no answer until
  * the input is all sent, then 200, 3: a 502 failure from the loop), bit 2
  * small limits (max-header-bytes 1024, max-header-count 12, max-body-bytes
- * 4096), bit 3 send in pieces of ((byte >> 4) + 1) * 3 bytes with the loop
- * run in between, bit 7... reused by the piece size; bit 4 (with bit 3 off)
- * a half-close after the input. The rest is the client's bytes. */
+ * 4096), bit 3 send in pieces of ((byte >> 4) + 1) * 3 bytes (bits 4-7)
+ * with the loop run in between; with bit 3 off, bit 4 is a half-close after
+ * the input. The rest is the client's bytes. */
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>

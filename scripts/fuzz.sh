@@ -80,8 +80,8 @@ run_one() {
     tm=$(tail -n 1 "$dir/time")
     read -r wall user sys <<<"$tm"
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$dir/log" | tail -n 1)
-    cov=$(grep -o 'cov: [0-9]*' "$dir/log" | tail -n 1 | cut -d' ' -f2)
-    ft=$(grep -o 'ft: [0-9]*' "$dir/log" | tail -n 1 | cut -d' ' -f2)
+    cov=$(grep -o 'cov: [0-9]*' "$dir/log" | tail -n 1 | cut -d' ' -f2 || true)
+    ft=$(grep -o 'ft: [0-9]*' "$dir/log" | tail -n 1 | cut -d' ' -f2 || true)
     if [ "$rc" -eq 0 ] && [ "${FUZZ_MERGE:-1}" != 0 ]; then
         # edges only (no hit counters): an input is kept for a new branch, not
         # for taking a known one more often, so the checked-in corpus stays small
