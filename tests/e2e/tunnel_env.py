@@ -106,14 +106,17 @@ class Proc:
 
 
 class Gateway(Proc):
-    def __init__(self, build_dir, tmp, *extra, domain="localhost", name="gateway"):
+    def __init__(self, build_dir, tmp, *extra, domain="localhost", name="gateway", wrap=(),
+                 start_timeout=10):
+        """wrap: a command the gateway runs under (valgrind, say)."""
         self.state = Path(tmp) / f"{name}-state"
         self.domain = domain
-        argv = [Path(build_dir) / "gateway/tunnel-gateway", "--listen", "127.0.0.1:0",
+        argv = [*wrap, Path(build_dir) / "gateway/tunnel-gateway", "--listen", "127.0.0.1:0",
                 "--state-dir", self.state, "--domain", domain, "--log-level", "debug",
                 "--summary-interval", "0", *extra]
         super().__init__(argv, Path(tmp) / f"{name}.log")
-        m = self.wait_log(r"event=listening addr=\S+ port=(\d+) scheme=(\w+)")
+        m = self.wait_log(r"event=listening addr=\S+ port=(\d+) scheme=(\w+)",
+                          timeout=start_timeout)
         self.port = int(m.group(1))
         self.scheme = m.group(2)
         self.ca = self.state / "local-ca.pem"
@@ -166,9 +169,9 @@ class Agent:
             self.cli("enable", name, "--yes")
         return addr
 
-    def run(self, gw, *extra):
+    def run(self, gw, *extra, wrap=()):
         scheme = "wss" if gw.scheme == "https" else "ws"
-        argv = [self.exe, "--home", self.home, "run", "--gateway", f"{scheme}://{gw.domain}:{gw.port}",
+        argv = [*wrap, self.exe, "--home", self.home, "run", "--gateway", f"{scheme}://{gw.domain}:{gw.port}",
                 *(["--ca-file", gw.ca] if scheme == "wss" else []), "--log-level", "debug", *extra]
         self.proc = Proc(argv, self.tmp / f"{self.name}.log")
         return self.proc
