@@ -813,6 +813,11 @@ static const struct cfg_opt gw_opts[] = {
      .show = show_addr, .help = "Also serve cleartext HTTP here, for a TLS-terminating load balancer in front."},
     {.name = "no-tls", .type = CFG_T_BOOL, .offset = OFF(no_tls), .group = G_LSN,
      .help = "Serve cleartext HTTP on --listen (platforms that terminate TLS: Cloud Run, Fly)."},
+    {.name = "proxy-protocol", .type = CFG_T_BOOL, .offset = OFF(proxy_protocol), .group = G_LSN,
+     .help = "Every connection to --listen and --plain-listen starts with a PROXY protocol v2 "
+             "header (HAProxy's send-proxy-v2): its source address is the client's for limits, "
+             "logs and X-Forwarded-For. A connection without a valid one is closed. Only for "
+             "listeners that nothing but the load balancer can reach."},
     {.name = "cert", .type = CFG_T_PATH, .offset = OFF(cert_path), .metavar = "FILE",
      .group = G_LSN, .file_aliases = cert_aliases,
      .help = "Certificate chain (PEM) for DOMAIN and *.DOMAIN, with --key; unset: "

@@ -3,6 +3,7 @@
  * the bufferevent moves to gw_h1 or gw_h2 and the gw_hs is freed. */
 #include "gw_lsn.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -21,6 +22,7 @@
 #include "gw_h1.h"
 #include "gw_h2.h"
 #include "gw_ipt.h"
+#include "gw_pp.h"
 #include "herr.h"
 #include "log.h"
 #include "tls.h"
@@ -40,6 +42,7 @@ struct gw_lsn {
     struct evconnlistener *el;   /* owned */
     struct event *resume;        /* owned; ends an accept pause */
     bool tls;
+    bool proxy;                  /* --proxy-protocol: a PROXY v2 header comes first */
     bool disabled;               /* gw_lsn_disable: never resumed */
     bool paused;                 /* out of descriptors: an episode is on */
     uint64_t episode_failures;   /* accept failures in it */
@@ -55,9 +58,19 @@ struct gw_hs {
     uint64_t id;
     bool tls;
     bool refused;                /* over max-conns-per-ip: answer 429 and close */
-    struct sockaddr_storage peer;
+    bool counted;                /* holds a max-conns-per-ip slot of peer */
+    struct sockaddr_storage peer;/* the client: the socket's peer, or the PROXY source */
     socklen_t peerlen;
+    /* Reading the PROXY header (--proxy-protocol), before any bufferevent:
+     * exactly the header's bytes are read off the socket, nothing past it. */
+    evutil_socket_t fd;
+    struct event *pp_read;       /* owned; NULL once the header is in */
+    struct event *pp_timer;      /* owned; the header's deadline */
+    uint8_t *pp_buf;             /* owned; pp_have of pp_cap bytes */
+    size_t pp_have, pp_cap;
 };
+
+static void hs_free(struct gw_hs *hs);
 
 /* Writes the 429 and frees the bufferevent once it is out. */
 static void refuse_on_write(struct bufferevent *bev, void *arg)
@@ -96,6 +109,7 @@ static void hs_dispatch(struct gw_hs *hs, struct bufferevent *bev, bool h2)
     bufferevent_set_timeouts(bev, NULL, NULL);
     if (hs->refused && !h2) {
         refuse(bev);
+        free(hs->pp_buf);
         free(hs);
         return;
     }
@@ -104,6 +118,7 @@ static void hs_dispatch(struct gw_hs *hs, struct bufferevent *bev, bool h2)
                     hs->refused);
     else
         gw_h1_start(ctx, bev, (struct sockaddr *)&hs->peer, hs->peerlen, scheme, hs->id);
+    free(hs->pp_buf);
     free(hs);
 }
 
@@ -143,22 +158,176 @@ static void hs_on_event(struct bufferevent *bev, short what, void *arg)
         else
             tls_drain_errors();
     }
-    gw_conn_link_del(hs->ctx, &hs->link);
-    if (!hs->refused)
-        gw_ipt_conn_release(hs->ctx->ipt, (struct sockaddr *)&hs->peer);
+    hs->bev = NULL;
     bufferevent_free(bev);
+    hs_free(hs);
+}
+
+/* Frees a connection still in the handshake (or PROXY header) phase: its
+ * bufferevent, or its socket if none was made yet, and its slot. */
+static void hs_free(struct gw_hs *hs)
+{
+    gw_conn_link_del(hs->ctx, &hs->link);
+    if (hs->counted)
+        gw_ipt_conn_release(hs->ctx->ipt, (struct sockaddr *)&hs->peer);
+    if (hs->bev != NULL)
+        bufferevent_free(hs->bev);
+    else if (hs->fd >= 0)
+        evutil_closesocket(hs->fd);
+    if (hs->pp_read != NULL)
+        event_free(hs->pp_read);
+    if (hs->pp_timer != NULL)
+        event_free(hs->pp_timer);
+    free(hs->pp_buf);
     free(hs);
 }
 
 static void hs_free_now(struct gw_conn_link *l)
 {
-    struct gw_hs *hs = (struct gw_hs *)l;
+    hs_free((struct gw_hs *)l);
+}
 
-    gw_conn_link_del(hs->ctx, &hs->link);
-    if (!hs->refused)
-        gw_ipt_conn_release(hs->ctx->ipt, (struct sockaddr *)&hs->peer);
-    bufferevent_free(hs->bev);
-    free(hs);
+/* The connection's protocol phase: a slot under max-conns-per-ip for its
+ * client, then the TLS handshake or the cleartext sniffing. */
+static void hs_begin(struct gw_hs *hs)
+{
+    struct gw_ctx *ctx = hs->ctx;
+    struct bufferevent *bev;
+    struct timeval tv = {HS_TIMEOUT_S, 0};
+    evutil_socket_t fd = hs->fd;
+
+    if (gw_ipt_conn_acquire(ctx->ipt, (struct sockaddr *)&hs->peer, ctx->cfg->max_conns_per_ip)) {
+        hs->counted = true;
+    } else {
+        hs->refused = true;
+        ctx->n.conns_refused++;
+        gw_metrics_limit(ctx, GW_LIMIT_CONNS_PER_IP);
+        LOG_WARN(ctx->log, "conn_refused", LOG_S("err", "too_many_connections"),
+                 LOG_U("limit", ctx->cfg->max_conns_per_ip));
+    }
+    if (hs->tls) {
+        SSL *ssl = SSL_new(tls_server_ctx(ctx->tls));
+        if (ssl == NULL) {
+            tls_drain_errors();
+            hs_free(hs);
+            return;
+        }
+        /* takes ssl and fd (BEV_OPT_CLOSE_ON_FREE), also on failure */
+        hs->fd = -1;
+        bev = bufferevent_openssl_socket_new(ctx->base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING,
+                                             BEV_OPT_CLOSE_ON_FREE);
+        if (bev == NULL) {
+            hs_free(hs);
+            return;
+        }
+        bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
+        bufferevent_setcb(bev, NULL, NULL, hs_on_event, hs);
+    } else {
+        bev = bufferevent_socket_new(ctx->base, fd, BEV_OPT_CLOSE_ON_FREE);
+        if (bev == NULL) {
+            hs_free(hs);
+            return;
+        }
+        hs->fd = -1;
+        bufferevent_setcb(bev, hs_on_read, NULL, hs_on_event, hs);
+    }
+    /* Writes of up to 256 KiB per call: with the default 16 KiB, libevent's
+     * OpenSSL bufferevent cuts a small TLS record (and a write(2)) wherever a
+     * 16 KiB window ends inside an output chain. */
+    bufferevent_set_max_single_write(bev, GW_IO_MAX);
+    hs->bev = bev;
+    bufferevent_set_timeouts(bev, &tv, NULL);
+    bufferevent_enable(bev, EV_READ | EV_WRITE);
+}
+
+/* A connection closed for its PROXY header: said once per connection, at
+ * warning level (only the load balancer should reach such a listener, so a
+ * bad header is a misconfiguration or someone going around it). */
+static void pp_refuse(struct gw_hs *hs, const char *why)
+{
+    char addr[INET6_ADDRSTRLEN];
+    const struct sockaddr *sa = (const struct sockaddr *)&hs->peer;
+    const void *ip = sa->sa_family == AF_INET6
+                         ? (const void *)&((const struct sockaddr_in6 *)sa)->sin6_addr
+                         : (const void *)&((const struct sockaddr_in *)sa)->sin_addr;
+
+    gw_metrics_limit(hs->ctx, GW_LIMIT_PROXY_HEADER);
+    if (inet_ntop(sa->sa_family, ip, addr, sizeof(addr)) == NULL)
+        util_snprintf(addr, sizeof(addr), "unknown");
+    LOG_WARN(hs->ctx->log, "proxy_header_refused", LOG_S("err", why), LOG_S("peer", addr),
+             LOG_U("bytes", hs->pp_have));
+    hs_free(hs);
+}
+
+static void pp_on_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    pp_refuse(arg, "timeout");
+}
+
+/* Reads the PROXY header: at most the bytes the parser still needs, so the
+ * first byte after it stays in the socket for TLS or HTTP. */
+static void pp_on_read(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_hs *hs = arg;
+    struct gw_pp_hdr hdr;
+    const char *why = NULL;
+    size_t want = GW_PP_HEAD;
+    ssize_t r;
+    int rc;
+
+    rc = gw_pp_parse(hs->pp_buf, hs->pp_have, &want, &hdr, &why);
+    if (rc == 0 && want > hs->pp_cap) {
+        uint8_t *nb = realloc(hs->pp_buf, want);
+        if (nb == NULL) {
+            pp_refuse(hs, "out_of_memory");
+            return;
+        }
+        hs->pp_buf = nb;
+        hs->pp_cap = want;
+    }
+    r = recv(fd, hs->pp_buf + hs->pp_have, want - hs->pp_have, 0);
+    if (r < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return;
+        pp_refuse(hs, "read_failed");
+        return;
+    }
+    if (r == 0) {
+        pp_refuse(hs, hs->pp_have == 0 ? "closed_before_header" : "closed_in_header");
+        return;
+    }
+    hs->pp_have += (size_t)r;
+    rc = gw_pp_parse(hs->pp_buf, hs->pp_have, &want, &hdr, &why);
+    if (rc < 0) {
+        pp_refuse(hs, why);
+        return;
+    }
+    if (rc == 0)
+        return;
+    if (hdr.srclen > 0) {
+        memcpy(&hs->peer, &hdr.src, hdr.srclen);
+        hs->peerlen = hdr.srclen;
+    }
+    event_free(hs->pp_read);
+    event_free(hs->pp_timer);
+    hs->pp_read = hs->pp_timer = NULL;
+    free(hs->pp_buf);
+    hs->pp_buf = NULL;
+    hs->pp_have = hs->pp_cap = 0;
+    hs_begin(hs);
+}
+
+static void pp_begin(struct gw_hs *hs)
+{
+    struct timeval tv = {HS_TIMEOUT_S, 0};
+
+    hs->pp_cap = GW_PP_HEAD;
+    hs->pp_buf = malloc(hs->pp_cap);
+    hs->pp_read = event_new(hs->ctx->base, hs->fd, EV_READ | EV_PERSIST, pp_on_read, hs);
+    hs->pp_timer = evtimer_new(hs->ctx->base, pp_on_timeout, hs);
+    if (hs->pp_buf == NULL || hs->pp_read == NULL || hs->pp_timer == NULL ||
+        event_add(hs->pp_read, NULL) != 0 || evtimer_add(hs->pp_timer, &tv) != 0)
+        hs_free(hs);
 }
 
 static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct sockaddr *sa,
@@ -166,9 +335,7 @@ static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct 
 {
     struct gw_lsn *l = arg;
     struct gw_ctx *ctx = l->ctx;
-    struct bufferevent *bev;
     struct gw_hs *hs;
-    struct timeval tv = {HS_TIMEOUT_S, 0};
     int one = 1;
 
     if (l->paused) {
@@ -202,50 +369,15 @@ static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct 
     hs->ctx = ctx;
     hs->id = gw_next_id(ctx);
     hs->tls = l->tls;
+    hs->fd = fd;
     memcpy(&hs->peer, sa, (size_t)salen);
     hs->peerlen = (socklen_t)salen;
-    if (!gw_ipt_conn_acquire(ctx->ipt, sa, ctx->cfg->max_conns_per_ip)) {
-        hs->refused = true;
-        ctx->n.conns_refused++;
-        gw_metrics_limit(ctx, GW_LIMIT_CONNS_PER_IP);
-        LOG_WARN(ctx->log, "conn_refused", LOG_S("err", "too_many_connections"),
-                 LOG_U("limit", ctx->cfg->max_conns_per_ip));
-    }
-    if (l->tls) {
-        SSL *ssl = SSL_new(tls_server_ctx(ctx->tls));
-        if (ssl == NULL) {
-            tls_drain_errors();
-            evutil_closesocket(fd);
-            free(hs);
-            return;
-        }
-        /* takes ssl and fd (BEV_OPT_CLOSE_ON_FREE), also on failure */
-        bev = bufferevent_openssl_socket_new(ctx->base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING,
-                                             BEV_OPT_CLOSE_ON_FREE);
-        if (bev == NULL) {
-            free(hs);
-            return;
-        }
-        bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
-        bufferevent_setcb(bev, NULL, NULL, hs_on_event, hs);
-    } else {
-        bev = bufferevent_socket_new(ctx->base, fd, BEV_OPT_CLOSE_ON_FREE);
-        if (bev == NULL) {
-            evutil_closesocket(fd);
-            free(hs);
-            return;
-        }
-        bufferevent_setcb(bev, hs_on_read, NULL, hs_on_event, hs);
-    }
-    /* Writes of up to 256 KiB per call: with the default 16 KiB, libevent's
-     * OpenSSL bufferevent cuts a small TLS record (and a write(2)) wherever a
-     * 16 KiB window ends inside an output chain. */
-    bufferevent_set_max_single_write(bev, GW_IO_MAX);
-    hs->bev = bev;
     hs->link.free_now = hs_free_now;
     gw_conn_link_add(ctx, &hs->link);
-    bufferevent_set_timeouts(bev, &tv, NULL);
-    bufferevent_enable(bev, EV_READ | EV_WRITE);
+    if (l->proxy)
+        pp_begin(hs);
+    else
+        hs_begin(hs);
 }
 
 static void lsn_on_resume(evutil_socket_t fd, short what, void *arg)
@@ -292,6 +424,7 @@ struct gw_lsn *gw_lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bo
     }
     l->ctx = ctx;
     l->tls = tls;
+    l->proxy = ctx->cfg->proxy_protocol;
     l->resume = evtimer_new(ctx->base, lsn_on_resume, l);
     if (l->resume == NULL) {
         util_snprintf(err, errlen, "out of memory");
