@@ -480,7 +480,10 @@ def test_fake_superseded_and_refused_agents(build_dir, tmp_path, fake, api, proc
     assert r.done.wait(5) and r.status == 200
     # and disabling sends remove_agent, refusing new streams at once
     ag.cli("disable", "two")
-    assert a2 not in t2.addrs
+    # the daemon has sent remove_agent when the command returns; the fake's
+    # reader thread takes it in its own time
+    wait_for(lambda: a2 not in t2.addrs, 3, "remove_agent for two")
+    assert any(m["type"] == "remove_agent" and m["address"] == a2 for m in t2.texts)
     sid, r = t2.request(a2, "GET", "/echo")
     assert r.done.wait(5) and r.reset == 7
 
