@@ -1,6 +1,7 @@
 /* Gateway endpoints; see gw_admin.h. */
 #include "gw_admin.h"
 
+#include <ctype.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -15,6 +16,7 @@
 #include "clk.h"
 #include "gw.h"
 #include "gw_cfg.h"
+#include "gw_ipt.h"
 #include "gw_metrics.h"
 #include "gw_reg.h"
 #include "gw_req.h"
@@ -26,6 +28,10 @@
 #include "util.h"
 
 #define ADMIN_BODY_MAX 4096
+#define PRESENCE_MAX 100        /* addresses per /presence call */
+/* 100 addresses of 42 characters and 99 commas, with room for %2C: a longer
+ * value is refused before it is decoded or split. */
+#define PRESENCE_PARAM_MAX 4800
 #define ADMIN_PREFIX "/admin/"
 
 /* Answers status with body and, when extra is set, one more header. */
@@ -129,12 +135,11 @@ static bool deny_del(struct gw_ctx *ctx, const uint8_t *addr)
     return false;
 }
 
-/* "Authorization: Bearer <token>" matching --admin-token-file. Both sides are
- * hashed first, so the comparison takes the same time whatever the length or
- * the first differing byte. */
-static bool admin_authorized(const struct gw_req *r)
+/* "Authorization: Bearer <token>" matching want (--admin-token-file,
+ * --presence-token-file). Both sides are hashed first, so the comparison
+ * takes the same time whatever the length or the first differing byte. */
+static bool bearer_ok(const struct gw_req *r, const char *want)
 {
-    const char *want = r->ctx->cfg->admin_token;
     const nghttp2_nv *h = gw_hdrs_get(&r->hdrs, "authorization");
     uint8_t a[SHA256_DIGEST_LENGTH];
     uint8_t b[SHA256_DIGEST_LENGTH];
@@ -173,14 +178,162 @@ static void respond_json(struct gw_req *r, int status, const char *fmt, ...)
     respond(r, status, "application/json", body, (size_t)n);
 }
 
-static void unauthorized(struct gw_req *r)
+static void unauthorized(struct gw_req *r, const char *realm)
 {
     char body[256];
     int n = herr_json(HERR_UNAUTHORIZED, body, sizeof(body));
 
     r->err = HERR_UNAUTHORIZED;
     respond_with(r, 401, "application/json", body, n > 0 ? (size_t)n : 0, "www-authenticate",
-                 "Bearer realm=\"tunnel-gateway admin\"");
+                 realm);
+}
+
+/* ---- /presence ---- */
+
+/* The value of query parameter name in path ("/presence?a=1&name=v"), percent-
+ * decoded into out (NUL-terminated). Returns its length, -1 if absent, -2 if
+ * longer than outsize - 1 or badly encoded. */
+static int query_param(const char *path, const char *name, char *out, size_t outsize)
+{
+    const char *q = strchr(path, '?');
+    size_t nlen = strlen(name);
+
+    while (q != NULL) {
+        const char *p = q + 1, *end = strchr(p, '&');
+        size_t len = end != NULL ? (size_t)(end - p) : strlen(p);
+
+        if (len > nlen && strncmp(p, name, nlen) == 0 && p[nlen] == '=') {
+            size_t o = 0;
+            for (size_t i = nlen + 1; i < len; i++) {
+                int c = (unsigned char)p[i];
+                if (c == '%') {
+                    int hi = i + 2 < len ? util_hex_val(p[i + 1]) : -1;
+                    int lo = hi >= 0 ? util_hex_val(p[i + 2]) : -1;
+                    if (lo < 0)
+                        return -2;
+                    c = hi << 4 | lo;
+                    i += 2;
+                } else if (c == '+') {
+                    c = ' ';
+                }
+                if (o + 1 >= outsize)
+                    return -2;
+                out[o++] = (char)c;
+            }
+            out[o] = '\0';
+            return (int)o;
+        }
+        q = end;
+    }
+    return -1;
+}
+
+static void presence_bad(struct gw_req *r, const char *why)
+{
+    r->err = HERR_BAD_REQUEST;
+    respond_json(r, 400, "{\"error\":\"bad_request\",\"message\":\"%s\"}\n", why);
+}
+
+/* GET /presence?addresses=A,B,... (Authorization: Bearer <presence token>):
+ * {"presence":{"<addr>":{"online":true,"last_seen":<unix ms>}, ...}}, each
+ * address lowercase, once. An agent is online when a tunnel here carries it;
+ * an offline one's last_seen is null. Checked in the relay's order: token,
+ * method, the list (1 to 100 addresses, 0x and 40 hex digits each, any case),
+ * then the per-IP rate. */
+static void presence_handle(struct gw_req *r)
+{
+    struct gw_ctx *ctx = r->ctx;
+    char list[PRESENCE_PARAM_MAX + 1];
+    uint8_t addrs[PRESENCE_MAX][ID_ADDR_LEN];
+    size_t n = 0;
+    struct evbuffer *out;
+    uint64_t now_ms;
+    bool oom;
+    char *save = NULL;
+    int len;
+
+    if (ctx->cfg->presence_token == NULL) {
+        gw_req_fail(r, HERR_NOT_FOUND);
+        return;
+    }
+    if (!bearer_ok(r, ctx->cfg->presence_token)) {
+        LOG_WARN(ctx->log, "presence_unauthorized", LOG_U("req", r->id),
+                 LOG_S("client", r->client_ip));
+        unauthorized(r, "Bearer realm=\"tunnel-gateway presence\"");
+        return;
+    }
+    if (strcmp(r->method, "GET") != 0 && strcmp(r->method, "HEAD") != 0) {
+        gw_req_fail(r, HERR_METHOD_NOT_ALLOWED);
+        return;
+    }
+    len = query_param(r->path, "addresses", list, sizeof(list));
+    if (len == -2) {
+        presence_bad(r, "addresses: too long or badly encoded");
+        return;
+    }
+    for (char *tok = len > 0 ? strtok_r(list, ",", &save) : NULL; tok != NULL;
+         tok = strtok_r(NULL, ",", &save)) {
+        size_t tl;
+        uint8_t a[ID_ADDR_LEN];
+        bool dup = false;
+
+        while (*tok == ' ' || *tok == '\t')
+            tok++;
+        tl = strlen(tok);
+        while (tl > 0 && (tok[tl - 1] == ' ' || tok[tl - 1] == '\t'))
+            tl--;
+        if (tl == 0)
+            continue;
+        for (size_t i = 0; i < tl; i++)
+            tok[i] = (char)tolower((unsigned char)tok[i]);
+        if (tl != ID_ADDR_STR_LEN || id_addr_parse(tok, tl, a) != ID_OK) {
+            presence_bad(r, "addresses: each must be 0x and 40 hex digits");
+            return;
+        }
+        for (size_t i = 0; i < n && !dup; i++)
+            dup = memcmp(addrs[i], a, ID_ADDR_LEN) == 0;
+        if (dup)
+            continue;
+        if (n == PRESENCE_MAX) {
+            presence_bad(r, "addresses must contain 1-100 entries");
+            return;
+        }
+        memcpy(addrs[n++], a, ID_ADDR_LEN);
+    }
+    if (n == 0) {
+        presence_bad(r, "addresses must contain 1-100 entries");
+        return;
+    }
+    if (!gw_ipt_presence_hit(ctx->ipt, (const struct sockaddr *)&r->peer,
+                             ctx->cfg->presence_per_ip_per_min, clk_mono_ms(ctx->clk))) {
+        gw_metrics_limit(ctx, GW_LIMIT_PRESENCE);
+        gw_req_fail(r, HERR_RATE_LIMITED);
+        return;
+    }
+    out = evbuffer_new();
+    if (out == NULL) {
+        gw_req_fail(r, HERR_INTERNAL);
+        return;
+    }
+    now_ms = (uint64_t)clk_unix_s(ctx->clk) * 1000u;
+    oom = evbuffer_add_printf(out, "{\"presence\":{") < 0;
+    for (size_t i = 0; i < n && !oom; i++) {
+        char s[ID_ADDR_STR_LEN + 1];
+        bool online = gw_reg_get(ctx->reg, addrs[i]) != NULL;
+
+        id_addr_to_str(addrs[i], s);
+        if (online)
+            oom = evbuffer_add_printf(out, "%s\"%s\":{\"online\":true,\"last_seen\":%" PRIu64 "}",
+                                      i == 0 ? "" : ",", s, now_ms) < 0;
+        else
+            oom = evbuffer_add_printf(out, "%s\"%s\":{\"online\":false,\"last_seen\":null}",
+                                      i == 0 ? "" : ",", s) < 0;
+    }
+    if (oom || evbuffer_add_printf(out, "}}\n") < 0)
+        gw_req_fail(r, HERR_INTERNAL);
+    else
+        respond_buf(r, 200, "application/json", out);
+    evbuffer_free(out);
 }
 
 struct list_ctx {
@@ -267,9 +420,9 @@ static void admin_handle(struct gw_req *r)
         gw_req_fail(r, HERR_NOT_FOUND);
         return;
     }
-    if (!admin_authorized(r)) {
+    if (!bearer_ok(r, ctx->cfg->admin_token)) {
         LOG_WARN(ctx->log, "admin_unauthorized", LOG_U("req", r->id), LOG_S("client", r->client_ip));
-        unauthorized(r);
+        unauthorized(r, "Bearer realm=\"tunnel-gateway admin\"");
         return;
     }
     if (plen == 6 && strncmp(p, "agents", 6) == 0) {
@@ -350,6 +503,10 @@ void gw_admin_handle(struct gw_req *r)
 
     if (strncmp(r->path, ADMIN_PREFIX, strlen(ADMIN_PREFIX)) == 0) {
         admin_handle(r);
+        return;
+    }
+    if (path_is(r->path, "/presence")) {
+        presence_handle(r);
         return;
     }
     if (!path_is(r->path, "/health") && !path_is(r->path, "/stats") &&

@@ -869,6 +869,9 @@ static const struct cfg_opt gw_opts[] = {
     {.name = "tunnel-connects-per-ip-per-min", .type = CFG_T_UINT, .flags = CFG_F_LIVE,
      .offset = OFF(tunnel_connects_per_ip_per_min), .def = "60", .metavar = "N", .group = G_LIM,
      .max = U32, .help = "Tunnel connection attempts per IP per minute."},
+    {.name = "presence-per-ip-per-min", .type = CFG_T_UINT, .flags = CFG_F_LIVE,
+     .offset = OFF(presence_per_ip_per_min), .def = "120", .metavar = "N", .group = G_LIM,
+     .max = U32, .help = "/presence calls per client IP per minute; beyond them 429 (0 = no limit)."},
     {.name = "max-tunnels-per-ip", .type = CFG_T_UINT, .flags = CFG_F_LIVE, .offset = OFF(max_tunnels_per_ip),
      .def = "64", .metavar = "N", .group = G_LIM, .max = U32,
      .help = "Tunnels open at once per IP."},
@@ -917,6 +920,12 @@ static const struct cfg_opt gw_opts[] = {
      .help = "Enable /admin/... on the apex for \"Authorization: Bearer <token>\", the token "
              "(32 or more characters) read from FILE, which must be owner-only; unset: "
              "/admin answers 404."},
+    {.name = "presence-token-file", .type = CFG_T_PATH, .offset = OFF(presence_token_path),
+     .metavar = "FILE", .group = G_ACC,
+     .help = "Enable GET /presence?addresses=A,B,... on the apex (which of up to 100 agents are "
+             "online, as the Osaurus relay answers it) for \"Authorization: Bearer <token>\", "
+             "the token (32 or more characters) read from FILE, which must be owner-only; "
+             "unset: /presence answers 404."},
 };
 
 static const struct cfg_spec gw_spec = {
@@ -964,12 +973,12 @@ static int add_warning(struct gw_cfg *cfg, const char *msg)
 #define ADMIN_TOKEN_MIN 32
 #define ADMIN_TOKEN_MAX 4096
 
-/* Reads --admin-token-file: a regular file not readable or writable by group
- * or others, one token of ADMIN_TOKEN_MIN.. printable characters (a final
- * newline is ignored). */
-static int load_admin_token(struct gw_cfg *cfg, char *err, size_t errlen)
+/* Reads a token file (--admin-token-file, --presence-token-file, named by
+ * flag): a regular file not readable or writable by group or others, one
+ * token of ADMIN_TOKEN_MIN.. printable characters (a final newline is
+ * ignored), into *out. */
+static int load_token(const char *flag, const char *path, char **out, char *err, size_t errlen)
 {
-    const char *path = cfg->admin_token_path;
     char buf[ADMIN_TOKEN_MAX + 2];
     struct stat st;
     ssize_t n;
@@ -977,22 +986,22 @@ static int load_admin_token(struct gw_cfg *cfg, char *err, size_t errlen)
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 
     if (fd == -1) {
-        snprintf(err, errlen, "--admin-token-file %s: %s", path, strerror(errno));
+        snprintf(err, errlen, "%s %s: %s", flag, path, strerror(errno));
         return -1;
     }
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "--admin-token-file %s: not a regular file", path);
+        snprintf(err, errlen, "%s %s: not a regular file", flag, path);
         goto fail_fd;
     }
     if ((st.st_mode & 077) != 0 || st.st_uid != geteuid()) {
-        snprintf(err, errlen, "--admin-token-file %s: must be owned by this user and not "
+        snprintf(err, errlen, "%s %s: must be owned by this user and not "
                  "accessible to group or others (mode %03o; chmod 600 it)",
-                 path, (unsigned)(st.st_mode & 0777));
+                 flag, path, (unsigned)(st.st_mode & 0777));
         goto fail_fd;
     }
     n = read(fd, buf, sizeof(buf) - 1);
     if (n < 0) {
-        snprintf(err, errlen, "--admin-token-file %s: %s", path, strerror(errno));
+        snprintf(err, errlen, "%s %s: %s", flag, path, strerror(errno));
         goto fail_fd;
     }
     close(fd);
@@ -1002,19 +1011,19 @@ static int load_admin_token(struct gw_cfg *cfg, char *err, size_t errlen)
     buf[len] = '\0';
     for (size_t i = 0; i < len; i++) {
         if (buf[i] <= ' ' || buf[i] > '~') {
-            snprintf(err, errlen, "--admin-token-file %s: the token must be one line of "
-                     "printable characters without spaces", path);
+            snprintf(err, errlen, "%s %s: the token must be one line of "
+                     "printable characters without spaces", flag, path);
             goto fail_clean;
         }
     }
     if (len < ADMIN_TOKEN_MIN || len > ADMIN_TOKEN_MAX) {
-        snprintf(err, errlen, "--admin-token-file %s: the token has %zu characters; it needs "
-                 "%d to %d", path, len, ADMIN_TOKEN_MIN, ADMIN_TOKEN_MAX);
+        snprintf(err, errlen, "%s %s: the token has %zu characters; it needs "
+                 "%d to %d", flag, path, len, ADMIN_TOKEN_MIN, ADMIN_TOKEN_MAX);
         goto fail_clean;
     }
-    cfg->admin_token = strdup(buf);
+    *out = strdup(buf);
     OPENSSL_cleanse(buf, sizeof(buf));
-    if (cfg->admin_token == NULL) {
+    if (*out == NULL) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -1068,7 +1077,13 @@ static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
                  "set; pass --state-dir DIR (or --cert and --key)");
         return -1;
     }
-    if (cfg->admin_token_path != NULL && load_admin_token(cfg, err, errlen) != 0)
+    if (cfg->admin_token_path != NULL &&
+        load_token("--admin-token-file", cfg->admin_token_path, &cfg->admin_token, err,
+                   errlen) != 0)
+        return -1;
+    if (cfg->presence_token_path != NULL &&
+        load_token("--presence-token-file", cfg->presence_token_path, &cfg->presence_token, err,
+                   errlen) != 0)
         return -1;
     if (cfg->no_tls && cfg->cert_path != NULL &&
         add_warning(cfg, "--cert and --key are unused: --no-tls makes --listen cleartext") != 0) {
@@ -1270,6 +1285,11 @@ void gw_cfg_cleanup(struct gw_cfg *cfg)
         OPENSSL_cleanse(cfg->admin_token, strlen(cfg->admin_token));
         free(cfg->admin_token);
         cfg->admin_token = NULL;
+    }
+    if (cfg->presence_token != NULL) {
+        OPENSSL_cleanse(cfg->presence_token, strlen(cfg->presence_token));
+        free(cfg->presence_token);
+        cfg->presence_token = NULL;
     }
     cfg_free_strings(&gw_spec, cfg);
     for (size_t i = 0; i < cfg->n_warnings; i++)

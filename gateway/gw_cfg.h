@@ -90,6 +90,7 @@ struct gw_cfg {
     uint64_t stream_idle_timeout_s;       /* 300 */
     uint64_t max_conns_per_ip;            /* 512 */
     uint64_t tunnel_connects_per_ip_per_min; /* 60 */
+    uint64_t presence_per_ip_per_min;       /* 120; 0 = no limit */
     uint64_t max_tunnels_per_ip;          /* 64 */
     uint64_t max_pending_tunnels_per_ip;  /* 8 not yet authenticated */
     uint64_t max_pending_tunnels;         /* 1024 not yet authenticated */
@@ -105,6 +106,8 @@ struct gw_cfg {
     uint64_t metrics_agents;        /* --metrics-agents: per-agent series for the top N */
     char *admin_token_path;         /* --admin-token-file; NULL = no /admin */
     char *admin_token;              /* owned: the token read from it, NULL = no /admin */
+    char *presence_token_path;      /* --presence-token-file; NULL = no /presence */
+    char *presence_token;           /* owned: the token read from it, NULL = no /presence */
 
     bool show_help;                 /* --help: print gw_cfg_print_help(), exit 0 */
     bool show_version;              /* --version: print the version, exit 0 */

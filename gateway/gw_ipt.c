@@ -16,6 +16,8 @@ struct ip_entry {
     uint32_t pending;           /* of which not yet authenticated */
     uint64_t window_start_ms;   /* start of the current minute of upgrades */
     uint32_t window_count;      /* upgrades in that minute */
+    uint64_t presence_start_ms; /* start of the current minute of /presence calls */
+    uint32_t presence_count;    /* calls in that minute */
     struct ip_entry *next;
 };
 
@@ -133,7 +135,8 @@ static struct ip_entry *find(struct gw_ipt *t, const struct sockaddr *sa, bool c
  * gw_ipt_sweep(), so reconnecting never resets a client's per-minute count. */
 static void drop_if_idle(struct gw_ipt *t, struct ip_entry *victim)
 {
-    if (victim->conns != 0 || victim->tunnels != 0 || victim->window_count != 0)
+    if (victim->conns != 0 || victim->tunnels != 0 || victim->window_count != 0 ||
+        victim->presence_count != 0)
         return;
     size_t i = hash(victim->key) & (t->nbuckets - 1);
     for (struct ip_entry **pp = &t->buckets[i]; *pp != NULL; pp = &(*pp)->next) {
@@ -216,6 +219,27 @@ void gw_ipt_pending_release(struct gw_ipt *t, const struct sockaddr *sa)
         e->pending--;
 }
 
+bool gw_ipt_presence_hit(struct gw_ipt *t, const struct sockaddr *sa, uint64_t per_min,
+                         uint64_t now_ms)
+{
+    struct ip_entry *e;
+
+    if (per_min == 0)
+        return true;
+    e = find(t, sa, true);
+    if (e == NULL)
+        return false;
+    if (e->presence_count == 0 || now_ms < e->presence_start_ms ||
+        now_ms - e->presence_start_ms >= RATE_WINDOW_MS) {
+        e->presence_start_ms = now_ms;
+        e->presence_count = 0;
+    }
+    if (e->presence_count >= per_min)
+        return false;
+    e->presence_count++;
+    return true;
+}
+
 void gw_ipt_sweep(struct gw_ipt *t, uint64_t now_ms)
 {
     for (size_t i = 0; i < t->nbuckets; i++) {
@@ -223,7 +247,8 @@ void gw_ipt_sweep(struct gw_ipt *t, uint64_t now_ms)
         while (*pp != NULL) {
             struct ip_entry *e = *pp;
             if (e->conns == 0 && e->tunnels == 0 &&
-                (e->window_count == 0 || now_ms - e->window_start_ms >= RATE_WINDOW_MS)) {
+                (e->window_count == 0 || now_ms - e->window_start_ms >= RATE_WINDOW_MS) &&
+                (e->presence_count == 0 || now_ms - e->presence_start_ms >= RATE_WINDOW_MS)) {
                 *pp = e->next;
                 free(e);
                 t->n--;

@@ -1,6 +1,7 @@
 /* Per-client-address accounting for the per-IP limits: open public
- * connections (max-conns-per-ip), open tunnels (max-tunnels-per-ip) and
- * tunnel upgrades per minute (tunnel-connects-per-ip-per-min). An entry lives
+ * connections (max-conns-per-ip), open tunnels (max-tunnels-per-ip),
+ * tunnel upgrades per minute (tunnel-connects-per-ip-per-min) and /presence
+ * calls per minute (presence-per-ip-per-min). An entry lives
  * while it counts anything; idle ones are swept. Keys are the TCP peer
  * address (IPv4-mapped IPv6 folded to IPv4). */
 #ifndef GW_IPT_H
@@ -37,6 +38,11 @@ void gw_ipt_tunnel_release(struct gw_ipt *t, const struct sockaddr *sa);
  * at max (0 = no limit). Released when it authenticates or goes. */
 bool gw_ipt_pending_acquire(struct gw_ipt *t, const struct sockaddr *sa, uint64_t max);
 void gw_ipt_pending_release(struct gw_ipt *t, const struct sockaddr *sa);
+
+/* One /presence call from sa at now_ms: false past per_min calls in its
+ * current minute (0 = no limit; refused calls are not counted). */
+bool gw_ipt_presence_hit(struct gw_ipt *t, const struct sockaddr *sa, uint64_t per_min,
+                         uint64_t now_ms);
 
 /* Drops entries that count nothing and whose rate window has passed. */
 void gw_ipt_sweep(struct gw_ipt *t, uint64_t now_ms);

@@ -60,6 +60,7 @@ static const char *const limit_names[GW_LIMIT_COUNT_] = {
     [GW_LIMIT_DESCRIPTORS] = "descriptors",
     [GW_LIMIT_OSAURUS_BODY_MEMORY] = "osaurus_body_memory",
     [GW_LIMIT_PROXY_HEADER] = "proxy_header",
+    [GW_LIMIT_PRESENCE] = "presence",
 };
 
 const char *gw_auth_outcome_name(enum gw_auth_outcome o)

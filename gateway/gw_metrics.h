@@ -43,6 +43,7 @@ enum gw_limit_kind {
     GW_LIMIT_DESCRIPTORS,        /* out of file descriptors (or within the reserve) */
     GW_LIMIT_OSAURUS_BODY_MEMORY,/* Osaurus-mode request bodies being collected */
     GW_LIMIT_PROXY_HEADER,       /* --proxy-protocol: a connection without a valid header */
+    GW_LIMIT_PRESENCE,           /* --presence-per-ip-per-min */
     GW_LIMIT_COUNT_
 };
 

@@ -75,10 +75,13 @@ static const char *const hop_by_hop[] = {
     "te", "host", "http2-settings", "proxy-authenticate", "trailer",
 };
 
-/* Names the gateway sets; a client's values for them are dropped. */
+/* Names the gateway sets, and those the Osaurus relay trusts between its own
+ * machines (a local API behind both must never see a client's copy): a
+ * client's values for them are dropped. */
 static const char *const gateway_set[] = {
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
     "x-real-ip", "forwarded", "x-agent-address", "x-agent-id", "x-tunnel-origin",
+    "x-relay-internal-hop", "x-relay-client-ip",
 };
 
 static bool in_list(const char *const *list, size_t n, const char *name, size_t len)

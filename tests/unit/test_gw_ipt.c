@@ -258,6 +258,37 @@ static void test_rate_survives_release(void **state)
     gw_ipt_free(t);
 }
 
+/* /presence calls: a window of their own per address, swept like the others,
+ * refusals not counted, 0 = no limit and no entry. */
+static void test_presence_window(void **state)
+{
+    struct gw_ipt *t = gw_ipt_new();
+    struct addr a, b;
+    const struct sockaddr *pa = v4(&a, "203.0.113.7");
+    const struct sockaddr *pb = v4(&b, "203.0.113.8");
+
+    (void)state;
+    assert_true(gw_ipt_presence_hit(t, pa, 0, T0));
+    assert_int_equal(gw_ipt_count(t), 0);
+    for (int i = 0; i < 3; i++)
+        assert_true(gw_ipt_presence_hit(t, pa, 3, T0 + (uint64_t)i));
+    assert_false(gw_ipt_presence_hit(t, pa, 3, T0 + 10));
+    assert_false(gw_ipt_presence_hit(t, pa, 3, T0 + MIN_MS - 1));
+    assert_true(gw_ipt_presence_hit(t, pb, 3, T0 + 10)); /* another address */
+    /* the window does not interfere with the tunnel one, nor connections */
+    assert_int_equal(gw_ipt_tunnel_acquire(t, pa, 1, 1, T0 + 20), GW_IPT_OK);
+    gw_ipt_tunnel_release(t, pa);
+    assert_true(gw_ipt_conn_acquire(t, pa, 1));
+    gw_ipt_conn_release(t, pa);
+    /* an entry with a live window survives the sweep, then goes */
+    gw_ipt_sweep(t, T0 + MIN_MS - 1);
+    assert_int_equal(gw_ipt_count(t), 2);
+    assert_true(gw_ipt_presence_hit(t, pa, 3, T0 + MIN_MS)); /* a new minute */
+    gw_ipt_sweep(t, T0 + 3 * MIN_MS);
+    assert_int_equal(gw_ipt_count(t), 0);
+    gw_ipt_free(t);
+}
+
 static void test_sweep(void **state)
 {
     struct gw_ipt *t = gw_ipt_new();
@@ -406,6 +437,7 @@ int main(void)
         cmocka_unit_test(test_tunnel_max),
         cmocka_unit_test(test_tunnel_rate_window),
         cmocka_unit_test(test_rate_survives_release),
+        cmocka_unit_test(test_presence_window),
         cmocka_unit_test(test_sweep),
         cmocka_unit_test(test_many),
         cmocka_unit_test(test_oom),
