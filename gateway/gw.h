@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "gw_admin.h"
+#include "gw_cfg.h"
 #include "gw_metrics.h"
 #include "list.h"
 
@@ -35,6 +36,10 @@ struct gw_counters {
     uint64_t auth_failures;        /* tunnels closed for failed auth */
     uint64_t bytes_to_agents;      /* request body bytes forwarded */
     uint64_t bytes_from_agents;    /* response body bytes forwarded */
+    uint64_t takeovers;            /* agents superseded by another instance's registration */
+    uint64_t invalid_frames;       /* Osaurus frames the schema refused (dropped or fatal) */
+    uint64_t bad_host_responses;   /* Osaurus requests failed for their agent's frames */
+    uint64_t slow_consumer_aborts; /* Osaurus streams cut for a caller reading too slowly */
 };
 
 struct gw_ctx {
@@ -54,6 +59,7 @@ struct gw_ctx {
     struct gw_lsn *lsn_main;        /* main listener (TLS unless --no-tls) */
     struct gw_lsn *lsn_plain;       /* --plain-listen, or NULL */
     uint16_t main_port;             /* the main listener's bound port (for URLs) */
+    char node_id[GW_NODE_ID_MAX + 1]; /* --node-id, or HOST:PORT once listening */
     struct list conns;              /* struct gw_conn_link: public connections, for shutdown */
     struct list tuns;               /* struct gw_tun: all tunnels, authenticated or not */
     struct event *sig_term;

@@ -78,6 +78,33 @@ static void respond_buf(struct gw_req *r, int status, const char *ctype, struct 
     respond(r, status, ctype, (const char *)p, len);
 }
 
+/* --region as the inside of a JSON string (the option takes any text):
+ * quotes, backslashes and control characters escaped, cut to fit buf. */
+static const char *region_json(const struct gw_ctx *ctx, char *buf, size_t size)
+{
+    const char *s = ctx->cfg->region != NULL ? ctx->cfg->region : "local";
+    size_t o = 0;
+
+    for (; *s != '\0'; s++) {
+        unsigned char c = (unsigned char)*s;
+        char esc[8];
+        size_t n;
+
+        if (c == '"' || c == '\\')
+            n = (size_t)util_snprintf(esc, sizeof(esc), "\\%c", c);
+        else if (c < 0x20 || c == 0x7f)
+            n = (size_t)util_snprintf(esc, sizeof(esc), "\\u%04x", c);
+        else
+            n = (size_t)util_snprintf(esc, sizeof(esc), "%c", c);
+        if (o + n >= size)
+            break;
+        memcpy(buf + o, esc, n);
+        o += n;
+    }
+    buf[o] = '\0';
+    return buf;
+}
+
 static bool path_is(const char *path, const char *want)
 {
     size_t n = strlen(want);
@@ -362,8 +389,7 @@ static void list_one(struct gw_route *rt, void *arg)
 static void admin_list_agents(struct gw_req *r)
 {
     struct gw_ctx *ctx = r->ctx;
-    struct list_ctx l = {evbuffer_new(), ctx->cfg->region != NULL ? ctx->cfg->region : "local",
-                         true, false};
+    struct list_ctx l = {evbuffer_new(), ctx->node_id, true, false};
 
     if (l.out == NULL) {
         gw_req_fail(r, HERR_INTERNAL);
@@ -497,6 +523,7 @@ void gw_admin_handle(struct gw_req *r)
 {
     struct gw_ctx *ctx = r->ctx;
     char body[ADMIN_BODY_MAX];
+    char region[256];
     int n;
     uint64_t uptime_s = (clk_mono_ms(ctx->clk) - ctx->start_ms) / 1000u;
     size_t agents = gw_reg_count(ctx->reg);
@@ -520,8 +547,10 @@ void gw_admin_handle(struct gw_req *r)
     }
     if (path_is(r->path, "/health")) {
         n = util_snprintf(body, sizeof(body),
-                          "{\"status\":\"%s\",\"tunnels\":%zu,\"agents\":%zu}\n",
-                          ctx->draining ? "shutting_down" : "ok", ctx->tunnels_live, agents);
+                          "{\"status\":\"%s\",\"tunnels\":%zu,\"agents\":%zu,"
+                          "\"region\":\"%s\",\"machine\":\"%s\"}\n",
+                          ctx->draining ? "shutting_down" : "ok", ctx->tunnels_live, agents,
+                          region_json(ctx, region, sizeof(region)), ctx->node_id);
         respond(r, ctx->draining ? 503 : 200, "application/json", body, n > 0 ? (size_t)n : 0);
         return;
     }
@@ -533,10 +562,15 @@ void gw_admin_handle(struct gw_req *r)
             ",\"total_tunnel_connections\":%" PRIu64 ",\"auth_failures\":%" PRIu64
             ",\"connections_accepted\":%" PRIu64 ",\"connections_refused\":%" PRIu64
             ",\"bytes_to_agents\":%" PRIu64 ",\"bytes_from_agents\":%" PRIu64
-            ",\"draining\":%s}\n",
+            ",\"total_takeovers\":%" PRIu64 ",\"total_invalid_frames\":%" PRIu64
+            ",\"total_bad_host_responses\":%" PRIu64
+            ",\"total_slow_consumer_aborts\":%" PRIu64
+            ",\"region\":\"%s\",\"machine\":\"%s\",\"draining\":%s}\n",
             uptime_s, ctx->tunnels_live, agents, ctx->n.requests_total, ctx->n.requests_failed,
             ctx->n.tunnel_connections, ctx->n.auth_failures, ctx->n.conns_accepted,
             ctx->n.conns_refused, ctx->n.bytes_to_agents, ctx->n.bytes_from_agents,
+            ctx->n.takeovers, ctx->n.invalid_frames, ctx->n.bad_host_responses,
+            ctx->n.slow_consumer_aborts, region_json(ctx, region, sizeof(region)), ctx->node_id,
             ctx->draining ? "true" : "false");
         respond(r, 200, "application/json", body, n > 0 ? (size_t)n : 0);
         return;

@@ -770,6 +770,11 @@ static const struct cfg_opt gw_opts[] = {
      .help = "State directory; without --cert the local CA (local-ca.pem) lives here."},
     {.name = "region", .type = CFG_T_STRING, .offset = OFF(region), .def = "local",
      .metavar = "NAME", .group = G_GEN, .help = "Name of this node's region."},
+    {.name = "node-id", .type = CFG_T_STRING, .offset = OFF(node_id), .metavar = "NAME",
+     .group = G_GEN,
+     .help = "This node's name in /health (\"machine\"), /stats, /metrics, /admin/agents and "
+             "the logs: 1 to 64 of A-Z a-z 0-9 . _ : -; unset: the host name and the main "
+             "listener's port (HOST:PORT)."},
     {.name = "redis", .type = CFG_T_CUSTOM, .offset = OFF(redis), .metavar = "URL",
      .group = G_GEN, .parse = parse_redis, .release = release_redis, .show = show_redis,
      .help = "Share the route registry with other nodes at redis://HOST[:PORT][/DB] "
@@ -1037,6 +1042,19 @@ fail_clean:
     return -1;
 }
 
+bool gw_cfg_node_id_ok(const char *s, size_t len)
+{
+    if (len == 0 || len > GW_NODE_ID_MAX)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == ':' || c == '-'))
+            return false;
+    }
+    return true;
+}
+
 /* Rules that span options (every value is already well-formed). */
 static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
 {
@@ -1075,6 +1093,11 @@ static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
     if (cfg->state_dir == NULL && cfg->cert_path == NULL) {
         snprintf(err, errlen, "--state-dir: no default, as neither XDG_STATE_HOME nor HOME is "
                  "set; pass --state-dir DIR (or --cert and --key)");
+        return -1;
+    }
+    if (cfg->node_id != NULL && !gw_cfg_node_id_ok(cfg->node_id, strlen(cfg->node_id))) {
+        snprintf(err, errlen, "--node-id \"%s\": use 1 to %d of A-Z a-z 0-9 . _ : -",
+                 cfg->node_id, GW_NODE_ID_MAX);
         return -1;
     }
     if (cfg->admin_token_path != NULL &&

@@ -75,6 +75,7 @@ struct gw_cfg {
     char *state_dir;                /* expanded path (local CA lives here); NULL only with
                                      * --cert when neither XDG_STATE_HOME nor HOME is set */
     char *region;                   /* node region name, default "local" */
+    char *node_id;                  /* --node-id; NULL = host name and main port */
     uint64_t drain_timeout_s;       /* SIGTERM grace for in-flight streams (600) */
     uint64_t ping_interval_s;       /* tunnel keepalive PING interval (20; 0 = off) */
     uint64_t summary_interval_s;    /* periodic tunnel summary log line (60; 0 = off) */
@@ -174,5 +175,11 @@ bool gw_cfg_addr_trusted(const struct gw_cfg *cfg, const struct sockaddr *sa);
 
 /* True if sa is a loopback address (127.0.0.0/8, ::1, IPv4-mapped 127/8). */
 bool gw_cfg_addr_is_loopback(const struct sockaddr *sa);
+
+#define GW_NODE_ID_MAX 64
+
+/* A --node-id: 1 to GW_NODE_ID_MAX of A-Z a-z 0-9 . _ : - (it goes into JSON,
+ * log lines and metric labels unescaped). */
+bool gw_cfg_node_id_ok(const char *s, size_t len);
 
 #endif

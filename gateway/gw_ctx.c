@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/resource.h>
 
 #include <event2/event.h>
@@ -304,6 +305,27 @@ fail_log_msg:
     return NULL;
 }
 
+/* --node-id, or HOST:PORT (the host name cut to the allowed characters). */
+static void set_node_id(struct gw_ctx *ctx)
+{
+    char host[256] = "";
+    size_t o = 0;
+
+    if (ctx->cfg->node_id != NULL) {
+        util_snprintf(ctx->node_id, sizeof(ctx->node_id), "%s", ctx->cfg->node_id);
+        return;
+    }
+    if (gethostname(host, sizeof(host) - 1) != 0 || host[0] == '\0')
+        util_snprintf(host, sizeof(host), "gateway");
+    for (size_t i = 0; host[i] != '\0' && o < 48; i++) {
+        if (gw_cfg_node_id_ok(&host[i], 1))
+            host[o++] = host[i];
+    }
+    host[o] = '\0';
+    util_snprintf(ctx->node_id, sizeof(ctx->node_id), "%s:%u", o > 0 ? host : "gateway",
+                  (unsigned)ctx->main_port);
+}
+
 int gw_ctx_run(struct gw_ctx *ctx)
 {
     const struct gw_cfg *cfg = ctx->cfg;
@@ -344,6 +366,7 @@ int gw_ctx_run(struct gw_ctx *ctx)
         return 1;
     }
     ctx->main_port = gw_lsn_port(ctx->lsn_main);
+    set_node_id(ctx);
     if (cfg->plain_listen.text != NULL) {
         ctx->lsn_plain = gw_lsn_new(ctx, &cfg->plain_listen, false, err, sizeof(err));
         if (ctx->lsn_plain == NULL) {
@@ -355,7 +378,8 @@ int gw_ctx_run(struct gw_ctx *ctx)
              LOG_U("port", gw_lsn_port(ctx->lsn_main)), LOG_S("scheme", cfg->no_tls ? "http" : "https"),
              LOG_S("domain", cfg->domain), LOG_S("ca", ca_path),
              LOG_S("access", cfg->open_effective ? "open" : "allow-list"),
-             LOG_U("fd_limit", ctx->fd_limit), LOG_S("version", TG_VERSION));
+             LOG_U("fd_limit", ctx->fd_limit), LOG_S("node", ctx->node_id),
+             LOG_S("version", TG_VERSION));
     if (ctx->lsn_plain != NULL)
         LOG_INFO(ctx->log, "listening", LOG_S("addr", cfg->plain_listen.host),
                  LOG_U("port", gw_lsn_port(ctx->lsn_plain)), LOG_S("scheme", "http"),

@@ -482,7 +482,7 @@ int gw_metrics_render(struct gw_ctx *ctx, struct evbuffer *out)
         return -1;
     if (head(out, "tunnel_gateway_build_info", "gauge", "Build information; always 1.") != 0)
         return -1;
-    P("tunnel_gateway_build_info{version=\"%s\"} 1\n", TG_VERSION);
+    P("tunnel_gateway_build_info{version=\"%s\",node=\"%s\"} 1\n", TG_VERSION, ctx->node_id);
 
     if (head(out, "tunnel_gateway_http_responses_total", "counter",
              "Requests to agent hosts by response status class.") != 0)

@@ -268,6 +268,7 @@ static void osr_violation(struct osr_req *q, enum herr e, const char *why)
 {
     struct gw_osr *o = q->osr;
 
+    osr_ctx(o)->n.bad_host_responses++;
     LOG_WARN(osr_ctx(o)->log, "bad_host_response", LOG_U("tun", o->id),
              LOG_U("req", q->req != NULL ? q->req->id : 0), LOG_S("id", q->id), LOG_S("why", why));
     osr_abort(q, e, true);
@@ -752,6 +753,7 @@ static void osr_on_chunk(struct osr_req *q, const struct tun_msg_http *h)
     /* JSON frames have no flow control: past this the caller is not keeping
      * up, and the relay gives up too (slow_consumer) */
     if (q->unsent > OSR_MAX_UNSENT) {
+        ctx->n.slow_consumer_aborts++;
         LOG_WARN(ctx->log, "slow_consumer", LOG_U("tun", o->id),
                  LOG_U("req", q->req->id), LOG_S("id", q->id), LOG_U("unsent", q->unsent));
         osr_abort(q, HERR_NONE, true);
@@ -816,6 +818,7 @@ static bool osr_on_bad_data(void *arg, const struct tun_msg *m, enum tun_err e)
 
     if (m->type < TUN_MSG_RESPONSE || m->type > TUN_MSG_STREAM_END)
         return false;
+    osr_ctx(o)->n.invalid_frames++;
     q = m->http.id[0] != '\0' ? osr_find(o, m->http.id) : NULL;
     if (q == NULL || q->state == OSR_RQ_BODY) {
         /* no live id to fail: dropped, as the relay does */

@@ -301,6 +301,8 @@ static int tun_register(struct gw_tun *t, const uint8_t *addr, uint64_t resp_tim
         struct gw_tun_agent *oa = LIST_ENTRY(old, struct gw_tun_agent, rt);
         struct gw_tun *ot = oa->tun;
         bool same = t->instance[0] != '\0' && strcmp(ot->instance, t->instance) == 0;
+        if (!same)
+            t->ctx->n.takeovers++;
         LOG_INFO(t->ctx->log, same ? "agent_replaced" : "agent_superseded",
                  LOG_S("addr", oa->rt.addr_str), LOG_U("old_tun", ot->id), LOG_U("tun", t->id));
         /* the registry already points at a: unlink the old entry without

@@ -110,7 +110,10 @@ def test_agents_list(env):
     agents = json.loads(body)["agents"]
     assert [a["address"] for a in agents] == [env.addr]
     a = agents[0]
-    assert a["node"] == "local" and a["client_ip"] == "127.0.0.1"
+    # the node is this gateway's --node-id (default HOST:PORT), as /health says
+    s, h, body = curl(env.gw, "/health")
+    assert a["node"] == json.loads(body)["machine"] and a["node"].endswith(f":{env.gw.port}")
+    assert a["client_ip"] == "127.0.0.1"
     assert a["since"] > 1_600_000_000_000  # unix ms
     assert a["requests"] >= 1 and a["bytes_out"] > 0
     s, _, _ = curl(env.gw, "/admin/agents", token=TOKEN, method="DELETE")

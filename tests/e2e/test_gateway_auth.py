@@ -6,6 +6,7 @@ spec names, takeover (replaced / superseded), and garbage after the upgrade."""
 import asyncio
 import json
 import secrets
+import socket
 import subprocess
 import ssl
 import time
@@ -84,6 +85,19 @@ def health(gw):
         return json.loads(r.read())
 
 
+def stats(gw):
+    ctx = ssl.create_default_context(cafile=str(gw.ca))
+    with urllib.request.urlopen(f"https://localhost:{gw.port}/stats", context=ctx, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def node_host():
+    """The default --node-id's host part: the host name, cut to the allowed characters."""
+    name = socket.gethostname()
+    return "".join(ch for ch in name if ch.isascii() and (ch.isalnum() or ch in "._:-"))[:48] \
+        or "gateway"
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -102,7 +116,8 @@ def test_native_auth_ok(gw):
         assert ok["agents"][0]["url"] == f"https://{k1[1]}.localhost:{gw.port}"
         assert ok["rejected"] == [] and ok["ping_interval"] == 20
         h = health(gw)
-        assert h == {"status": "ok", "tunnels": 1, "agents": 2}
+        assert h == {"status": "ok", "tunnels": 1, "agents": 2, "region": "local",
+                     "machine": f"{node_host()}:{gw.port}"}
         await ws.close()
     run(go())
 
@@ -193,6 +208,7 @@ def test_replayed_nonce_refused(gw):
 def test_takeover_replaced_and_superseded(gw):
     async def go():
         k = new_key()
+        takeovers = stats(gw)["total_takeovers"]
         a = await connect(gw)
         ch = await recv_json(a)
         await a.send(json.dumps(auth_frame(gw, [k], ch["nonce"], instance="instance-aaaa")))
@@ -213,7 +229,10 @@ def test_takeover_replaced_and_superseded(gw):
         msg = await recv_json(b)
         assert msg == {"type": "agent_removed", "address": k[1], "reason": "superseded"}
         assert await wait_closed(b) == 1000
-        assert health(gw) == {"status": "ok", "tunnels": 1, "agents": 1}
+        h = health(gw)
+        assert (h["status"], h["tunnels"], h["agents"]) == ("ok", 1, 1)
+        # the same instance coming back is not a takeover; another one is
+        assert stats(gw)["total_takeovers"] == takeovers + 1
         await c.close()
     run(go())
 

@@ -111,7 +111,8 @@ def test_counters_match_requests(env):
     assert value(after, "tunnel_gateway_certificate_expiry_seconds") > 86400
     assert value(after, "process_resident_memory_bytes") > 0
     assert value(after, "process_open_fds") > 0
-    assert re.search(r'^tunnel_gateway_build_info\{version="[^"]+"\} 1$', after, re.M)
+    assert re.search(r'^tunnel_gateway_build_info\{version="[^"]+",node="[^"]+:\d+"\} 1$', after,
+                     re.M)
 
 
 def test_top_agents_only(env):

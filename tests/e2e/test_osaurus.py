@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import time
+import urllib.request
 
 import pytest
 import websockets
@@ -188,6 +189,13 @@ async def curl(gw, host, path, *args, http="--http1.1"):
     c = await Curl(gw, host, path, *args, http=http).start()
     st, h, body = await c.result()
     return st, h, body, c.rc
+
+
+def stats(gw):
+    ctx = ssl.create_default_context(cafile=str(gw.ca))
+    with urllib.request.urlopen(f"https://localhost:{gw.port}/stats", context=ctx,
+                                timeout=5) as r:
+        return json.loads(r.read())
 
 
 def error_code(body):
@@ -397,6 +405,7 @@ def test_abort_after_head_sends_data_then_reset(gw):
 def test_bad_host_response_fails_and_cancels(gw, http):
     async def go():
         c = await OsrClient(gw).open()
+        before = stats(gw)
         bad_frames = [
             lambda i: {"type": "response", "id": i, "status": 99, "headers": {}, "body": ""},
             lambda i: {"type": "response", "id": i, "status": 200, "headers": {"x": "a\r\nb"}},
@@ -443,6 +452,11 @@ def test_bad_host_response_fails_and_cancels(gw, http):
                       "body": "fine"})
         st, hd, body = await cu.result()
         assert (st, body) == (200, b"fine")
+        # /stats counts them as the relay does: six requests failed for their
+        # agent's frames; the schema refused at least the non-string chunk
+        after = stats(gw)
+        assert after["total_bad_host_responses"] - before["total_bad_host_responses"] == 6
+        assert after["total_invalid_frames"] - before["total_invalid_frames"] >= 1
         await c.close()
     run(go())
 
@@ -670,6 +684,7 @@ def test_slow_consumer_is_cancelled(gw):
     async def go():
         c = await OsrClient(gw).open()
         gw.mark()
+        before = stats(gw)["total_slow_consumer_aborts"]
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(("127.0.0.1", gw.port))
@@ -689,6 +704,7 @@ def test_slow_consumer_is_cancelled(gw):
         assert cancel is not None and cancel["id"] == req["id"], "no cancel after 40 MiB"
         assert 4 <= i < 40
         gw.wait_log(r"event=slow_consumer .*unsent=\d+")
+        assert stats(gw)["total_slow_consumer_aborts"] == before + 1
         tls.close()
         await c.close()
     run(go())

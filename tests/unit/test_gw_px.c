@@ -355,9 +355,11 @@ static void test_apex_health(void **state)
 {
     struct fe_rec f;
     struct gw_req *r = req_new(&f, "GET", "example.com", "/health");
-    const char *want = "{\"status\":\"ok\",\"tunnels\":0,\"agents\":1}\n";
+    const char *want = "{\"status\":\"ok\",\"tunnels\":0,\"agents\":1,\"region\":\"local\","
+                       "\"machine\":\"n1:8443\"}\n";
     char clen[32];
 
+    snprintf(g.ctx.node_id, sizeof(g.ctx.node_id), "n1:8443");
     gw_px_start(r);
     assert_int_equal(f.errors, 0);
     assert_int_equal(f.heads, 1);
@@ -389,7 +391,8 @@ static void test_apex_health(void **state)
     r = req_new(&f, "GET", "EXAMPLE.com:443", "/health");
     gw_px_start(r);
     assert_int_equal(f.status, 503);
-    assert_string_equal(f.body, "{\"status\":\"shutting_down\",\"tunnels\":0,\"agents\":1}\n");
+    assert_string_equal(f.body, "{\"status\":\"shutting_down\",\"tunnels\":0,\"agents\":1,"
+                                "\"region\":\"local\",\"machine\":\"n1:8443\"}\n");
     gw_req_free(r);
     g.ctx.draining = false;
 
