@@ -219,7 +219,8 @@ static void unauthorized(struct gw_req *r, const char *realm)
 
 /* The value of query parameter name in path ("/presence?a=1&name=v"), percent-
  * decoded into out (NUL-terminated). Returns its length, -1 if absent, -2 if
- * longer than outsize - 1 or badly encoded. */
+ * longer than outsize - 1, badly encoded, or if it decodes to a control
+ * character (%00 would otherwise end the string early and hide the rest). */
 static int query_param(const char *path, const char *name, char *out, size_t outsize)
 {
     const char *q = strchr(path, '?');
@@ -243,7 +244,7 @@ static int query_param(const char *path, const char *name, char *out, size_t out
                 } else if (c == '+') {
                     c = ' ';
                 }
-                if (o + 1 >= outsize)
+                if (c < 0x20 || c == 0x7f || o + 1 >= outsize)
                     return -2;
                 out[o++] = (char)c;
             }

@@ -20,6 +20,7 @@
 #include <openssl/crypto.h>
 
 #include "cfg.h"
+#include "tun_msg.h"
 #include "util.h"
 
 /* The engine stores enum options as int. */
@@ -769,7 +770,9 @@ static const struct cfg_opt gw_opts[] = {
      .def = "${XDG_STATE_HOME:-~/.local/state}/tunnel-gateway", .metavar = "DIR", .group = G_GEN,
      .help = "State directory; without --cert the local CA (local-ca.pem) lives here."},
     {.name = "region", .type = CFG_T_STRING, .offset = OFF(region), .def = "local",
-     .metavar = "NAME", .group = G_GEN, .help = "Name of this node's region."},
+     .metavar = "NAME", .group = G_GEN,
+     .help = "Name of this node's region, told to agents in auth_ok and shown in /health: 1 "
+             "to 64 printable ASCII characters."},
     {.name = "node-id", .type = CFG_T_STRING, .offset = OFF(node_id), .metavar = "NAME",
      .group = G_GEN,
      .help = "This node's name in /health (\"machine\"), /stats, /metrics, /admin/agents and "
@@ -1042,6 +1045,20 @@ fail_clean:
     return -1;
 }
 
+/* What an agent takes as auth_ok's region (common/tun_msg.c). */
+static bool region_ok(const char *s)
+{
+    size_t len = strlen(s);
+
+    if (len == 0 || len > TUN_REGION_MAX)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] > 0x7e)
+            return false;
+    }
+    return true;
+}
+
 bool gw_cfg_node_id_ok(const char *s, size_t len)
 {
     if (len == 0 || len > GW_NODE_ID_MAX)
@@ -1074,6 +1091,13 @@ static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
         outside = &cfg->listen;
     else if (!listener_is_loopback(&cfg->plain_listen))
         outside = &cfg->plain_listen;
+    if (outside == NULL && cfg->proxy_protocol && cfg->allow_path == NULL && !cfg->open) {
+        /* a balancer in front passes the world's clients in, loopback or not */
+        snprintf(err, errlen, "--proxy-protocol puts a load balancer's clients on this "
+                 "gateway, and neither --allow nor --open is given: an open gateway lets "
+                 "anyone publish pages under your domain; pass --allow FILE or --open");
+        return -1;
+    }
     if (outside != NULL && cfg->allow_path == NULL && !cfg->open) {
         snprintf(err, errlen, "--%s %s is not a loopback address, and neither --allow nor "
                  "--open is given: an open gateway lets anyone publish pages under your "
@@ -1093,6 +1117,11 @@ static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
     if (cfg->state_dir == NULL && cfg->cert_path == NULL) {
         snprintf(err, errlen, "--state-dir: no default, as neither XDG_STATE_HOME nor HOME is "
                  "set; pass --state-dir DIR (or --cert and --key)");
+        return -1;
+    }
+    if (cfg->region != NULL && !region_ok(cfg->region)) {
+        snprintf(err, errlen, "--region: use 1 to %d printable ASCII characters (agents are "
+                 "told it in auth_ok, and refuse anything else)", TUN_REGION_MAX);
         return -1;
     }
     if (cfg->node_id != NULL && !gw_cfg_node_id_ok(cfg->node_id, strlen(cfg->node_id))) {

@@ -17,6 +17,7 @@
 #include <event2/listener.h>
 #include <openssl/ssl.h>
 
+#include "clk.h"
 #include "gw.h"
 #include "gw_cfg.h"
 #include "gw_h1.h"
@@ -47,6 +48,9 @@ struct gw_lsn {
     bool paused;                 /* out of descriptors: an episode is on */
     uint64_t episode_failures;   /* accept failures in it */
     uint64_t episode_shed;       /* connections closed at once for the reserve */
+    uint64_t pp_window_ms;       /* start of the current second of proxy_header_refused lines */
+    uint32_t pp_lines;           /* lines in it */
+    uint64_t pp_unlogged;        /* refusals not logged since the last line */
     uint16_t port;
 };
 
@@ -55,6 +59,7 @@ struct gw_hs {
     struct gw_conn_link link;    /* in ctx->conns; first member */
     struct bufferevent *bev;     /* owned until dispatch */
     struct gw_ctx *ctx;
+    struct gw_lsn *lsn;          /* accepted it; outlives it (gw_ctx_free frees conns first) */
     uint64_t id;
     bool tls;
     bool refused;                /* over max-conns-per-ip: answer 429 and close */
@@ -240,11 +245,19 @@ static void hs_begin(struct gw_hs *hs)
     bufferevent_enable(bev, EV_READ | EV_WRITE);
 }
 
-/* A connection closed for its PROXY header: said once per connection, at
- * warning level (only the load balancer should reach such a listener, so a
- * bad header is a misconfiguration or someone going around it). */
+#define PP_LOG_WINDOW_MS 1000
+#define PP_LOG_LINES 5 /* per window and listener */
+
+/* A connection closed for its PROXY header, at warning level (only the load
+ * balancer should reach such a listener, so a bad header is a
+ * misconfiguration or someone going around it): PP_LOG_LINES lines a second
+ * at most per listener, the next one saying how many went unlogged
+ * (unlogged=N), so that a flood of bad connections cannot flood the log. */
 static void pp_refuse(struct gw_hs *hs, const char *why)
 {
+    struct gw_lsn *l = hs->lsn;
+    uint64_t now = clk_mono_ms(hs->ctx->clk);
+
     char addr[INET6_ADDRSTRLEN];
     const struct sockaddr *sa = (const struct sockaddr *)&hs->peer;
     const void *ip = sa->sa_family == AF_INET6
@@ -252,10 +265,21 @@ static void pp_refuse(struct gw_hs *hs, const char *why)
                          : (const void *)&((const struct sockaddr_in *)sa)->sin_addr;
 
     gw_metrics_limit(hs->ctx, GW_LIMIT_PROXY_HEADER);
+    if (l->pp_lines == 0 || now - l->pp_window_ms >= PP_LOG_WINDOW_MS) {
+        l->pp_window_ms = now;
+        l->pp_lines = 0;
+    }
+    if (l->pp_lines >= PP_LOG_LINES) {
+        l->pp_unlogged++;
+        hs_free(hs);
+        return;
+    }
+    l->pp_lines++;
     if (inet_ntop(sa->sa_family, ip, addr, sizeof(addr)) == NULL)
         util_snprintf(addr, sizeof(addr), "unknown");
     LOG_WARN(hs->ctx->log, "proxy_header_refused", LOG_S("err", why), LOG_S("peer", addr),
-             LOG_U("bytes", hs->pp_have));
+             LOG_U("bytes", hs->pp_have), LOG_U("port", l->port), LOG_U("unlogged", l->pp_unlogged));
+    l->pp_unlogged = 0;
     hs_free(hs);
 }
 
@@ -367,6 +391,7 @@ static void lsn_on_accept(struct evconnlistener *el, evutil_socket_t fd, struct 
         return;
     }
     hs->ctx = ctx;
+    hs->lsn = l;
     hs->id = gw_next_id(ctx);
     hs->tls = l->tls;
     hs->fd = fd;

@@ -86,15 +86,27 @@ def test_auth_and_method(env):
     assert re.search(r"event=presence_unauthorized", e.gw.text())
 
 
-@pytest.mark.parametrize("q", [
-    "", "?addresses=", "?addresses=,,%20,", "?other=1",
-    "?addresses=not-an-address", "?addresses=0x" + "g" * 40, "?addresses=0x" + "a" * 39,
-    "?addresses=" + ",".join("0x%040x" % i for i in range(101)),
-    "?addresses=" + "x" * 5000, "?addresses=%zz",
+COUNT = "addresses must contain 1-100 entries"
+FORM = "addresses: each must be 0x and 40 hex digits"
+ENC = "addresses: too long or badly encoded"
+HUNDRED_ONE = ",".join("0x%040x" % i for i in range(101))
+
+
+@pytest.mark.parametrize("q,msg", [
+    ("", COUNT), ("?addresses=", COUNT), ("?addresses=,,%20,", COUNT), ("?other=1", COUNT),
+    ("?addresses=not-an-address", FORM), ("?addresses=0x" + "g" * 40, FORM),
+    ("?addresses=0x" + "a" * 39, FORM),
+    ("?addresses=" + HUNDRED_ONE, COUNT),
+    ("?addresses=" + "x" * 5000, ENC), ("?addresses=%zz", ENC),
+    # an encoded NUL or control character must not end the list early
+    ("?addresses=" + UNKNOWN + "%00not-an-address", ENC),
+    ("?addresses=" + UNKNOWN + "%0a,0xzz", ENC),
+    ("?addresses=" + UNKNOWN + "%00," + HUNDRED_ONE, ENC),
 ])
-def test_bad_lists(env, q):
+def test_bad_lists(env, q, msg):
     st, body = get(env.gw, "/presence" + q)
-    assert st == 400 and json.loads(body)["error"] == "bad_request", (q[:80], body)
+    assert st == 400, (q[:80], body)
+    assert json.loads(body) == {"error": "bad_request", "message": msg}, (q[:80], body)
 
 
 def test_one_hundred_distinct_and_duplicates(env):

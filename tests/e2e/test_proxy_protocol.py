@@ -48,7 +48,9 @@ def env(build_dir, tmp_path_factory):
     e = Env()
     e.tmp = tmp
     e.api = LocalApi()
-    e.gw = Gateway(build_dir, tmp, "--proxy-protocol", "--plain-listen", "127.0.0.1:0",
+    # --open: with --proxy-protocol a loopback listener is not enough for the
+    # gateway to take "open" as its default (test_open_needs_a_word)
+    e.gw = Gateway(build_dir, tmp, "--proxy-protocol", "--open", "--plain-listen", "127.0.0.1:0",
                    "--max-conns-per-ip", "3")
     ports = re.findall(r"event=listening addr=\S+ port=(\d+) scheme=(\w+)", e.gw.text())
     e.plain = next(int(p) for p, sch in ports[1:] if sch == "http")
@@ -66,7 +68,7 @@ frontend front
     bind 127.0.0.1:{e.front}
     default_backend gw
 backend gw
-    server gw 127.0.0.1:{e.gw.port} send-proxy-v2
+    server gw 127.0.0.1:{e.gw.port} send-proxy-v2 source 127.0.0.9
 """)
     e.haproxy = Proc(["haproxy", "-db", "-f", cfg], tmp / "haproxy.log")
     wait_for(lambda: listening(e.front), 20, "haproxy listening")
@@ -109,8 +111,10 @@ def test_client_address_from_the_header(env, http):
 
 def test_tunnel_came_through_haproxy(env):
     # the agent's only way in is HAProxy (a listener with --proxy-protocol
-    # closes anything else): its tunnel is up and serving, no header refused
+    # closes anything else), which connects from 127.0.0.9: the tunnel's peer
+    # is the agent's own 127.0.0.1, from the header
     assert re.search(r"event=tunnel_up .*peer=127\.0\.0\.1", env.gw.text())
+    assert "peer=127.0.0.9" not in env.gw.text()
     assert re.search(r"event=agent_registered .*addr=" + env.addr, env.gw.text())
 
 
@@ -157,6 +161,38 @@ def test_direct_connection_without_header_is_closed(env):
                      body), body[-3000:]
 
 
+def metric(e, kind):
+    rc, st, body, err = curl(e, "/metrics", host="localhost")
+    assert (rc, st) == (0, 200), err
+    m = re.search(rb'^tunnel_gateway_rate_limited_total\{kind="%s"\} (\d+)$' % kind.encode(),
+                  body, re.M)
+    return int(m.group(1))
+
+
+def test_refusal_lines_are_bounded(env):
+    """40 bad connections at once: each counted, at most 5 lines a second on
+    the listener, and every refusal accounted for: the lines plus the
+    unlogged=N they report add up to the refusals before the last line."""
+    e = env
+    before = metric(e, "proxy_header")
+    mark = e.gw.mark()
+    for _ in range(40):
+        raw(e.plain, b"GET / HTTP/1.1\r\n\r\n")
+    wait_for(lambda: metric(e, "proxy_header") >= before + 40, 10, "40 refusals counted")
+    lines = re.findall(r"event=proxy_header_refused .*", e.gw.text(mark))
+    assert 1 <= len(lines) <= 10, len(lines)  # at most two one-second windows
+
+    def unlogged_line():
+        raw(e.plain, b"x")
+        return re.search(r"event=proxy_header_refused .*unlogged=[1-9]", e.gw.text(mark))
+    wait_for(unlogged_line, 10, "a line with unlogged=N", interval=0.2)
+    lines = re.findall(r"event=proxy_header_refused .*port=%d .*unlogged=(\d+)" % e.plain,
+                       e.gw.text(mark))
+    accounted = len(lines) + sum(int(n) for n in lines)
+    assert before + 40 <= before + accounted <= metric(e, "proxy_header"), \
+        (accounted, lines)
+
+
 def test_header_in_pieces_then_request_in_the_same_write(env):
     e = env
     h = pp2("198.51.100.20", 40000)
@@ -189,9 +225,15 @@ def test_local_command_uses_the_socket_peer(env):
 
 def test_connection_limit_counts_the_header_address(env):
     e = env
-    held = [raw(e.plain, pp2("198.51.100.40", 1000 + i), read=False) for i in range(3)]
+    req = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    held = []
+    for i in range(3):
+        # each held connection waits on a request the local API holds open, so
+        # its header was read and its slot is taken
+        hold = (f"GET /hold?id=pp{i} HTTP/1.1\r\nHost: {e.host}\r\n\r\n").encode()
+        held.append(raw(e.plain, pp2("198.51.100.40", 1000 + i) + hold, read=False))
+        wait_for(lambda: f"pp{i}" in e.api.state.opened, 10, f"hold pp{i} at the local API")
     try:
-        req = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         # a fourth from the same client address: over --max-conns-per-ip 3
         out = raw(e.plain, pp2("198.51.100.40", 2000) + req)
         assert out.startswith(b"HTTP/1.1 429"), out[:200]
@@ -201,6 +243,20 @@ def test_connection_limit_counts_the_header_address(env):
     finally:
         for s in held:
             s.close()
+
+
+def test_open_needs_a_word(build_dir, tmp_path):
+    """Behind a balancer the world's clients arrive on a loopback listener:
+    --proxy-protocol without --allow or --open is refused at start."""
+    r = subprocess.run([str(build_dir / "gateway/tunnel-gateway"), "--check-config",
+                        "--state-dir", str(tmp_path), "--proxy-protocol"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--proxy-protocol puts a load balancer's clients on this gateway" in r.stderr + r.stdout
+    r = subprocess.run([str(build_dir / "gateway/tunnel-gateway"), "--check-config",
+                        "--state-dir", str(tmp_path), "--proxy-protocol", "--open"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_partial_header_times_out(env):

@@ -387,10 +387,16 @@ static void test_file_syntax(void **state)
     gw_cfg_cleanup(&c);
 
     /* escapes, CRLF line ends and a UTF-8 BOM */
-    path = WRITE("esc.toml", "\xef\xbb\xbfregion = \"a\\nb\\tc\\rd\"\r\nmax_header_bytes = 5\r\n");
+    path = WRITE("esc.toml", "\xef\xbb\xbfregion = \"a\\\"b\\\\c\"\r\nmax_header_bytes = 5\r\n");
     assert_int_equal(LOAD(&c, err, "--config", path), 0);
-    assert_string_equal(c.region, "a\nb\tc\rd");
+    assert_string_equal(c.region, "a\"b\\c");
     assert_int_equal(c.max_header_bytes, 5);
+    gw_cfg_cleanup(&c);
+    /* \n \t \r decode to control characters, which a region may not hold
+     * (agents refuse them in auth_ok) */
+    path = WRITE("esc2.toml", "region = \"a\\nb\\tc\\rd\"\n");
+    assert_int_equal(LOAD(&c, err, "--config", path), -1);
+    assert_non_null(strstr(err, "--region: use 1 to 64 printable ASCII characters"));
     gw_cfg_cleanup(&c);
 
     /* no final newline; an empty string unsets an optional value */
