@@ -125,6 +125,11 @@ fail_fd:
     return -1;
 }
 
+int ag_ctl_call(const char *home, const char *req, char **answer)
+{
+    return ctl_request(home, req, answer);
+}
+
 static int status_json(struct ag_store *st, const struct ag_gateway *gw)
 {
     cJSON *root = cJSON_CreateObject();

@@ -47,6 +47,11 @@ int ag_ctl_states(const char *home, struct ag_ctl_state **out, size_t *n);
  * disable, remove). Best effort: does nothing when no daemon runs. */
 void ag_ctl_notify(const char *home);
 
+/* Sends one request line (a JSON object) to the running daemon and returns
+ * its answer line in *answer (caller frees). Returns 1 (answered), 0 (no
+ * daemon runs), -1 (error). */
+int ag_ctl_call(const char *home, const char *req, char **answer);
+
 /* ---- daemon side ---- */
 
 struct event_base;

@@ -17,6 +17,7 @@
 
 #include "ag_agt.h"
 #include "ag_ctl.h"
+#include "ag_insp.h"
 #include "ag_probe.h"
 #include "ag_tun.h"
 #include "log.h"
@@ -197,6 +198,10 @@ void ag_ctx_free(struct ag_ctx *ctx)
     ctx->tun = NULL;
     ctx_free_tun_list(&ctx->old);
     ctx_free_tun_list(&ctx->dead);
+    /* the inspector after the tunnels (their fwds end their captures), before
+     * the agents (its replays hold references) */
+    ag_insp_free(ctx->insp);
+    ctx->insp = NULL;
     LIST_FOREACH_SAFE(n, tmp, &ctx->agents)
     {
         ag_agt_remove(AG_AGT_OF(n));

@@ -19,6 +19,7 @@
 #include "list.h"
 
 struct ag_ctl_server;
+struct ag_insp;
 struct ag_tun;
 struct event;
 struct event_base;
@@ -51,6 +52,7 @@ struct ag_ctx {
     uint64_t tun_up_mono_ms;            /* when the active tunnel came up, 0 if not */
     char gw_error[AG_ERR_MAX];          /* why the last tunnel failed */
     struct ag_ctl_server *ctl;          /* control socket (ag_daemon) */
+    struct ag_insp *insp;               /* run --inspect (ag_daemon), or NULL */
     struct event *sig_ev[3];            /* SIGTERM, SIGINT, SIGHUP (ag_daemon) */
     struct event *grace_ev;             /* shutdown deadline (ag_daemon) */
     bool stopping;                      /* SIGTERM/SIGINT seen */

@@ -25,6 +25,7 @@
 #include "ag_ctl.h"
 #include "ag_ctx.h"
 #include "ag_fwd.h"
+#include "ag_insp.h"
 #include "ag_tun.h"
 #include "clk.h"
 #include "list.h"
@@ -435,6 +436,8 @@ static char *on_ctl(void *arg, const char *line)
 
     if (cJSON_IsString(cmd) && strcmp(cmd->valuestring, "status") == 0) {
         answer = status_text(ctx);
+    } else if (cJSON_IsString(cmd) && strcmp(cmd->valuestring, "replay") == 0) {
+        answer = ag_insp_ctl_replay(ctx->insp, cJSON_GetObjectItemCaseSensitive(req, "id"));
     } else if (cJSON_IsString(cmd) && strcmp(cmd->valuestring, "reload") == 0) {
         LOG_INFO(ctx->log, "reload", LOG_S("from", "control socket"));
         answer = strdup(daemon_reload(ctx) == 0 ? "{\"ok\":true}"
@@ -523,6 +526,14 @@ static int daemon_start(struct ag_ctx *ctx)
     if (ctx->ctl == NULL) {
         fprintf(stderr, "tunnel-agent: run: %s\n", err);
         return -1;
+    }
+    if (ctx->opts->inspect.enabled) {
+        err[0] = '\0';
+        ctx->insp = ag_insp_new(ctx, err, sizeof(err));
+        if (ctx->insp == NULL) {
+            fprintf(stderr, "tunnel-agent: run: %s\n", err);
+            return -1;
+        }
     }
     for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++) {
         ctx->sig_ev[i] = evsignal_new(ctx->base, sigs[i], on_signal, ctx);

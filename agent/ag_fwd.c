@@ -26,6 +26,7 @@
 
 #include "ag_agt.h"
 #include "ag_ctx.h"
+#include "ag_insp.h"
 #include "ag_net.h"
 #include "list.h"
 #include "log.h"
@@ -109,6 +110,7 @@ struct ag_fwd {
     struct fwd_hdr_off hdrs[FWD_MAX_HDRS];
     size_t nhdrs;
     bool in_value; /* last callback was a value */
+    struct ag_insp_ent *cap; /* run --inspect: this exchange's capture (ag_insp), or NULL */
 };
 
 static void conn_free(struct ag_fwd_conn *c);
@@ -529,6 +531,7 @@ static int ws_upgraded(struct ag_fwd *f)
         event_del(f->timeout_ev);
     f->raw = true;
     f->head_done = true;
+    ag_insp_cap_resp_head(f->agt->ctx->insp, f->cap, 101, nv, n);
     f->cb->on_head(f->arg, 200, nv, n, false);
     return 0;
 }
@@ -599,6 +602,7 @@ static int on_headers_complete(http_parser *p)
     }
     no_body = f->head_method || status == 204 || status == 304;
     f->head_done = true;
+    ag_insp_cap_resp_head(f->agt->ctx->insp, f->cap, status, nv, n);
     f->cb->on_head(f->arg, status, nv, n, no_body);
     return f->head_method ? 1 : 0; /* 1: no body follows (http-parser's skip-body) */
 }
@@ -607,8 +611,10 @@ static int on_body(http_parser *p, const char *at, size_t len)
 {
     struct ag_fwd *f = p->data;
 
-    if (f->head_done && len > 0)
+    if (f->head_done && len > 0) {
+        ag_insp_cap_resp_body(f->agt->ctx->insp, f->cap, (const uint8_t *)at, len);
         f->cb->on_body(f->arg, (const uint8_t *)at, len);
+    }
     return 0;
 }
 
@@ -663,6 +669,7 @@ void ag_fwd_free(struct ag_fwd *f)
               LOG_B("wev", f->conn != NULL && event_pending(f->conn->wev, EV_WRITE, NULL)),
               LOG_B("rev", f->conn != NULL && event_pending(f->conn->rev, EV_READ, NULL)),
               LOG_B("got_bytes", f->got_bytes), LOG_B("head_done", f->head_done));
+    ag_insp_cap_end(f->agt->ctx->insp, f->cap, "cancelled");
     fwd_release(f);
 }
 
@@ -686,6 +693,7 @@ static void fwd_finish(struct ag_fwd *f)
         else
             conn_free(c);
     }
+    ag_insp_cap_end(f->agt->ctx->insp, f->cap, NULL);
     fwd_release(f);
     cb->on_end(arg);
 }
@@ -731,6 +739,10 @@ static void fwd_fail(struct ag_fwd *f, enum ag_fwd_err err, const char *detail)
     (void)util_snprintf(d, sizeof(d), "%s", detail != NULL ? detail : "");
     LOG_DEBUG(f->agt->ctx->log, "local_failed", LOG_S("addr", f->agt->cfg.address),
               LOG_I("fd", f->conn != NULL ? f->conn->fd : -1), LOG_S("detail", d));
+    ag_insp_cap_end(f->agt->ctx->insp, f->cap,
+                    err == AG_FWD_E_TIMEOUT   ? "gateway_timeout"
+                    : err == AG_FWD_E_ABORTED ? "local_aborted"
+                                              : "local_unreachable");
     fwd_release(f);
     cb->on_error(arg, err, d);
 }
@@ -756,6 +768,7 @@ static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
         f->got_bytes = true;
         if (f->raw) {
             /* upgraded: the bytes are the WebSocket's, untouched */
+            ag_insp_cap_resp_body(f->agt->ctx->insp, f->cap, v.iov_base, v.iov_len);
             f->cb->on_body(f->arg, v.iov_base, v.iov_len);
             evbuffer_drain(in, v.iov_len);
             continue;
@@ -938,6 +951,7 @@ struct ag_fwd *ag_fwd_start(struct ag_agt *a, const struct ag_fwd_request *rq,
     f->pend = evbuffer_new();
     if (f->pend == NULL || build_head(f, rq) != 0)
         goto fail_f;
+    f->cap = ag_insp_cap_begin(a->ctx->insp, a, rq);
     if (a->cfg.response_timeout_s > 0) {
         struct timeval tv = {(time_t)a->cfg.response_timeout_s, 0};
         f->timeout_ev = evtimer_new(a->ctx->base, fwd_on_timeout, f);
@@ -961,6 +975,7 @@ struct ag_fwd *ag_fwd_start(struct ag_agt *a, const struct ag_fwd_request *rq,
     return f;
 
 fail_f:
+    ag_insp_cap_end(a->ctx->insp, f->cap, "internal_error");
     fwd_release(f);
     return NULL;
 }
@@ -971,6 +986,7 @@ size_t ag_fwd_write_body(struct ag_fwd *f, const uint8_t *data, size_t len)
 
     if (len == 0 || f->body_done)
         return len;
+    ag_insp_cap_req_body(f->agt->ctx->insp, f->cap, data, len);
     f->body_started = true;
     f->body_in += len;
     if (f->chunked && evbuffer_add_printf(out, "%zx\r\n", len) < 0)

@@ -16,8 +16,11 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "ag_ctl.h"
 #include "ag_daemon.h"
+#include "ag_insp.h"
 #include "ag_store.h"
 #include "id.h"
 #include "log.h"
@@ -30,7 +33,7 @@
 #define EXIT_USAGE 2
 
 #define MAX_POS 3
-#define MAX_OPTS 8
+#define MAX_OPTS 16
 
 /* Said wherever https targets come up; one string so help and warning agree. */
 #define HTTPS_TARGET_NOTE                                                                          \
@@ -78,6 +81,7 @@ static int cmd_sign(struct cli *c);
 static int cmd_run(struct cli *c);
 static int cmd_http(struct cli *c);
 static int cmd_verify(struct cli *c);
+static int cmd_replay(struct cli *c);
 
 static const struct cmd_opt new_opts[] = {
     {"target", "URL", "the agent's local API, http://HOST:PORT[/BASE] (required)"},
@@ -145,6 +149,24 @@ static const struct cmd_opt run_opts[] = {
     {"domain", "DOMAIN",
      "sign for DOMAIN (the gateway's --domain) instead of the gateway's host name: for "
      "dialling the gateway by IP address or another name (not remembered)"},
+    /* "[...]": the value is optional (--inspect alone, --inspect=V, or --inspect V) */
+    {"inspect", "[[ADDR:]PORT]",
+     "serve the local inspector (a page and a JSON API: every request and response through "
+     "the tunnel, with replay to the local API) on ADDR:PORT, default 127.0.0.1:4040; "
+     "loopback only. Nothing is captured without it. See docs/INSPECTOR.md"},
+    {"inspect-max", "N", "exchanges the inspector keeps, 1-100000 (default 200)"},
+    {"inspect-body-bytes", "N",
+     "bytes of each request and response body the inspector keeps, 0-67108864 (default "
+     "1048576); the rest is counted and the body marked truncated"},
+    {"inspect-allow-remote", NULL,
+     "let clients from other machines use the inspector (a non-loopback --inspect address) "
+     "if they present the token of --inspect-token-file"},
+    {"inspect-token-file", "FILE",
+     "owner-only file whose first line (16-256 printable characters) is the inspector's "
+     "token: Authorization: Bearer TOKEN, or open the page once as /?token=TOKEN"},
+    {"inspect-save", "DIR",
+     "also write each exchange to DIR as it completes (created 0700; one JSON per exchange, "
+     "bodies alongside, files 0600) and load them at start, so captures survive a restart"},
     {NULL, NULL, NULL},
 };
 
@@ -211,7 +233,8 @@ static const struct cmd cmds[] = {
      2, 2, no_opts, cmd_sign},
     {"run",
      "run [--gateway URL] [--ca-file FILE] [--protocol native|osaurus] [--domain DOMAIN] "
-     "[--log-level LEVEL] [--log-format text|json]",
+     "[--log-level LEVEL] [--log-format text|json] [--inspect [[ADDR:]PORT] [--inspect-max N] "
+     "[--inspect-body-bytes N] [--inspect-allow-remote --inspect-token-file FILE]]",
      "the daemon, in the foreground: tunnels for the enabled agents",
      "Runs the daemon in the foreground: keeps a tunnel to the gateway for every enabled "
      "agent and forwards its requests to the agent's target. --gateway, --ca-file and "
@@ -230,6 +253,14 @@ static const struct cmd cmds[] = {
      "passes. If a daemon already runs for this home, it is told to publish the agent "
      "instead.",
      1, 1, http_opts, cmd_http},
+    {"replay", "replay ID",
+     "resend a request the running daemon's inspector captured, to the local API",
+     "Asks the running daemon (started with run --inspect) to replay inspector entry ID "
+     "(the id the inspector page and its API show) to the agent's local API, as it was "
+     "captured; never out through the gateway. Prints the new entry's id. With "
+     "--inspect-save, entries from before a restart can be replayed too. Exit status 1 "
+     "when no daemon runs, its inspector is off or the entry cannot be replayed.",
+     1, 1, no_opts, cmd_replay},
     {"verify", "verify ADDRESS MESSAGE SIGNATURE",
      "check an EIP-191 signature of MESSAGE against ADDRESS",
      "Checks that SIGNATURE (0x + 130 hex digits, as 'sign' prints) is ADDRESS's EIP-191 "
@@ -444,6 +475,11 @@ static int parse_cmd_args(struct cli *c, int argc, char **argv)
             }
             c->val[oi] = "";
             continue;
+        }
+        if (val == NULL && o->arg[0] == '[') {
+            /* optional value: the next argument unless it is an option */
+            val = i + 1 < argc && argv[i + 1][0] != '-' && c->npos == cmd->max_pos ? argv[++i]
+                                                                                   : "";
         }
         if (val == NULL) {
             if (i + 1 >= argc) {
@@ -1139,9 +1175,17 @@ static int cmd_run(struct cli *c)
     const char *lvl = opt_val(c, "log-level");
     const char *fmt = opt_val(c, "log-format");
     const char *dom = opt_val(c, "domain");
+    char ierr[512];
     int rc;
 
     memset(&ro, 0, sizeof(ro));
+    if (ag_insp_parse_opts(opt_val(c, "inspect"), opt_val(c, "inspect-max"),
+                           opt_val(c, "inspect-body-bytes"), opt_set(c, "inspect-allow-remote"),
+                           opt_val(c, "inspect-token-file"), opt_val(c, "inspect-save"),
+                           &ro.inspect, ierr, sizeof(ierr)) != 0) {
+        errmsg("run: %s", ierr);
+        return EXIT_USAGE;
+    }
     ro.log_level = LOG_LVL_INFO;
     ro.log_format = LOG_FMT_TEXT;
     if (proto != NULL && ag_store_protocol_parse(proto, &ro.protocol) != 0) {
@@ -1172,6 +1216,42 @@ static int cmd_run(struct cli *c)
     if (rc != EXIT_OK)
         return rc;
     return ag_daemon_run(c->home, &ro);
+}
+
+static int cmd_replay(struct cli *c)
+{
+    uint64_t id;
+    char req[96];
+    char *answer = NULL;
+    cJSON *a;
+    const cJSON *ok, *nid, *msg;
+    int rc;
+
+    if (util_parse_uint(c->pos[0], UINT64_C(9000000000000000), &id) != 0 || id == 0) {
+        errmsg("replay: ID \"%s\": want the entry's number (see the inspector)", c->pos[0]);
+        return EXIT_USAGE;
+    }
+    (void)util_snprintf(req, sizeof(req), "{\"cmd\":\"replay\",\"id\":%llu}",
+                        (unsigned long long)id);
+    rc = ag_ctl_call(c->home, req, &answer);
+    if (rc == 0) {
+        errmsg("replay: no daemon runs for %s (start one with: tunnel-agent run --inspect)",
+               c->home);
+        return EXIT_FAIL;
+    }
+    a = rc > 0 ? cJSON_Parse(answer) : NULL;
+    free(answer);
+    ok = cJSON_GetObjectItemCaseSensitive(a, "ok");
+    nid = cJSON_GetObjectItemCaseSensitive(a, "id");
+    msg = cJSON_GetObjectItemCaseSensitive(a, "message");
+    if (cJSON_IsTrue(ok) && cJSON_IsNumber(nid)) {
+        printf("replayed %llu as %.0f\n", (unsigned long long)id, nid->valuedouble);
+        cJSON_Delete(a);
+        return EXIT_OK;
+    }
+    errmsg("replay: %s", cJSON_IsString(msg) ? msg->valuestring : "the daemon did not answer");
+    cJSON_Delete(a);
+    return EXIT_FAIL;
 }
 
 /* Turns PORT, HOST:PORT or a URL into a target URL. Returns 0 or -1. */

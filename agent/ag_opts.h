@@ -6,9 +6,24 @@
 #define AG_OPTS_H
 
 #include <limits.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 
 #include "ag_store.h"
 #include "log.h"
+
+/* run --inspect*: the local inspector (ag_insp). Off unless enabled. */
+struct ag_insp_opts {
+    bool enabled;          /* --inspect given */
+    char host[64];         /* address to bind, numeric ("127.0.0.1") */
+    uint16_t port;         /* 0: any (the bound port is logged) */
+    size_t max_entries;    /* --inspect-max, default 200 */
+    size_t body_bytes;     /* --inspect-body-bytes, default 1 MiB */
+    bool allow_remote;     /* --inspect-allow-remote: non-loopback clients with the token */
+    char token[257];       /* from --inspect-token-file, "" = none */
+    char save_dir[PATH_MAX]; /* --inspect-save DIR, "" = none */
+};
 
 struct ag_run_opts {
     char gateway_url[AG_GATEWAY_MAX + 1]; /* as given (or remembered) */
@@ -20,6 +35,7 @@ struct ag_run_opts {
     enum ag_protocol protocol;            /* native or osaurus */
     enum log_level log_level;             /* default info */
     enum log_format log_format;           /* default text */
+    struct ag_insp_opts inspect;          /* --inspect and friends */
 };
 
 #endif
