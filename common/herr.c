@@ -52,6 +52,15 @@ static const struct herr_info herr_table[HERR_COUNT_] = {
                                     "Only HTTP/1.0, HTTP/1.1 and HTTP/2 are served."},
     [HERR_GATEWAY_BUSY] = {503, "gateway_busy",
                            "The gateway is at a capacity limit; retry shortly."},
+    [HERR_NODE_FORBIDDEN] = {403, "node_proof_invalid",
+                             "A node-to-node request without a valid cluster proof."},
+    [HERR_LOOP_DETECTED] = {508, "loop_detected",
+                            "The request was already forwarded once between nodes."},
+    [HERR_INVALID_REQUEST] = {400, "invalid_request",
+                              "The relay's request frame could not be used."},
+    [HERR_BINARY_BODY] = {502, "binary_body_unsupported",
+                          "The local API answered with a body that is not UTF-8 text, which "
+                          "this relay cannot carry."},
 };
 
 static const struct herr_info *info(enum herr e)

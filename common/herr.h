@@ -35,6 +35,10 @@ enum herr {
     HERR_INTERNAL,
     HERR_VERSION_NOT_SUPPORTED,
     HERR_GATEWAY_BUSY,
+    HERR_NODE_FORBIDDEN,
+    HERR_LOOP_DETECTED,
+    HERR_INVALID_REQUEST,   /* tunnel-agent, Osaurus mode: unusable request frame */
+    HERR_BINARY_BODY,       /* tunnel-agent, Osaurus mode: a body the relay cannot carry */
     HERR_COUNT_ /* number of entries, not a code */
 };
 
