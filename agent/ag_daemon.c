@@ -197,6 +197,9 @@ static void daemon_on_tun_up(void *arg, struct ag_tun *t)
         return;
     ctx->tun_up_mono_ms = clk_mono_ms(ctx->clk);
     ctx->gw_error[0] = '\0';
+    /* make-before-break: the tunnels of a draining gateway may go now */
+    for (struct list *n = ctx->old.next; n != &ctx->old; n = n->next)
+        ag_tun_release(ag_tun_from_link(n));
     LOG_INFO(ctx->log, "tunnel_up", LOG_U("tun", ag_tun_id(t)),
              LOG_S("gateway", ctx->opts->gateway_url));
 }

@@ -55,6 +55,7 @@
 #define TUN_RESP_LOW (256u * 1024u)  /* resume below this */
 #define TUN_ADD_RETRY_MS 5000u
 #define TUN_DEFAULT_PING_S 20u
+#define TUN_HOLD_MAX_MS 30000u /* a draining tunnel kept for new streams, at most */
 #define TUN_IO_MAX (256u * 1024u) /* bytes per socket read / write call */
 /* A request's header list as decoded, counted as fields arrive (RFC 7541 4.1
  * sizes: name + value + 32 each), so that a few bytes of HPACK references to
@@ -151,6 +152,8 @@ struct ag_tun {
     bool challenge_wanted; /* request_challenge sent, challenge not yet here */
     bool auth_sent;
     bool goaway_sent;    /* we drain */
+    bool hold;           /* draining, kept open for new streams until the next tunnel is up */
+    uint64_t hold_until_ms;
     bool down;           /* dead: on_down reported, waiting to be freed */
     struct list streams; /* struct tun_stream */
     size_t nstreams;
@@ -496,11 +499,17 @@ static void on_error_msg(struct ag_tun *t, const struct tun_msg_error *e)
     }
 }
 
-static void tun_start_draining(struct ag_tun *t, const char *why)
+/* hold: the gateway asked us to move ("draining"): it keeps routing new
+ * requests here until our next tunnel has taken the routes (on another node,
+ * make-before-break), so this one stays open, idle or not, until
+ * ag_tun_release() or TUN_HOLD_MAX_MS. */
+static void tun_start_draining(struct ag_tun *t, const char *why, bool hold)
 {
     if (t->state != TUN_ST_UP)
         return;
     t->state = TUN_ST_DRAINING;
+    t->hold = hold;
+    t->hold_until_ms = tun_now_ms(t) + TUN_HOLD_MAX_MS;
     for (size_t i = 0; i < t->nregs; i++)
         t->regs[i].pending = REG_NONE;
     LOG_INFO(t->ctx->log, "tunnel_draining", LOG_U("tun", t->id), LOG_S("reason", why),
@@ -600,7 +609,7 @@ static void on_text(void *arg, const char *data, size_t len)
         on_error_msg(t, &m->error);
         break;
     case TUN_MSG_DRAINING:
-        tun_start_draining(t, "gateway draining");
+        tun_start_draining(t, "gateway draining", true);
         break;
     default:
         /* a known type in the wrong direction: ignored (PROTOCOL.md 3 rule 5) */
@@ -1055,7 +1064,7 @@ static int on_frame_recv(nghttp2_session *h2, const nghttp2_frame *frame, void *
         }
         break;
     case NGHTTP2_GOAWAY:
-        tun_start_draining(t, "goaway");
+        tun_start_draining(t, "goaway", false);
         break;
     default:
         break;
@@ -1175,7 +1184,7 @@ static void tun_flush(struct ag_tun *t)
         return;
     }
     /* the close frame queues behind the GOAWAY and any last frames */
-    if ((t->state == TUN_ST_DRAINING || t->goaway_sent) && t->nstreams == 0 &&
+    if (((t->state == TUN_ST_DRAINING && !t->hold) || t->goaway_sent) && t->nstreams == 0 &&
         !nghttp2_session_want_write(t->h2)) {
         (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "drained");
         ws_close(t->ws, WS_CLOSE_NORMAL, "drained");
@@ -1217,6 +1226,10 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         break;
     case TUN_ST_UP:
     case TUN_ST_DRAINING:
+        if (t->hold && now >= t->hold_until_ms) {
+            LOG_INFO(t->ctx->log, "tunnel_hold_timeout", LOG_U("tun", t->id));
+            ag_tun_release(t);
+        }
         if (now - ws_last_rx_ms(t->ws) > 3u * 1000u * (uint64_t)t->ping_s) {
             LOG_WARN(t->ctx->log, "keepalive_timeout", LOG_U("tun", t->id),
                      LOG_U("silent_ms", now - ws_last_rx_ms(t->ws)));
@@ -1527,6 +1540,14 @@ void ag_tun_unregister(struct ag_tun *t, struct ag_agt *a)
     r->active = false;
     if (r->pending != REG_IN_AUTH) /* auth_ok will remove it (reg_accepted) */
         r->pending = REG_NONE;
+}
+
+void ag_tun_release(struct ag_tun *t)
+{
+    if (!t->hold)
+        return;
+    t->hold = false;
+    tun_schedule_flush(t);
 }
 
 void ag_tun_drain(struct ag_tun *t)

@@ -87,6 +87,11 @@ bool ag_tun_serves(const struct ag_tun *t, const char *addr);
 /* Streams open on t. */
 size_t ag_tun_streams(const struct ag_tun *t);
 
+/* A tunnel draining at the gateway's request ("draining") stays open for
+ * the streams the gateway still sends it until this is called (the next
+ * tunnel is up) or 30 s passed; then it closes once idle. */
+void ag_tun_release(struct ag_tun *t);
+
 /* Stops taking streams (GOAWAY) and closes the tunnel once its open streams
  * have finished (then on_down, from the loop). */
 void ag_tun_drain(struct ag_tun *t);

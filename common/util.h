@@ -44,6 +44,9 @@ int util_uuid4(char out[37]);
 /* Milliseconds from CLOCK_MONOTONIC. */
 uint64_t util_mono_ms(void);
 
+/* Wall clock in milliseconds (claim times shared between nodes, gw_rds). */
+uint64_t util_unix_ms(void);
+
 /* Seconds since the Unix epoch (CLOCK_REALTIME). */
 int64_t util_unix_time(void);
 

@@ -24,6 +24,12 @@ struct gw_reg;
 struct gw_lsn;
 struct gw_allow;
 struct gw_ipt;
+struct gw_rds;
+struct gw_node;
+
+/* With a shared registry, the longest a draining node waits for its agents'
+ * tunnels to move to other nodes before draining them the one-node way. */
+#define GW_HANDOVER_MAX_S 30
 
 /* Monotonic counters exported by /stats and /metrics. */
 struct gw_counters {
@@ -40,6 +46,9 @@ struct gw_counters {
     uint64_t invalid_frames;       /* Osaurus frames the schema refused (dropped or fatal) */
     uint64_t bad_host_responses;   /* Osaurus requests failed for their agent's frames */
     uint64_t slow_consumer_aborts; /* Osaurus streams cut for a caller reading too slowly */
+    uint64_t node_out;             /* requests forwarded to the node holding the agent */
+    uint64_t node_in;              /* requests accepted from other nodes (proof valid) */
+    uint64_t node_refused;         /* node-listener requests refused (no or bad proof) */
 };
 
 struct gw_ctx {
@@ -58,6 +67,9 @@ struct gw_ctx {
     struct event *sweep_ev;         /* periodic housekeeping (per-IP table) */
     struct gw_lsn *lsn_main;        /* main listener (TLS unless --no-tls) */
     struct gw_lsn *lsn_plain;       /* --plain-listen, or NULL */
+    struct gw_lsn *lsn_node;        /* --node-listen (with --redis), or NULL */
+    struct gw_rds *rds;             /* the shared registry (--redis), or NULL */
+    struct gw_node *node;           /* connections to other nodes (--redis), or NULL */
     uint16_t main_port;             /* the main listener's bound port (for URLs) */
     char node_id[GW_NODE_ID_MAX + 1]; /* --node-id, or HOST:PORT once listening */
     struct list conns;              /* struct gw_conn_link: public connections, for shutdown */
@@ -71,6 +83,8 @@ struct gw_ctx {
     uint64_t start_ms;              /* monotonic start time */
     bool draining;                  /* SIGTERM seen: no new tunnels */
     uint64_t drain_deadline_ms;     /* monotonic end of the drain grace */
+    bool handover;                  /* draining, waiting for agents to move (gw_rds) */
+    uint64_t handover_deadline_ms;  /* monotonic end of that wait */
     size_t tunnels_live;            /* authenticated tunnels */
     size_t tunnels_pending;         /* upgraded, not yet authenticated */
     uint64_t fd_limit;              /* RLIMIT_NOFILE soft limit (raised to the hard one) */

@@ -18,6 +18,7 @@
 #include "gw_cfg.h"
 #include "gw_ipt.h"
 #include "gw_metrics.h"
+#include "gw_rds.h"
 #include "gw_reg.h"
 #include "gw_req.h"
 #include "gw_tun.h"
@@ -549,9 +550,12 @@ void gw_admin_handle(struct gw_req *r)
     if (path_is(r->path, "/health")) {
         n = util_snprintf(body, sizeof(body),
                           "{\"status\":\"%s\",\"tunnels\":%zu,\"agents\":%zu,"
-                          "\"region\":\"%s\",\"machine\":\"%s\"}\n",
+                          "\"region\":\"%s\",\"machine\":\"%s\"%s}\n",
                           ctx->draining ? "shutting_down" : "ok", ctx->tunnels_live, agents,
-                          region_json(ctx, region, sizeof(region)), ctx->node_id);
+                          region_json(ctx, region, sizeof(region)), ctx->node_id,
+                          ctx->rds == NULL         ? ""
+                          : gw_rds_ok(ctx->rds) ? ",\"redis\":\"ok\""
+                                                   : ",\"redis\":\"degraded\"");
         respond(r, ctx->draining ? 503 : 200, "application/json", body, n > 0 ? (size_t)n : 0);
         return;
     }
@@ -566,13 +570,18 @@ void gw_admin_handle(struct gw_req *r)
             ",\"total_takeovers\":%" PRIu64 ",\"total_invalid_frames\":%" PRIu64
             ",\"total_bad_host_responses\":%" PRIu64
             ",\"total_slow_consumer_aborts\":%" PRIu64
-            ",\"region\":\"%s\",\"machine\":\"%s\",\"draining\":%s}\n",
+            ",\"total_forwarded_out\":%" PRIu64 ",\"total_forwarded_in\":%" PRIu64
+            ",\"region\":\"%s\",\"machine\":\"%s\",\"draining\":%s%s}\n",
             uptime_s, ctx->tunnels_live, agents, ctx->n.requests_total, ctx->n.requests_failed,
             ctx->n.tunnel_connections, ctx->n.auth_failures, ctx->n.conns_accepted,
             ctx->n.conns_refused, ctx->n.bytes_to_agents, ctx->n.bytes_from_agents,
             ctx->n.takeovers, ctx->n.invalid_frames, ctx->n.bad_host_responses,
-            ctx->n.slow_consumer_aborts, region_json(ctx, region, sizeof(region)), ctx->node_id,
-            ctx->draining ? "true" : "false");
+            ctx->n.slow_consumer_aborts, ctx->n.node_out, ctx->n.node_in,
+            region_json(ctx, region, sizeof(region)), ctx->node_id,
+            ctx->draining ? "true" : "false",
+            ctx->rds == NULL         ? ""
+            : gw_rds_ok(ctx->rds) ? ",\"redis\":\"ok\""
+                                     : ",\"redis\":\"degraded\"");
         respond(r, 200, "application/json", body, n > 0 ? (size_t)n : 0);
         return;
     }

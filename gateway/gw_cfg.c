@@ -263,6 +263,45 @@ static int parse_listen(const struct cfg_opt *opt, const char *value, void *fiel
     return addr_set(a, host, hostlen, port, why, whylen);
 }
 
+/* 0.0.0.0 or :: (bound to every address: not one a peer can dial). */
+static bool addr_is_any(const struct gw_cfg_addr *a)
+{
+    if (a->ss.ss_family == AF_INET)
+        return ((const struct sockaddr_in *)&a->ss)->sin_addr.s_addr == htonl(INADDR_ANY);
+    if (a->ss.ss_family == AF_INET6)
+        return IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)&a->ss)->sin6_addr);
+    return false;
+}
+
+/* --node-advertise: a numeric ADDR:PORT (as --listen spells it) with a
+ * port, not a wildcard: what the other nodes dial. Stored normalised. */
+static int parse_advertise(const struct cfg_opt *opt, const char *value, void *field, char *why,
+                           size_t whylen)
+{
+    char **p = field;
+    struct gw_cfg_addr a = {0};
+    char *t;
+
+    if (value[0] == '\0') {
+        release_str(p);
+        return 0;
+    }
+    if (parse_listen(opt, value, &a, why, whylen) != 0)
+        return -1;
+    if (a.port == 0 || addr_is_any(&a)) {
+        set_why(why, whylen, a.port == 0 ? "needs a port other nodes can dial (not 0)"
+                                         : "is a wildcard address; give one other nodes can dial");
+        release_addr(&a);
+        return -1;
+    }
+    t = a.text;
+    a.text = NULL;
+    release_addr(&a);
+    free(*p);
+    *p = t;
+    return 0;
+}
+
 /* PORT / port: replaces the port of --listen. */
 static int parse_listen_port(const struct cfg_opt *opt, const char *value, void *field, char *why,
                              size_t whylen)
@@ -554,10 +593,16 @@ static void release_redis(void *field)
 
     free(r->text);
     free(r->host);
+    if (r->password != NULL) {
+        OPENSSL_cleanse(r->password, strlen(r->password));
+        free(r->password);
+    }
     memset(r, 0, sizeof(*r));
 }
 
-/* redis://HOST[:PORT][/DB], HOST a name, IPv4 or [IPv6]. */
+/* redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], HOST a name, IPv4 or [IPv6];
+ * the user name, if any, is ignored (Redis before 6 has none; ACL users are
+ * not supported). */
 static int parse_redis(const struct cfg_opt *opt, const char *value, void *field, char *why,
                        size_t whylen)
 {
@@ -581,14 +626,28 @@ static int parse_redis(const struct cfg_opt *opt, const char *value, void *field
         set_why(why, whylen, "must start with redis:// (redis://HOST[:PORT][/DB])");
         return -1;
     }
-    if (strchr(value, '@') != NULL) {
-        set_why(why, whylen, "has credentials, which are not supported in the URL");
-        return -1;
-    }
     h = value + 8;
+    {
+        const char *at = strrchr(h, '@');
+        if (at != NULL) {
+            const char *colon = memchr(h, ':', (size_t)(at - h));
+            if (colon == NULL || at == colon + 1) {
+                set_why(why, whylen, "has credentials without a password "
+                        "(redis://:PASSWORD@HOST[:PORT][/DB])");
+                return -1;
+            }
+            nr.password = dup_n(colon + 1, (size_t)(at - colon - 1));
+            if (nr.password == NULL) {
+                set_why(why, whylen, "could not be stored: out of memory");
+                return -1;
+            }
+            h = at + 1;
+        }
+    }
     if (*h == '[') {
         const char *rb = strchr(h, ']');
         if (rb == NULL) {
+            release_redis(&nr);
             set_why(why, whylen, "has an unclosed [ in the host");
             return -1;
         }
@@ -604,6 +663,7 @@ static int parse_redis(const struct cfg_opt *opt, const char *value, void *field
             ok = inet_pton(AF_INET6, tmp, &a6) == 1;
         }
         if (!ok) {
+            release_redis(&nr);
             set_why(why, whylen, "has a bracketed host that is not an IPv6 address");
             return -1;
         }
@@ -612,6 +672,7 @@ static int parse_redis(const struct cfg_opt *opt, const char *value, void *field
         p = h + hlen;
     }
     if (hlen == 0) {
+        release_redis(&nr);
         set_why(why, whylen, "has no host (redis://HOST[:PORT][/DB])");
         return -1;
     }
@@ -619,6 +680,7 @@ static int parse_redis(const struct cfg_opt *opt, const char *value, void *field
     if (*p == ':') {
         size_t plen = strcspn(p + 1, "/");
         if (parse_port(p + 1, plen, &nr.port) != 0 || nr.port == 0) {
+            release_redis(&nr);
             set_why(why, whylen, "has a port that is not a number from 1 to 65535");
             return -1;
         }
@@ -628,6 +690,7 @@ static int parse_redis(const struct cfg_opt *opt, const char *value, void *field
         uint64_t db = 0;
         size_t dlen = strlen(p + 1);
         if (dlen > 0 && (util_parse_u64(p + 1, dlen, &db) != 0 || db > INT32_MAX)) {
+            release_redis(&nr);
             set_why(why, whylen, "has a database that is not a whole number");
             return -1;
         }
@@ -635,6 +698,7 @@ static int parse_redis(const struct cfg_opt *opt, const char *value, void *field
         p += 1 + dlen;
     }
     if (*p != '\0') {
+        release_redis(&nr);
         set_why(why, whylen, "is not redis://HOST[:PORT][/DB]");
         return -1;
     }
@@ -692,7 +756,17 @@ static int show_url(const struct cfg_opt *opt, const void *field, char *buf, siz
 
 static int show_redis(const struct cfg_opt *opt, const void *field, char *buf, size_t buflen)
 {
-    return show_text(buf, buflen, ((const struct gw_cfg_redis *)field)->text);
+    const struct gw_cfg_redis *r = field;
+    int n;
+
+    if (r->password == NULL)
+        return show_text(buf, buflen, r->text);
+    /* never print the password (--check-config, reload lines) */
+    if (strchr(r->host, ':') != NULL)
+        n = snprintf(buf, buflen, "redis://:***@[%s]:%u/%u", r->host, r->port, r->db);
+    else
+        n = snprintf(buf, buflen, "redis://:***@%s:%u/%u", r->host, r->port, r->db);
+    return n >= 0 && (size_t)n < buflen ? 0 : -1;
 }
 
 /* The ranges normalised: "10.0.0.0/8,::1/128". */
@@ -749,6 +823,7 @@ static const char *const ignored_keys[] = {
 };
 
 #define G_GEN "General"
+#define G_CLU "Several nodes (Redis)"
 #define G_LSN "Listeners and TLS"
 #define G_ACC "Who may register, who is believed"
 #define G_LIM "Limits (0 = no limit)"
@@ -778,12 +853,32 @@ static const struct cfg_opt gw_opts[] = {
      .help = "This node's name in /health (\"machine\"), /stats, /metrics, /admin/agents and "
              "the logs: 1 to 64 of A-Z a-z 0-9 . _ : -; unset: the host name and the main "
              "listener's port (HOST:PORT)."},
-    {.name = "redis", .type = CFG_T_CUSTOM, .offset = OFF(redis), .metavar = "URL",
-     .group = G_GEN, .parse = parse_redis, .release = release_redis, .show = show_redis,
-     .help = "Share the route registry with other nodes at redis://HOST[:PORT][/DB] "
-             "(default port 6379, db 0); unset: the registry is in memory. Not yet "
-             "implemented: the gateway refuses to start with it set, rather than run "
-             "as a node that silently shares nothing."},
+    {.name = "redis", .env = "REDIS_URL", .type = CFG_T_CUSTOM, .offset = OFF(redis),
+     .metavar = "URL", .group = G_CLU, .parse = parse_redis, .release = release_redis,
+     .show = show_redis,
+     .help = "Share the route registry with the other nodes at "
+             "redis://[:PASSWORD@]HOST[:PORT][/DB] (default port 6379, db 0; also REDIS_URL); "
+             "needs --node-listen and --cluster-secret-file. Unset: one node, the registry in "
+             "memory."},
+    {.name = "redis-timeout", .type = CFG_T_UINT, .flags = CFG_F_LIVE,
+     .offset = OFF(redis_timeout_ms), .def = "500", .metavar = "MS", .group = G_CLU,
+     .max = 60000,
+     .help = "Longest a request waits for Redis to say which node holds its agent (ms; 1 to "
+             "60000); past it the request is answered 502 agent_offline."},
+    {.name = "node-listen", .type = CFG_T_CUSTOM, .offset = OFF(node_listen),
+     .metavar = "ADDR:PORT", .group = G_CLU, .parse = parse_listen, .release = release_addr,
+     .show = show_addr,
+     .help = "Accept requests forwarded by the other nodes here: cleartext HTTP/2, each "
+             "request proven with the cluster secret; for a private network only."},
+    {.name = "node-advertise", .type = CFG_T_CUSTOM, .offset = OFF(node_advertise),
+     .metavar = "HOST:PORT", .group = G_CLU, .parse = parse_advertise, .release = release_str,
+     .show = show_str,
+     .help = "The address the other nodes dial to reach --node-listen (a numeric IP and "
+             "port); unset: --node-listen's, which must then not be a wildcard."},
+    {.name = "cluster-secret-file", .type = CFG_T_PATH, .offset = OFF(cluster_secret_path),
+     .metavar = "FILE", .group = G_CLU,
+     .help = "The secret every node shares (32 or more bytes, owner-only file): it proves "
+             "each forwarded request (HMAC-SHA256)."},
     {.name = "drain-timeout", .type = CFG_T_SECONDS, .flags = CFG_F_LIVE,
      .offset = OFF(drain_timeout_s), .def = "600", .metavar = "S", .group = G_GEN, .max = U32,
      .help = "On SIGTERM, time in-flight streams get to finish (s)."},
@@ -1059,6 +1154,64 @@ static bool region_ok(const char *s)
     return true;
 }
 
+#define CLUSTER_SECRET_MIN 32
+#define CLUSTER_SECRET_MAX 4096
+
+/* --cluster-secret-file: an owner-only regular file of 32 to 4096 bytes (a
+ * final newline is not part of it), kept as bytes. */
+static int load_secret(struct gw_cfg *cfg, char *err, size_t errlen)
+{
+    const char *path = cfg->cluster_secret_path;
+    uint8_t buf[CLUSTER_SECRET_MAX + 2];
+    struct stat st;
+    ssize_t n;
+    size_t len;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+
+    if (fd == -1) {
+        snprintf(err, errlen, "--cluster-secret-file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "--cluster-secret-file %s: not a regular file", path);
+        close(fd);
+        return -1;
+    }
+    if ((st.st_mode & 077) != 0 || st.st_uid != geteuid()) {
+        snprintf(err, errlen, "--cluster-secret-file %s: must be owned by this user and not "
+                 "accessible to group or others (mode %03o; chmod 600 it)",
+                 path, (unsigned)(st.st_mode & 0777));
+        close(fd);
+        return -1;
+    }
+    n = read(fd, buf, sizeof(buf));
+    close(fd);
+    if (n < 0) {
+        snprintf(err, errlen, "--cluster-secret-file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    len = (size_t)n;
+    while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\r'))
+        len--;
+    if (len < CLUSTER_SECRET_MIN || len > CLUSTER_SECRET_MAX) {
+        OPENSSL_cleanse(buf, sizeof(buf));
+        snprintf(err, errlen, "--cluster-secret-file %s: the secret has %zu bytes; it needs "
+                 "%d to %d (e.g. head -c 48 /dev/urandom | base64 > FILE)",
+                 path, len, CLUSTER_SECRET_MIN, CLUSTER_SECRET_MAX);
+        return -1;
+    }
+    cfg->cluster_secret = malloc(len);
+    if (cfg->cluster_secret == NULL) {
+        OPENSSL_cleanse(buf, sizeof(buf));
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    memcpy(cfg->cluster_secret, buf, len);
+    cfg->cluster_secret_len = len;
+    OPENSSL_cleanse(buf, sizeof(buf));
+    return 0;
+}
+
 bool gw_cfg_node_id_ok(const char *s, size_t len)
 {
     if (len == 0 || len > GW_NODE_ID_MAX)
@@ -1136,6 +1289,34 @@ static int validate(struct gw_cfg *cfg, char *err, size_t errlen)
     if (cfg->presence_token_path != NULL &&
         load_token("--presence-token-file", cfg->presence_token_path, &cfg->presence_token, err,
                    errlen) != 0)
+        return -1;
+    if (cfg->redis.text != NULL &&
+        (cfg->node_listen.text == NULL || cfg->cluster_secret_path == NULL)) {
+        snprintf(err, errlen, "--redis shares routes with other nodes, which forward requests "
+                 "to this one: it needs --node-listen ADDR:PORT and --cluster-secret-file FILE%s",
+                 cfg->node_listen.text == NULL && cfg->cluster_secret_path == NULL ? " (both unset)"
+                 : cfg->node_listen.text == NULL ? " (--node-listen unset)"
+                                                 : " (--cluster-secret-file unset)");
+        return -1;
+    }
+    if (cfg->redis.text == NULL &&
+        (cfg->node_listen.text != NULL || cfg->node_advertise != NULL)) {
+        snprintf(err, errlen, "--%s is for a node that shares routes: it needs --redis URL",
+                 cfg->node_listen.text != NULL ? "node-listen" : "node-advertise");
+        return -1;
+    }
+    if (cfg->node_listen.text != NULL && cfg->node_advertise == NULL &&
+        (cfg->node_listen.port == 0 || addr_is_any(&cfg->node_listen))) {
+        snprintf(err, errlen, "--node-listen %s: other nodes cannot dial %s; pass "
+                 "--node-advertise HOST:PORT", cfg->node_listen.text,
+                 cfg->node_listen.port == 0 ? "port 0" : "a wildcard address");
+        return -1;
+    }
+    if (cfg->redis.text != NULL && cfg->redis_timeout_ms == 0) {
+        snprintf(err, errlen, "--redis-timeout: 1 to 60000 ms");
+        return -1;
+    }
+    if (cfg->cluster_secret_path != NULL && load_secret(cfg, err, errlen) != 0)
         return -1;
     if (cfg->no_tls && cfg->cert_path != NULL &&
         add_warning(cfg, "--cert and --key are unused: --no-tls makes --listen cleartext") != 0) {
@@ -1230,12 +1411,17 @@ static void keep_restart_only(struct gw_cfg *cur, struct gw_cfg *out)
         moved[i] = true;
         if (cfg_swap_field(o, cur, out) == 0)
             continue;
-        if (o->offset == OFF(listen) || o->offset == OFF(plain_listen)) {
+        if (o->offset == OFF(listen) || o->offset == OFF(plain_listen) ||
+            o->offset == OFF(node_listen)) {
             struct gw_cfg_addr *a = (struct gw_cfg_addr *)((char *)cur + o->offset);
             struct gw_cfg_addr *b = (struct gw_cfg_addr *)((char *)out + o->offset);
             struct gw_cfg_addr ta = *a;
             *a = *b;
             *b = ta;
+        } else if (o->offset == OFF(node_advertise)) {
+            char *tn = cur->node_advertise;
+            cur->node_advertise = out->node_advertise;
+            out->node_advertise = tn;
         } else if (o->offset == OFF(domain)) {
             char *td = cur->domain;
             cur->domain = out->domain;
@@ -1252,6 +1438,15 @@ static void keep_restart_only(struct gw_cfg *cur, struct gw_cfg *out)
     }
     /* derived from allow and open, both restart-only */
     out->open_effective = cur->open_effective;
+    /* read from --cluster-secret-file, restart-only: the bytes stay too */
+    {
+        uint8_t *ts = cur->cluster_secret;
+        size_t tl = cur->cluster_secret_len;
+        cur->cluster_secret = out->cluster_secret;
+        cur->cluster_secret_len = out->cluster_secret_len;
+        out->cluster_secret = ts;
+        out->cluster_secret_len = tl;
+    }
 }
 
 int gw_cfg_reload(struct gw_cfg *cur, struct gw_cfg *out, gw_cfg_change_cb cb, void *arg,
@@ -1337,6 +1532,12 @@ void gw_cfg_cleanup(struct gw_cfg *cfg)
         OPENSSL_cleanse(cfg->admin_token, strlen(cfg->admin_token));
         free(cfg->admin_token);
         cfg->admin_token = NULL;
+    }
+    if (cfg->cluster_secret != NULL) {
+        OPENSSL_cleanse(cfg->cluster_secret, cfg->cluster_secret_len);
+        free(cfg->cluster_secret);
+        cfg->cluster_secret = NULL;
+        cfg->cluster_secret_len = 0;
     }
     if (cfg->presence_token != NULL) {
         OPENSSL_cleanse(cfg->presence_token, strlen(cfg->presence_token));

@@ -51,6 +51,7 @@ struct gw_cfg_redis {
     char *host;    /* host name or numeric address, without brackets */
     uint16_t port; /* default 6379 */
     uint32_t db;   /* default 0 */
+    char *password;/* owned, or NULL: AUTH before anything else (redis://:PASSWORD@HOST) */
 };
 
 /* The whole gateway configuration. Filled by gw_cfg_load(), released by
@@ -76,6 +77,13 @@ struct gw_cfg {
                                      * --cert when neither XDG_STATE_HOME nor HOME is set */
     char *region;                   /* node region name, default "local" */
     char *node_id;                  /* --node-id; NULL = host name and main port */
+    uint64_t redis_timeout_ms;      /* --redis-timeout: longest wait for a Redis reply (500) */
+    struct gw_cfg_addr node_listen; /* --node-listen: forwarded requests from other nodes
+                                     * (text NULL = none) */
+    char *node_advertise;           /* --node-advertise HOST:PORT; NULL = node_listen's */
+    char *cluster_secret_path;      /* --cluster-secret-file */
+    uint8_t *cluster_secret;        /* owned: its bytes, NULL = none */
+    size_t cluster_secret_len;
     uint64_t drain_timeout_s;       /* SIGTERM grace for in-flight streams (600) */
     uint64_t ping_interval_s;       /* tunnel keepalive PING interval (20; 0 = off) */
     uint64_t summary_interval_s;    /* periodic tunnel summary log line (60; 0 = off) */

@@ -20,6 +20,8 @@
 #include "gw_cfg.h"
 #include "gw_ipt.h"
 #include "gw_lsn.h"
+#include "gw_node.h"
+#include "gw_rds.h"
 #include "gw_reg.h"
 #include "gw_tun.h"
 #include "log.h"
@@ -30,26 +32,54 @@
 #define DRAIN_POLL_MS 200
 #define SWEEP_INTERVAL_S 60
 
+/* The drain ends once nothing is in flight (and, with a shared registry,
+ * every tunnel's agents moved to another node or the hand-over time ran
+ * out), or at the drain deadline. */
 static void on_drain_poll(evutil_socket_t fd, short what, void *arg)
 {
     struct gw_ctx *ctx = arg;
-    size_t streams = gw_tun_streams_total(ctx);
+    size_t streams = gw_tun_streams_total(ctx) + gw_node_streams(ctx->node);
+    uint64_t now = clk_mono_ms(ctx->clk);
 
-    if (streams == 0 || clk_mono_ms(ctx->clk) >= ctx->drain_deadline_ms) {
+    if (ctx->handover && (gw_reg_count(ctx->reg) == 0 || now >= ctx->handover_deadline_ms)) {
+        /* agents that did not move in time drain the single-node way */
+        if (gw_reg_count(ctx->reg) > 0)
+            LOG_WARN(ctx->log, "drain_handover_timeout", LOG_U("routes", gw_reg_count(ctx->reg)));
+        else
+            LOG_INFO(ctx->log, "drain_handover_done");
+        ctx->handover = false;
+        gw_tun_drain_all(ctx, false);
+    }
+    if ((streams == 0 && !ctx->handover) || now >= ctx->drain_deadline_ms) {
         LOG_INFO(ctx->log, "drain_done", LOG_U("streams_cut", streams));
-        event_base_loopexit(ctx->base, NULL);
+        if (ctx->rds != NULL) {
+            /* claims still held go now; give their replies a moment */
+            struct timeval grace = {0, 300 * 1000};
+            gw_rds_release_all(ctx->rds);
+            event_base_loopexit(ctx->base, &grace);
+        } else {
+            event_base_loopexit(ctx->base, NULL);
+        }
+        return;
     }
 }
 
 static void start_drain(struct gw_ctx *ctx)
 {
     struct timeval tv = {0, DRAIN_POLL_MS * 1000};
+    uint64_t now = clk_mono_ms(ctx->clk);
+    uint64_t ho_s = ctx->cfg->drain_timeout_s < GW_HANDOVER_MAX_S ? ctx->cfg->drain_timeout_s
+                                                                  : GW_HANDOVER_MAX_S;
 
     ctx->draining = true;
-    ctx->drain_deadline_ms = clk_mono_ms(ctx->clk) + ctx->cfg->drain_timeout_s * 1000u;
+    ctx->drain_deadline_ms = now + ctx->cfg->drain_timeout_s * 1000u;
+    /* make-before-break with a shared registry: agents keep this node's
+     * tunnels until their new ones on other nodes have claimed the routes */
+    ctx->handover = ctx->rds != NULL;
+    ctx->handover_deadline_ms = now + ho_s * 1000u;
     LOG_INFO(ctx->log, "drain_start", LOG_U("tunnels", ctx->tunnels_live),
-             LOG_U("grace_s", ctx->cfg->drain_timeout_s));
-    gw_tun_drain_all(ctx);
+             LOG_U("grace_s", ctx->cfg->drain_timeout_s), LOG_B("handover", ctx->handover));
+    gw_tun_drain_all(ctx, ctx->handover);
     evtimer_add(ctx->drain_ev, &tv);
 }
 
@@ -384,6 +414,25 @@ int gw_ctx_run(struct gw_ctx *ctx)
         LOG_INFO(ctx->log, "listening", LOG_S("addr", cfg->plain_listen.host),
                  LOG_U("port", gw_lsn_port(ctx->lsn_plain)), LOG_S("scheme", "http"),
                  LOG_S("domain", cfg->domain));
+    if (cfg->redis.text != NULL) {
+        ctx->lsn_node = gw_lsn_new_node(ctx, &cfg->node_listen, err, sizeof(err));
+        if (ctx->lsn_node == NULL) {
+            LOG_ERROR(ctx->log, "listen_failed", LOG_S("err", err));
+            return 1;
+        }
+        ctx->node = gw_node_new(ctx);
+        ctx->rds = gw_rds_new(ctx);
+        if (ctx->node == NULL || ctx->rds == NULL) {
+            LOG_ERROR(ctx->log, "start_failed", LOG_S("err", "out of memory"));
+            return 1;
+        }
+        LOG_INFO(ctx->log, "listening", LOG_S("addr", cfg->node_listen.host),
+                 LOG_U("port", gw_lsn_port(ctx->lsn_node)), LOG_S("scheme", "h2c"),
+                 LOG_S("for", "nodes"),
+                 LOG_S("advertise", cfg->node_advertise != NULL ? cfg->node_advertise
+                                                                : cfg->node_listen.text),
+                 LOG_S("redis", cfg->redis.host), LOG_U("redis_port", cfg->redis.port));
+    }
     event_base_dispatch(ctx->base);
     return ctx->exit_code;
 }
@@ -396,7 +445,14 @@ void gw_ctx_free(struct gw_ctx *ctx)
         struct gw_conn_link *l = LIST_ENTRY(ctx->conns.next, struct gw_conn_link, node);
         l->free_now(l);
     }
+    /* their requests are gone: the peers and lookups that borrowed them go,
+     * then the tunnels, which no longer release claims */
+    gw_node_free(ctx->node);
+    ctx->node = NULL;
+    gw_rds_free(ctx->rds);
+    ctx->rds = NULL;
     gw_tun_free_all(ctx);
+    gw_lsn_free(ctx->lsn_node);
     gw_lsn_free(ctx->lsn_plain);
     gw_lsn_free(ctx->lsn_main);
     event_free(ctx->sweep_ev);

@@ -20,6 +20,7 @@
 #include "gw_cfg.h"
 #include "gw_ipt.h"
 #include "gw_px.h"
+#include "gw_node.h"
 #include "gw_req.h"
 #include "log.h"
 #include "tls.h"
@@ -29,6 +30,7 @@
 #define H2_STREAM_WINDOW (256 * 1024)   /* request body window per stream */
 #define H2_CONN_WINDOW (16 * 1024 * 1024)
 #define H2_MAX_STREAMS 256
+#define H2_NODE_MAX_STREAMS 4096        /* one node-to-node connection carries many clients */
 #define H2_REFUSED_TIMEOUT_S 5         /* a refused connection's whole life */
 #define H2_LINGER_S 5                  /* a complete response's stream, client side open */
 
@@ -46,6 +48,7 @@ struct gw_h2 {
     bool dead;                        /* free at the end of the current callback */
     bool in_io;                       /* inside mem_recv/send: no nested send */
     bool refused;                     /* over max-conns-per-ip: 429, GOAWAY, holds no slot */
+    bool node;                        /* from --node-listen: forwarded requests (gw_node) */
     struct gw_h2s *streams;           /* live streams (nghttp2 owns their lifetime) */
     size_t nstreams;
 };
@@ -312,6 +315,8 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     s->resp = evbuffer_new();
     s->req = gw_req_new(h->ctx, &h2_fe_ops, s, h->id, h->scheme);
+    if (s->req != NULL)
+        s->req->from_node = h->node;
     if (s->resp == NULL || s->req == NULL) {
         if (s->resp != NULL)
             evbuffer_free(s->resp);
@@ -385,6 +390,11 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
     }
     if (gw_hdr_is_hop_by_hop((const char *)name, namelen))
         return 0;
+    if (h->node && namelen > 5 && memcmp(name, "x-tg-", 5) == 0)
+        return gw_node_in_header(r, (const char *)name, namelen, (const char *)value,
+                                 valuelen) < 0
+                   ? NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+                   : 0;
     if (gw_hdrs_add(&r->hdrs, (const char *)name, namelen, (const char *)value, valuelen, 0) ==
         -1)
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
@@ -616,7 +626,8 @@ static void h2_on_kick(evutil_socket_t fd, short what, void *arg)
 }
 
 int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockaddr *peer,
-                socklen_t peerlen, const char *scheme, uint64_t conn_id, bool refused)
+                socklen_t peerlen, const char *scheme, uint64_t conn_id, bool refused,
+                bool node)
 {
     struct gw_h2 *h = calloc(1, sizeof(*h));
     nghttp2_session_callbacks *cbs = NULL;
@@ -630,8 +641,11 @@ int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     if (h == NULL)
         goto fail_bev;
     h->refused = refused;
+    h->node = node;
     if (refused)
         iv[0].value = 1; /* one request, answered 429 */
+    else if (node)
+        iv[0].value = H2_NODE_MAX_STREAMS;
     h->kick = event_new(ctx->base, -1, 0, h2_on_kick, h);
     h->head_timer = evtimer_new(ctx->base, h2_on_head_timeout, h);
     if (h->kick == NULL || h->head_timer == NULL)

@@ -44,6 +44,7 @@ struct gw_lsn {
     struct event *resume;        /* owned; ends an accept pause */
     bool tls;
     bool proxy;                  /* --proxy-protocol: a PROXY v2 header comes first */
+    bool node;                   /* --node-listen: other nodes' HTTP/2 only (gw_node) */
     bool disabled;               /* gw_lsn_disable: never resumed */
     bool paused;                 /* out of descriptors: an episode is on */
     uint64_t episode_failures;   /* accept failures in it */
@@ -112,15 +113,18 @@ static void hs_dispatch(struct gw_hs *hs, struct bufferevent *bev, bool h2)
     gw_conn_link_del(ctx, &hs->link);
     bufferevent_setcb(bev, NULL, NULL, NULL, NULL);
     bufferevent_set_timeouts(bev, NULL, NULL);
-    if (hs->refused && !h2) {
-        refuse(bev);
+    if ((hs->refused || hs->lsn->node) && !h2) {
+        if (hs->lsn->node) /* another node speaks HTTP/2 prior knowledge, nothing else */
+            bufferevent_free(bev);
+        else
+            refuse(bev);
         free(hs->pp_buf);
         free(hs);
         return;
     }
     if (h2)
         gw_h2_start(ctx, bev, (struct sockaddr *)&hs->peer, hs->peerlen, scheme, hs->id,
-                    hs->refused);
+                    hs->refused, hs->lsn->node);
     else
         gw_h1_start(ctx, bev, (struct sockaddr *)&hs->peer, hs->peerlen, scheme, hs->id);
     free(hs->pp_buf);
@@ -470,6 +474,18 @@ struct gw_lsn *gw_lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bo
     if (getsockname(evconnlistener_get_fd(l->el), (struct sockaddr *)&bound, &blen) == 0)
         l->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                      : ((struct sockaddr_in *)&bound)->sin_port);
+    return l;
+}
+
+struct gw_lsn *gw_lsn_new_node(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, char *err,
+                               size_t errlen)
+{
+    struct gw_lsn *l = gw_lsn_new(ctx, addr, false, err, errlen);
+
+    if (l != NULL) {
+        l->node = true;
+        l->proxy = false; /* nodes dial each other directly */
+    }
     return l;
 }
 

@@ -17,6 +17,11 @@ struct gw_lsn;
 struct gw_lsn *gw_lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bool tls,
                           char *err, size_t errlen);
 
+/* --node-listen: cleartext HTTP/2 from other nodes (no PROXY header, no
+ * HTTP/1.1); its requests must carry a valid cluster proof (gw_node). */
+struct gw_lsn *gw_lsn_new_node(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, char *err,
+                               size_t errlen);
+
 /* The bound port (useful with port 0). */
 uint16_t gw_lsn_port(const struct gw_lsn *l);
 

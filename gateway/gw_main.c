@@ -14,21 +14,6 @@
 #include "tg_version.h"
 #include "util.h"
 
-/* Refusals that are about this build rather than the syntax; --check-config
- * reports them too. Returns 0, or -1 with err set. */
-static int check_supported(const struct gw_cfg *cfg, char *err, size_t errlen)
-{
-    if (cfg->redis.text != NULL) {
-        snprintf(err, errlen, "--redis %s: the shared Redis registry is not "
-                 "implemented in this version; unset --redis (or "
-                 "TUNNEL_GATEWAY_REDIS, or redis in the config file) to run this node "
-                 "with its registry in memory",
-                 cfg->redis.text);
-        return -1;
-    }
-    return 0;
-}
-
 static void print_version(void)
 {
     /* TG_REVISION is `git describe` at build time, or the project version
@@ -51,8 +36,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "tunnel-gateway: out of memory\n");
         return 1;
     }
-    if (gw_cfg_load(cfg, argc, argv, err, sizeof(err)) != 0 ||
-        (!cfg->show_help && !cfg->show_version && check_supported(cfg, err, sizeof(err)) != 0)) {
+    if (gw_cfg_load(cfg, argc, argv, err, sizeof(err)) != 0) {
         fprintf(stderr, "tunnel-gateway: %s\n(see tunnel-gateway --help)\n", err);
         gw_cfg_cleanup(cfg);
         free(cfg);

@@ -14,6 +14,7 @@
 
 #include "clk.h"
 #include "gw.h"
+#include "gw_node.h"
 #include "gw_cfg.h"
 #include "log.h"
 
@@ -65,6 +66,11 @@ void gw_req_free(struct gw_req *r)
     free(r->authority);
     free(r->protocol);
     free(r->fwd_host);
+    if (r->node_in != NULL) {
+        for (size_t i = 0; i < GW_NODE_FWD_FIELDS; i++)
+            free(r->node_in->v[i]);
+        free(r->node_in);
+    }
     free(r);
 }
 
@@ -100,6 +106,10 @@ bool gw_hdr_is_hop_by_hop(const char *name, size_t len)
 
 bool gw_hdr_is_gateway_set(const char *name, size_t len)
 {
+    /* x-tg-*: the forwarding fields between nodes (gw_node), believed only
+     * on the node listener, which takes them before this list applies */
+    if (len >= 5 && util_iov_ieq((struct iov){name, 5}, (struct iov){"x-tg-", 5}))
+        return true;
     return in_list(gateway_set, sizeof(gateway_set) / sizeof(gateway_set[0]), name, len);
 }
 

@@ -45,6 +45,7 @@ struct evbuffer;
 struct event;
 struct gw_ctx;
 struct gw_req;
+struct gw_node_in;
 
 /* Called once with the connection a front end handed over (take_conn), or
  * with bev NULL if the connection ended before it could be handed over. */
@@ -112,6 +113,9 @@ struct gw_req {
     char fwd_proto[8];               /* scheme for X-Forwarded-Proto */
     char *fwd_host;                  /* owned or NULL: trusted X-Forwarded-Host */
     bool is_head;                    /* HEAD: no response body */
+    bool from_node;                  /* came to --node-listen from another node */
+    bool forwarded;                  /* sent on to the node holding the agent (gw_node) */
+    struct gw_node_in *node_in;      /* owned or NULL: its forwarding fields (from_node) */
     bool h1_upgrade;                 /* an HTTP/1.1 Upgrade: websocket (answered 101) */
     bool has_content_length;
     uint64_t content_length;

@@ -27,6 +27,7 @@
 #include "gw_allow.h"
 #include "gw_cfg.h"
 #include "gw_ipt.h"
+#include "gw_rds.h"
 #include "gw_reg.h"
 #include "gw_up.h"
 #include "id.h"
@@ -71,6 +72,7 @@ struct gw_tun {
     size_t nagents;
 
     bool dead;                           /* free at the next kick */
+    bool handed_over;                    /* drain: told to move, routes kept meanwhile */
     bool counted;                        /* counted in ctx->tunnels_live */
     bool pending;                        /* holds a pending slot (ctx and per IP) */
     unsigned features;                   /* TUN_FEAT_* from the auth message */
@@ -240,6 +242,8 @@ static void agent_unlink_free(struct gw_tun *t, struct gw_tun_agent *a)
         list_unlink(&a->node);
         t->nagents--;
     }
+    if (gw_reg_get(t->ctx->reg, a->rt.addr) == &a->rt)
+        gw_rds_release(t->ctx->rds, &a->rt);
     gw_reg_remove(t->ctx->reg, a->rt.addr, &a->rt);
     free(a);
 }
@@ -283,6 +287,7 @@ static int tun_register(struct gw_tun *t, const uint8_t *addr, uint64_t resp_tim
         a->rt.up = t->proto->up;
         a->rt.owner = t->sess;
         a->rt.since_unix_ms = (uint64_t)clk_unix_s(t->ctx->clk) * 1000u;
+        a->rt.instance = t->instance;
         util_snprintf(a->rt.peer_ip, sizeof(a->rt.peer_ip), "%s", t->peer_ip);
         list_insert_tail(&t->agents, &a->node);
         t->nagents++;
@@ -291,11 +296,13 @@ static int tun_register(struct gw_tun *t, const uint8_t *addr, uint64_t resp_tim
         uint64_t max = t->ctx->cfg->max_resp_header_timeout_s;
         a->rt.resp_timeout_ms = (max != 0 && resp_timeout_s > max ? max : resp_timeout_s) * 1000u;
     }
+    a->rt.claim_ms = util_unix_ms();
     old = gw_reg_set(t->ctx->reg, addr, &a->rt, &oom);
     if (oom) {
         agent_unlink_free(t, a);
         return -1;
     }
+    gw_rds_claim(t->ctx->rds, &a->rt);
     if (old != NULL && old != &a->rt) {
         /* every route in the registry is a tunnel's agent entry */
         struct gw_tun_agent *oa = LIST_ENTRY(old, struct gw_tun_agent, rt);
@@ -787,7 +794,7 @@ static struct gw_tun *tun_of(struct list *n)
     return LIST_ENTRY(n, struct gw_tun, node);
 }
 
-void gw_tun_drain_all(struct gw_ctx *ctx)
+void gw_tun_drain_all(struct gw_ctx *ctx, bool handover)
 {
     struct list *n;
     struct list *tmp;
@@ -799,8 +806,16 @@ void gw_tun_drain_all(struct gw_ctx *ctx)
             gw_tun_close(t, WS_CLOSE_RESTART, "draining");
             continue;
         }
-        if (t->state != GW_TUN_ST_LIVE)
+        if (t->state != GW_TUN_ST_LIVE || (handover && t->handed_over))
             continue;
+        if (handover && t->proto->drain_notice != NULL) {
+            /* make-before-break: the agent opens its next tunnel (on
+             * another node) while this one keeps serving; its routes move
+             * when that one claims them (gw_tun_supersede) */
+            t->handed_over = true;
+            t->proto->drain_notice(t->sess);
+            continue;
+        }
         while (!list_is_empty(&t->agents))
             agent_unlink_free(t, agent_of(t->agents.next));
         t->proto->drain(t->sess);
@@ -864,6 +879,28 @@ void gw_tun_each_route(struct gw_ctx *ctx, void (*cb)(struct gw_route *rt, void 
         for (an = t->agents.next; an != &t->agents; an = an->next)
             cb(&agent_of(an)->rt, arg);
     }
+}
+
+void gw_tun_supersede(struct gw_ctx *ctx, const uint8_t *addr, bool same_instance)
+{
+    struct gw_route *rt = gw_reg_get(ctx->reg, addr);
+    struct gw_tun_agent *a;
+    struct gw_tun *t;
+    uint8_t copy[ID_ADDR_LEN];
+
+    if (rt == NULL)
+        return;
+    a = LIST_ENTRY(rt, struct gw_tun_agent, rt);
+    t = a->tun;
+    memcpy(copy, addr, sizeof(copy));
+    if (!same_instance)
+        ctx->n.takeovers++;
+    /* the newer claim is not ours to release: leave the registry first */
+    gw_reg_remove(ctx->reg, a->rt.addr, &a->rt);
+    agent_unlink_free(t, a);
+    if (t->state == GW_TUN_ST_LIVE)
+        tun_send_agent_removed(t, copy, same_instance ? TUN_REASON_REPLACED : TUN_REASON_SUPERSEDED);
+    tun_retire_if_empty(t);
 }
 
 int gw_tun_remove_route(struct gw_ctx *ctx, const uint8_t *addr)

@@ -65,6 +65,9 @@ struct gw_tun_proto {
     /* SIGTERM (the routes are gone already): tell the agent, finish the
      * streams in flight, then close the tunnel. */
     void (*drain)(void *sess);
+    /* Drain with a shared registry (optional): tell the agent to open its
+     * next tunnel now while this one keeps serving; NULL = drain at once. */
+    void (*drain_notice)(void *sess);
     /* The tunnel lost its last agent: close once the streams are done. */
     void (*retire)(void *sess);
     /* The tunnel is closing: every stream fails or aborts now. */
@@ -83,8 +86,16 @@ int gw_tun_accept(struct gw_ctx *ctx, struct bufferevent *bev, const struct sock
                   const char *ws_accept, const struct gw_tun_proto *proto, uint64_t conn_id,
                   const char *client_ip);
 
-/* SIGTERM: routes removed, every tunnel told to go (its protocol's drain). */
-void gw_tun_drain_all(struct gw_ctx *ctx);
+/* SIGTERM: routes removed, every tunnel told to go (its protocol's drain).
+ * With handover (a shared registry), tunnels whose protocol has a
+ * drain_notice keep their routes and only get the notice; a later call
+ * without handover drains those that are still here. */
+void gw_tun_drain_all(struct gw_ctx *ctx, bool handover);
+
+/* Another node's newer claim took addr (gw_rds): the route goes and its
+ * tunnel is told agent_removed, "replaced" for the same agent instance
+ * (it moved), "superseded" otherwise. */
+void gw_tun_supersede(struct gw_ctx *ctx, const uint8_t *addr, bool same_instance);
 
 /* Streams in flight over all tunnels. */
 size_t gw_tun_streams_total(const struct gw_ctx *ctx);

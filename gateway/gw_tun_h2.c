@@ -20,6 +20,7 @@
 
 #include "gw.h"
 #include "gw_cfg.h"
+#include "gw_node.h"
 #include "gw_req.h"
 #include "gw_up.h"
 #include "list.h"
@@ -51,9 +52,10 @@
 #define GW_TUN_MAX_HEADER_FIELDS 1000u
 
 struct gw_tun_h2 {
-    struct gw_tun *tun;                  /* owner */
+    struct gw_tun *tun;                  /* owner (a tunnel), or NULL for a node peer */
+    struct gw_node_peer *peer;           /* owner (a node-to-node connection), or NULL */
     struct gw_ctx *ctx;
-    struct ws_conn *ws;                  /* the tunnel's; borrowed */
+    struct ws_conn *ws;                  /* the tunnel's; borrowed; NULL for a peer */
     uint64_t id;                         /* the tunnel's, for logs */
     nghttp2_session *h2;                 /* owned; NULL before start */
     struct evbuffer *wsbuf;              /* h2 bytes not yet framed into ws */
@@ -64,6 +66,7 @@ struct gw_tun_h2 {
     bool retiring;                       /* close once the streams are done */
     bool draining;                       /* ... with 1012: the gateway drains */
     bool closed;                         /* fail_all ran: the tunnel is going */
+    enum herr fail_err;                  /* what a request in flight gets when the session goes */
     uint64_t held;                       /* response bytes received, not yet taken by clients */
     uint64_t conn_owed;                  /* connection window not yet given back */
 };
@@ -84,6 +87,39 @@ struct tstream {
 };
 
 static void h2s_send(struct gw_tun_h2 *s);
+
+/* ---- the carrier: a tunnel's WebSocket, or a node peer's TCP connection ---- */
+
+static bool io_writable(struct gw_tun_h2 *s)
+{
+    return s->peer != NULL ? gw_node_peer_writable(s->peer) : ws_is_writable(s->ws);
+}
+
+static int io_send(struct gw_tun_h2 *s)
+{
+    size_t n = evbuffer_get_length(s->wsbuf);
+
+    if (n == 0)
+        return 0;
+    return s->peer != NULL ? gw_node_peer_send(s->peer, s->wsbuf)
+                           : ws_send_binary_buffer(s->ws, s->wsbuf, n);
+}
+
+static void io_kick(struct gw_tun_h2 *s)
+{
+    if (s->peer != NULL)
+        gw_node_peer_kick(s->peer);
+    else
+        gw_tun_kick(s->tun);
+}
+
+static void io_close(struct gw_tun_h2 *s, int code, const char *reason)
+{
+    if (s->peer != NULL)
+        gw_node_peer_close(s->peer, reason);
+    else
+        gw_tun_close(s->tun, code, reason);
+}
 
 /* ---- streams ---- */
 
@@ -110,7 +146,7 @@ static void tstream_consumed(struct tstream *st, uint64_t n)
         nghttp2_session_set_local_window_size(s->h2, NGHTTP2_FLAG_NONE, st->id,
                                               GW_TUN_STREAM_WINDOW_MAX) == 0)
         st->window = GW_TUN_STREAM_WINDOW_MAX;
-    gw_tun_kick(s->tun);
+    io_kick(s);
 }
 
 /* The stream no longer waits for its bytes to reach the client (it ended,
@@ -166,7 +202,7 @@ static void up_body_more(void *arg)
 
     if (st->sess->h2 != NULL) {
         nghttp2_session_resume_data(st->sess->h2, st->id);
-        gw_tun_kick(st->sess->tun);
+        io_kick(st->sess);
     }
 }
 
@@ -183,7 +219,7 @@ static void up_cancel(void *arg)
     tstream_release_window(st);
     if (st->sess->h2 != NULL) {
         nghttp2_submit_rst_stream(st->sess->h2, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
-        gw_tun_kick(st->sess->tun);
+        io_kick(st->sess);
     }
 }
 
@@ -222,24 +258,28 @@ static void nv_push(nghttp2_nv *nv, size_t *n, const char *name, const char *val
 
 static const struct gw_up_ops tun_h2_up_ops;
 
-static enum herr up_open(struct gw_route *rt, struct gw_req *r)
+/* Opens r as a stream of s: on a tunnel, to the agent of rt; on a node
+ * peer (rt NULL), to the node that holds the agent, with the forwarding
+ * headers that node believes once their proof checks out (gw_node). */
+static enum herr open_on(struct gw_tun_h2 *s, const struct gw_route *rt, struct gw_req *r)
 {
-    struct gw_tun_h2 *s = rt->owner;
     const struct gw_cfg *cfg = s->ctx->cfg;
     nghttp2_data_provider prd;
     nghttp2_nv *nv;
     size_t n = 0;
     struct tstream *st;
     char xff[600];
+    struct gw_node_fwd fwd;
     int32_t id;
     bool ws = gw_req_is_websocket(r);
 
     if (s->h2 == NULL || s->goaway || s->closed)
         return HERR_AGENT_OFFLINE;
-    if (cfg->max_streams_per_tunnel != 0 && s->nstreams >= cfg->max_streams_per_tunnel)
+    if (s->peer == NULL && cfg->max_streams_per_tunnel != 0 &&
+        s->nstreams >= cfg->max_streams_per_tunnel)
         return HERR_HOST_BUSY;
     st = calloc(1, sizeof(*st));
-    nv = calloc(r->hdrs.n + 10, sizeof(*nv));
+    nv = calloc(r->hdrs.n + 10 + GW_NODE_FWD_FIELDS, sizeof(*nv));
     if (st == NULL || nv == NULL) {
         free(st);
         free(nv);
@@ -262,14 +302,24 @@ static enum herr up_open(struct gw_route *rt, struct gw_req *r)
             continue;
         nv[n++] = *h;
     }
-    if (r->xff_chain[0] != '\0')
-        util_snprintf(xff, sizeof(xff), "%s, %s", r->xff_chain, r->client_ip);
-    else
-        util_snprintf(xff, sizeof(xff), "%s", r->client_ip);
-    nv_push(nv, &n, "x-forwarded-for", xff);
-    nv_push(nv, &n, "x-forwarded-proto", r->fwd_proto);
-    nv_push(nv, &n, "x-forwarded-host", r->fwd_host != NULL ? r->fwd_host : r->authority);
-    nv_push(nv, &n, "x-agent-address", rt->addr_str);
+    if (s->peer != NULL) {
+        if (gw_node_fwd_fields(s->ctx, r, &fwd) != 0) {
+            free(st);
+            free(nv);
+            return HERR_INTERNAL;
+        }
+        for (size_t i = 0; i < fwd.n; i++)
+            nv_push(nv, &n, fwd.name[i], fwd.value[i]);
+    } else {
+        if (r->xff_chain[0] != '\0')
+            util_snprintf(xff, sizeof(xff), "%s, %s", r->xff_chain, r->client_ip);
+        else
+            util_snprintf(xff, sizeof(xff), "%s", r->client_ip);
+        nv_push(nv, &n, "x-forwarded-for", xff);
+        nv_push(nv, &n, "x-forwarded-proto", r->fwd_proto);
+        nv_push(nv, &n, "x-forwarded-host", r->fwd_host != NULL ? r->fwd_host : r->authority);
+        nv_push(nv, &n, "x-agent-address", rt->addr_str);
+    }
     prd.source.ptr = st;
     prd.read_callback = body_read_cb;
     st->sess = s;
@@ -288,8 +338,13 @@ static enum herr up_open(struct gw_route *rt, struct gw_req *r)
     list_insert_tail(&s->streams, &st->node);
     s->nstreams++;
     gw_req_attach(r, &tun_h2_up_ops, st);
-    gw_tun_kick(s->tun);
+    io_kick(s);
     return HERR_NONE;
+}
+
+static enum herr up_open(struct gw_route *rt, struct gw_req *r)
+{
+    return open_on(rt->owner, rt, r);
 }
 
 static const struct gw_up_ops tun_h2_up_ops = {
@@ -308,12 +363,11 @@ static ssize_t h2_on_send(nghttp2_session *session, const uint8_t *data, size_t 
     struct gw_tun_h2 *s = user_data;
 
     /* the WebSocket's output is full: resume from on_writable (flush) */
-    if (!ws_is_writable(s->ws))
+    if (!io_writable(s))
         return NGHTTP2_ERR_WOULDBLOCK;
     if (evbuffer_add(s->wsbuf, data, len) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
-    if (evbuffer_get_length(s->wsbuf) >= GW_TUN_FLUSH_BYTES &&
-        ws_send_binary_buffer(s->ws, s->wsbuf, evbuffer_get_length(s->wsbuf)) != 0)
+    if (evbuffer_get_length(s->wsbuf) >= GW_TUN_FLUSH_BYTES && io_send(s) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     return (ssize_t)len;
 }
@@ -325,16 +379,17 @@ static int h2_on_send_data(nghttp2_session *session, nghttp2_frame *frame, const
     struct tstream *st = source->ptr;
     struct gw_req *r = st->req;
 
-    if (!ws_is_writable(s->ws))
+    if (!io_writable(s))
         return NGHTTP2_ERR_WOULDBLOCK;
     if (r == NULL)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     evbuffer_add(s->wsbuf, framehd, 9);
     if (gw_req_body_take(r, s->wsbuf, length) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
-    s->ctx->n.bytes_to_agents += length;
+    if (s->peer == NULL)
+        s->ctx->n.bytes_to_agents += length;
     if (evbuffer_get_length(s->wsbuf) >= GW_TUN_FLUSH_BYTES)
-        ws_send_binary_buffer(s->ws, s->wsbuf, evbuffer_get_length(s->wsbuf));
+        io_send(s);
     return 0;
 }
 
@@ -431,7 +486,8 @@ static int h2_on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t str
         nghttp2_session_consume(session, stream_id, len);
         return 0;
     }
-    s->ctx->n.bytes_from_agents += len;
+    if (s->peer == NULL)
+        s->ctx->n.bytes_from_agents += len;
     st->delivered += len;
     s->held += len;
     if (s->held <= GW_TUN_HELD_MAX)
@@ -481,6 +537,7 @@ static void *h2s_new(struct gw_tun *t, struct gw_ctx *ctx, struct ws_conn *ws, u
     s->ctx = ctx;
     s->ws = ws;
     s->id = id;
+    s->fail_err = HERR_TUNNEL_CLOSED;
     list_init(&s->streams);
     return s;
 }
@@ -536,12 +593,12 @@ static void h2s_send(struct gw_tun_h2 *s)
     s->in_io = true;
     rv = nghttp2_session_send(s->h2);
     s->in_io = false;
-    if (evbuffer_get_length(s->wsbuf) > 0)
-        ws_send_binary_buffer(s->ws, s->wsbuf, evbuffer_get_length(s->wsbuf));
+    io_send(s);
     if (rv != 0) {
-        LOG_WARN(s->ctx->log, "tunnel_h2_error", LOG_U("tun", s->id),
+        LOG_WARN(s->ctx->log, s->peer != NULL ? "node_h2_error" : "tunnel_h2_error",
+                 LOG_U(s->peer != NULL ? "peer" : "tun", s->id),
                  LOG_S("err", nghttp2_strerror(rv)));
-        gw_tun_close(s->tun, WS_CLOSE_PROTOCOL_ERROR, "h2 error");
+        io_close(s, WS_CLOSE_PROTOCOL_ERROR, "h2 error");
         return;
     }
     /* The session ended itself (a connection error it answered with GOAWAY,
@@ -549,9 +606,10 @@ static void h2s_send(struct gw_tun_h2 *s)
      * flight): a tunnel that can carry nothing must not stay routed, and its
      * streams must not wait for their timeouts. */
     if (!nghttp2_session_want_read(s->h2) && !nghttp2_session_want_write(s->h2)) {
-        LOG_WARN(s->ctx->log, "tunnel_h2_ended", LOG_U("tun", s->id),
+        LOG_WARN(s->ctx->log, s->peer != NULL ? "node_h2_ended" : "tunnel_h2_ended",
+                 LOG_U(s->peer != NULL ? "peer" : "tun", s->id),
                  LOG_U("streams", s->nstreams), LOG_B("goaway_from_agent", s->goaway));
-        gw_tun_close(s->tun, WS_CLOSE_PROTOCOL_ERROR, "h2 session ended");
+        io_close(s, WS_CLOSE_PROTOCOL_ERROR, "h2 session ended");
     }
 }
 
@@ -594,7 +652,7 @@ static void h2s_ping(void *arg)
     if (s->h2 == NULL)
         return;
     nghttp2_submit_ping(s->h2, NGHTTP2_FLAG_NONE, NULL);
-    gw_tun_kick(s->tun);
+    io_kick(s);
 }
 
 static void h2s_flush(void *arg)
@@ -625,20 +683,34 @@ static void h2s_drain(void *arg)
     if (s->nstreams == 0)
         gw_tun_close(s->tun, WS_CLOSE_RESTART, "draining");
     else
-        gw_tun_kick(s->tun);
+        io_kick(s);
+}
+
+static void h2s_drain_notice(void *arg)
+{
+    struct gw_tun_h2 *s = arg;
+    struct tun_msg m;
+
+    tun_msg_init(&m, TUN_MSG_DRAINING, TUN_MODE_NATIVE);
+    m.draining.grace_s = (uint32_t)s->ctx->cfg->drain_timeout_s;
+    gw_tun_send_msg(s->tun, &m);
+    s->draining = true; /* closes with 1012 once retired and idle */
+    io_kick(s);
 }
 
 static void h2s_retire(void *arg)
 {
     struct gw_tun_h2 *s = arg;
 
-    /* finish the streams first (GOAWAY), then close */
+    /* finish the streams first (GOAWAY), then close; a tunnel told to
+     * drain (its agents moved to another node) closes as draining */
     h2s_goaway(s);
     s->retiring = true;
     if (s->nstreams == 0)
-        gw_tun_close(s->tun, WS_CLOSE_NORMAL, "no agents");
+        gw_tun_close(s->tun, s->draining ? WS_CLOSE_RESTART : WS_CLOSE_NORMAL,
+                     s->draining ? "draining" : "no agents");
     else
-        gw_tun_kick(s->tun);
+        io_kick(s);
 }
 
 static void h2s_fail_all(void *arg)
@@ -649,7 +721,7 @@ static void h2s_fail_all(void *arg)
 
     s->closed = true;
     LIST_FOREACH_SAFE(n, tmp, &s->streams)
-    tstream_fail(LIST_ENTRY(n, struct tstream, node), HERR_TUNNEL_CLOSED);
+    tstream_fail(LIST_ENTRY(n, struct tstream, node), s->fail_err);
 }
 
 static void h2s_free(void *arg)
@@ -704,8 +776,61 @@ const struct gw_tun_proto gw_tun_h2_proto = {
     .ping = h2s_ping,
     .flush = h2s_flush,
     .drain = h2s_drain,
+    .drain_notice = h2s_drain_notice,
     .retire = h2s_retire,
     .fail_all = h2s_fail_all,
     .sess_free = h2s_free,
     .streams = h2s_streams,
 };
+
+/* ---- node peers (gw_node): the same client session on a TCP connection ---- */
+
+struct gw_tun_h2 *gw_tun_h2_peer_new(struct gw_ctx *ctx, struct gw_node_peer *peer, uint64_t id)
+{
+    struct gw_tun_h2 *s = h2s_new(NULL, ctx, NULL, id);
+
+    if (s == NULL)
+        return NULL;
+    s->peer = peer;
+    s->fail_err = HERR_AGENT_OFFLINE; /* the node holding the agent is gone */
+    if (h2s_start(s, 0) != 0) {
+        h2s_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+enum herr gw_tun_h2_peer_open(struct gw_tun_h2 *s, struct gw_req *r)
+{
+    return open_on(s, NULL, r);
+}
+
+int gw_tun_h2_peer_recv(struct gw_tun_h2 *s, const uint8_t *data, size_t len)
+{
+    return h2s_on_binary(s, data, len);
+}
+
+void gw_tun_h2_peer_flush(struct gw_tun_h2 *s)
+{
+    h2s_send(s);
+}
+
+size_t gw_tun_h2_peer_streams(const struct gw_tun_h2 *s)
+{
+    return s->nstreams;
+}
+
+bool gw_tun_h2_peer_usable(const struct gw_tun_h2 *s)
+{
+    return s->h2 != NULL && !s->goaway && !s->closed;
+}
+
+void gw_tun_h2_peer_fail_all(struct gw_tun_h2 *s)
+{
+    h2s_fail_all(s);
+}
+
+void gw_tun_h2_peer_free(struct gw_tun_h2 *s)
+{
+    h2s_free(s);
+}

@@ -1,8 +1,9 @@
 /* The upstream interface of the proxy bridge (gw_px): where a public request
  * goes once it is routed. An upstream kind provides one struct gw_up_ops;
- * today there are two, the native tunnel's HTTP/2 streams (gw_tun_h2) and the
- * Osaurus JSON frames (gw_osr); a node-to-node forwarder is meant to be the
- * third, as one more file.
+ * there are three: the native tunnel's HTTP/2 streams (gw_tun_h2), the
+ * Osaurus JSON frames (gw_osr), and the node-to-node forwarder (gw_node),
+ * whose routes come from the shared registry (gw_rds) and point at the node
+ * that holds the agent's tunnel.
  *
  * A route (struct gw_route) says where requests for one agent address go now.
  * It is owned by the upstream that serves the address (a tunnel's agent
@@ -61,6 +62,10 @@ struct gw_route {
     void *owner;                        /* the upstream's state behind it (a tunnel session) */
     /* for /metrics and /admin/agents (gw_metrics, gw_admin) */
     uint64_t since_unix_ms;             /* registered at (wall clock, ms) */
+    uint64_t claim_ms;                  /* the registration's time in the shared registry
+                                         * (wall clock, ms: newest claim wins, gw_rds) */
+    const char *instance;               /* the registering agent's instance id ("" or NULL
+                                         * = none); the owner's storage */
     char peer_ip[46];                   /* client IP of the tunnel (INET6_ADDRSTRLEN) */
     uint64_t n_requests;                /* requests finished on this registration */
     uint64_t n_bytes_in;                /* their request body bytes */

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -850,31 +851,84 @@ static void test_urls(void **state)
     EXPECT_ERR("has a host that is empty", "--public-url-base", "https://");
     EXPECT_ERR("has a host that is not a host name", "--public-url-base", "https://10.0.0.1");
 
-    assert_int_equal(LOAD(&c, err, "--redis", "redis://cache.internal"), 0);
+    /* --redis needs the node listener and the cluster secret (an owner-only file). */
+    char secret[] = "/tmp/test_cfg_secret_XXXXXX";
+    int sfd = mkstemp(secret);
+    assert_true(sfd >= 0);
+    assert_int_equal(write(sfd, "0123456789abcdef0123456789abcdef!", 33), 33);
+    close(sfd);
+#define NODE "--node-listen", "127.0.0.1:9000", "--cluster-secret-file", secret
+    assert_int_equal(LOAD(&c, err, "--redis", "redis://cache.internal", NODE), 0);
     assert_string_equal(c.redis.host, "cache.internal");
     assert_int_equal(c.redis.port, 6379);
     assert_int_equal(c.redis.db, 0);
+    assert_null(c.redis.password);
     assert_string_equal(c.redis.text, "redis://cache.internal");
+    assert_int_equal(c.cluster_secret_len, 33);
+    assert_memory_equal(c.cluster_secret, "0123456789abcdef0123456789abcdef!", 33);
+    assert_int_equal(c.redis_timeout_ms, 500);
     gw_cfg_cleanup(&c);
-    assert_int_equal(LOAD(&c, err, "--redis", "redis://10.0.0.5:6380/2"), 0);
+    assert_int_equal(LOAD(&c, err, "--redis", "redis://10.0.0.5:6380/2", NODE), 0);
     assert_string_equal(c.redis.host, "10.0.0.5");
     assert_int_equal(c.redis.port, 6380);
     assert_int_equal(c.redis.db, 2);
     gw_cfg_cleanup(&c);
-    assert_int_equal(LOAD(&c, err, "--redis", "redis://[::1]:7000/0"), 0);
+    assert_int_equal(LOAD(&c, err, "--redis", "redis://[::1]:7000/0", NODE), 0);
     assert_string_equal(c.redis.host, "::1");
     assert_int_equal(c.redis.port, 7000);
     gw_cfg_cleanup(&c);
-    EXPECT_ERR("--redis: \"rediss://x:1\" uses TLS", "--redis", "rediss://x:1");
-    EXPECT_ERR("must start with redis://", "--redis", "http://x:1");
-    EXPECT_ERR("has credentials", "--redis", "redis://:pw@x:1");
-    EXPECT_ERR("has a port that is not", "--redis", "redis://x:port");
-    EXPECT_ERR("has a port that is not", "--redis", "redis://x:0");
-    EXPECT_ERR("has a database that is not a whole number", "--redis", "redis://x/db1");
-    EXPECT_ERR("has no host", "--redis", "redis://");
-    EXPECT_ERR("not an IPv6 address", "--redis", "redis://[zz]:1");
+    assert_int_equal(LOAD(&c, err, "--redis", "redis://user:s3cr@t@x:1", NODE), 0);
+    assert_string_equal(c.redis.password, "s3cr@t");
+    assert_string_equal(c.redis.host, "x");
+    gw_cfg_cleanup(&c);
+    setenv("REDIS_URL", "redis://:pw@envhost", 1);
+    assert_int_equal(LOAD(&c, err, NODE), 0);
+    assert_string_equal(c.redis.host, "envhost");
+    assert_string_equal(c.redis.password, "pw");
+    gw_cfg_cleanup(&c);
+    unsetenv("REDIS_URL");
+    EXPECT_ERR("--redis: \"rediss://x:1\" uses TLS", "--redis", "rediss://x:1", NODE);
+    EXPECT_ERR("must start with redis://", "--redis", "http://x:1", NODE);
+    EXPECT_ERR("has credentials without a password", "--redis", "redis://user@x:1", NODE);
+    EXPECT_ERR("has credentials without a password", "--redis", "redis://:@x:1", NODE);
+    EXPECT_ERR("has a port that is not", "--redis", "redis://x:port", NODE);
+    EXPECT_ERR("has a port that is not", "--redis", "redis://x:0", NODE);
+    EXPECT_ERR("has a database that is not a whole number", "--redis", "redis://x/db1", NODE);
+    EXPECT_ERR("has no host", "--redis", "redis://", NODE);
+    EXPECT_ERR("not an IPv6 address", "--redis", "redis://[zz]:1", NODE);
     EXPECT_ERR("--redis: \"redis://x?a\" is not redis://HOST[:PORT][/DB]", "--redis",
-               "redis://x?a");
+               "redis://x?a", NODE);
+
+    /* what a shared registry needs, and what needs one */
+    EXPECT_ERR("(both unset)", "--redis", "redis://x");
+    EXPECT_ERR("(--cluster-secret-file unset)", "--redis", "redis://x", "--node-listen",
+               "127.0.0.1:9000");
+    EXPECT_ERR("(--node-listen unset)", "--redis", "redis://x", "--cluster-secret-file", secret);
+    EXPECT_ERR("--node-listen is for a node that shares routes: it needs --redis",
+               "--node-listen", "127.0.0.1:9000");
+    EXPECT_ERR("other nodes cannot dial", "--redis", "redis://x", "--node-listen", "0.0.0.0:9000",
+               "--cluster-secret-file", secret);
+    assert_int_equal(LOAD(&c, err, "--redis", "redis://x", "--node-listen", "0.0.0.0:9000",
+                          "--node-advertise", "10.1.2.3:9000", "--cluster-secret-file", secret),
+                     0);
+    gw_cfg_cleanup(&c);
+    EXPECT_ERR("is a wildcard address", "--redis", "redis://x", NODE, "--node-advertise",
+               "0.0.0.0:9000");
+    EXPECT_ERR("needs a port other nodes can dial", "--redis", "redis://x", NODE,
+               "--node-advertise", "10.1.2.3:0");
+
+    /* the secret file: owner-only, 32 bytes or more */
+    assert_int_equal(chmod(secret, 0644), 0);
+    EXPECT_ERR("must be owned by this user and not", "--redis", "redis://x", NODE);
+    assert_int_equal(chmod(secret, 0600), 0);
+    sfd = open(secret, O_WRONLY | O_TRUNC);
+    assert_true(sfd >= 0);
+    assert_int_equal(write(sfd, "short", 5), 5);
+    close(sfd);
+    EXPECT_ERR("the secret has 5 bytes", "--redis", "redis://x", NODE);
+    unlink(secret);
+    EXPECT_ERR("--cluster-secret-file", "--redis", "redis://x", NODE);
+#undef NODE
 }
 
 /* Copy of s with every run of spaces and newlines made one space (undoes wrapping). */

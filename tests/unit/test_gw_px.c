@@ -23,7 +23,9 @@
 #include "clk.h"
 #include "gw.h"
 #include "gw_cfg.h"
+#include "gw_node.h"
 #include "gw_osr.h"
+#include "gw_rds.h"
 #include "gw_px.h"
 #include "gw_reg.h"
 #include "gw_req.h"
@@ -35,6 +37,26 @@
 #define FAKE_NOW_MS 9000000u
 #define ADDR_STR "0x00112233445566778899aabbccddeeff0a1b2c3d"
 #define OTHER_STR "0xffeeddccbbaa99887766554433221100f0e1d2c3"
+
+/* ---- no shared registry in these tests (ctx->rds NULL, no node listener) ---- */
+
+enum herr gw_rds_route(struct gw_req *r)
+{
+    fail_msg("the bridge asked the shared registry without --redis");
+    return HERR_INTERNAL;
+}
+
+bool gw_rds_ok(const struct gw_rds *rds)
+{
+    fail_msg("/health asked the shared registry without --redis");
+    return false;
+}
+
+enum herr gw_node_accept(struct gw_req *r)
+{
+    fail_msg("a public request was checked as a node-to-node one");
+    return HERR_INTERNAL;
+}
 
 /* ---- stubs for gw_tep.c ---- */
 

@@ -33,6 +33,7 @@
 #include "gw.h"
 #include "gw_cfg.h"
 #include "gw_osr.h"
+#include "gw_node.h"
 #include "gw_req.h"
 #include "gw_tun.h"
 #include "gw_tun_h2.h"
@@ -130,6 +131,36 @@ void gw_tun_kick(struct gw_tun *t)
 {
     assert_ptr_equal(t, &g.tun);
     g.kicks++;
+}
+
+/* ---- no node peers here (gw_node.h): the sessions under test are tunnels' ---- */
+
+bool gw_node_peer_writable(const struct gw_node_peer *p)
+{
+    fail_msg("a tunnel session used the node-peer carrier");
+    return false;
+}
+
+int gw_node_peer_send(struct gw_node_peer *p, struct evbuffer *buf)
+{
+    fail_msg("a tunnel session used the node-peer carrier");
+    return -1;
+}
+
+void gw_node_peer_kick(struct gw_node_peer *p)
+{
+    fail_msg("a tunnel session used the node-peer carrier");
+}
+
+void gw_node_peer_close(struct gw_node_peer *p, const char *reason)
+{
+    fail_msg("a tunnel session used the node-peer carrier");
+}
+
+int gw_node_fwd_fields(struct gw_ctx *ctx, const struct gw_req *r, struct gw_node_fwd *out)
+{
+    fail_msg("a tunnel session asked for node forwarding fields");
+    return -1;
 }
 
 /* ---- fake metrics (gw_metrics.h) ---- */
