@@ -21,6 +21,8 @@
 #include "gw.h"
 #include "gw_admin.h"
 #include "gw_cfg.h"
+#include "gw_node.h"
+#include "gw_rds.h"
 #include "gw_reg.h"
 #include "gw_req.h"
 #include "gw_tun.h"
@@ -200,6 +202,10 @@ static void count_request(struct gw_req *r, uint64_t now)
         m->by_err[r->err]++;
     hist_add(&m->ttfb, head - r->start_ms);
     hist_add(&m->dur, now - r->start_ms);
+    if (r->forwarded)
+        hist_add(&m->fwd_ttfb, head - r->start_ms);
+    if (r->from_node)
+        hist_add(&m->from_node_ttfb, head - r->start_ms);
     m->req_body_bytes += r->body_in;
     m->resp_body_bytes += r->resp_bytes;
     if (r->route == GW_ROUTE_AGENT) {
@@ -471,6 +477,44 @@ static int render_legacy(struct gw_ctx *ctx, struct evbuffer *out)
     return 0;
 }
 
+/* --redis: the shared registry and the forwarding between nodes. */
+static int render_cluster(struct gw_ctx *ctx, struct evbuffer *out)
+{
+    const struct gw_metrics *m = &ctx->m;
+
+    if (ctx->rds == NULL)
+        return 0;
+    if (gauge_u(out, "tunnel_gateway_redis_up",
+                "1 while both Redis connections are up, 0 while degraded.",
+                gw_rds_ok(ctx->rds) ? 1 : 0) != 0 ||
+        counter_u(out, "tunnel_gateway_redis_errors_total",
+                  "Redis failures: connections lost or refused, error replies, timeouts.",
+                  gw_rds_errors(ctx->rds)) != 0 ||
+        gauge_u(out, "tunnel_gateway_redis_cached_routes",
+                "Routes to other nodes in the lookup cache.", gw_rds_cached(ctx->rds)) != 0 ||
+        counter_u(out, "tunnel_gateway_forwarded_out_total",
+                  "Requests forwarded to the node holding the agent's tunnel.",
+                  ctx->n.node_out) != 0 ||
+        counter_u(out, "tunnel_gateway_forwarded_in_total",
+                  "Requests other nodes forwarded here, proof valid.", ctx->n.node_in) != 0 ||
+        counter_u(out, "tunnel_gateway_forwarded_refused_total",
+                  "Requests on the node listener refused (no or wrong proof).",
+                  ctx->n.node_refused) != 0 ||
+        gauge_u(out, "tunnel_gateway_node_peers", "Connections open to other nodes.",
+                gw_node_peers(ctx->node)) != 0 ||
+        gauge_u(out, "tunnel_gateway_forwarded_streams", "Forwarded requests in flight.",
+                gw_node_streams(ctx->node)) != 0 ||
+        hist(out, "tunnel_gateway_forwarded_time_to_headers_seconds",
+             "Forwarded requests: time from the request head to the response head, the hop "
+             "to the other node included.",
+             &m->fwd_ttfb) != 0 ||
+        hist(out, "tunnel_gateway_from_node_time_to_headers_seconds",
+             "Requests other nodes forwarded here: time from their head to the response head.",
+             &m->from_node_ttfb) != 0)
+        return -1;
+    return 0;
+}
+
 int gw_metrics_render(struct gw_ctx *ctx, struct evbuffer *out)
 {
     const struct gw_metrics *m = &ctx->m;
@@ -542,6 +586,8 @@ int gw_metrics_render(struct gw_ctx *ctx, struct evbuffer *out)
         return -1;
     if (proc_fds(&v) == 0 &&
         gauge_u(out, "process_open_fds", "Open file descriptors.", v) != 0)
+        return -1;
+    if (render_cluster(ctx, out) != 0)
         return -1;
     return render_agents(ctx, out);
 }

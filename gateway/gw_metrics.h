@@ -62,6 +62,8 @@ struct gw_metrics {
     uint64_t by_err[HERR_COUNT_];   /* of those, answered with a gateway error, by code */
     struct gw_hist ttfb;            /* time to response headers */
     struct gw_hist dur;             /* whole request duration */
+    struct gw_hist fwd_ttfb;        /* time to response headers, forwarded to another node */
+    struct gw_hist from_node_ttfb;  /* the same, for requests other nodes forwarded here */
     uint64_t req_body_bytes;        /* request body bytes received from clients */
     uint64_t resp_body_bytes;       /* response body bytes sent to clients */
     uint64_t websockets_active;     /* upgraded requests open now */

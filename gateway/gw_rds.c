@@ -693,6 +693,7 @@ static void on_connect(const redisAsyncContext *cac, int status)
     ac = c->ac;
     if (status != REDIS_OK) {
         /* hiredis frees the context after this callback */
+        c->rds->errors++;
         c->ac = NULL;
         c->state = C_DOWN;
         note_state(c->rds);
@@ -719,6 +720,8 @@ static void on_disconnect(const redisAsyncContext *cac, int status)
 
     if (c == NULL)
         return;
+    if (status != REDIS_OK)
+        c->rds->errors++; /* lost, not closed by us */
     c->ac = NULL;
     c->state = C_DOWN;
     note_state(c->rds);

@@ -52,6 +52,30 @@ bool gw_rds_ok(const struct gw_rds *rds)
     return false;
 }
 
+uint64_t gw_rds_errors(const struct gw_rds *rds)
+{
+    fail_msg("/metrics asked the shared registry without --redis");
+    return 0;
+}
+
+size_t gw_rds_cached(const struct gw_rds *rds)
+{
+    fail_msg("/metrics asked the shared registry without --redis");
+    return 0;
+}
+
+size_t gw_node_peers(const struct gw_node *n)
+{
+    fail_msg("/metrics asked for node peers without --redis");
+    return 0;
+}
+
+size_t gw_node_streams(const struct gw_node *n)
+{
+    fail_msg("/metrics asked for node streams without --redis");
+    return 0;
+}
+
 enum herr gw_node_accept(struct gw_req *r)
 {
     fail_msg("a public request was checked as a node-to-node one");
