@@ -136,22 +136,14 @@ static void key_of(const uint8_t *addr, char out[sizeof(KEY_PREFIX) + ID_ADDR_ST
     id_addr_to_str(addr, out + sizeof(KEY_PREFIX) - 1);
 }
 
-/* "v1|ms|node|adv|instance" -> its parts (pointers into a copy in buf). */
-struct claim {
-    uint64_t ms;
-    char node[GW_NODE_ID_MAX + 1];
-    char adv[GW_NODE_ADDR_MAX + 1];
-    char inst[TUN_INSTANCE_MAX + 1];
-};
-
-static int claim_parse(const char *v, size_t len, struct claim *c)
+int gw_rds_claim_parse(const char *v, size_t len, struct gw_rds_claim *c)
 {
     char buf[VALUE_MAX];
     char *f[5];
     char *p;
     size_t nf = 0;
 
-    if (len >= sizeof(buf))
+    if (len >= sizeof(buf) || memchr(v, '\0', len) != NULL)
         return -1;
     memcpy(buf, v, len);
     buf[len] = '\0';
@@ -175,6 +167,24 @@ static int claim_parse(const char *v, size_t len, struct claim *c)
     return 0;
 }
 
+int gw_rds_msg_parse(const char *msg, size_t len, uint8_t addr[ID_ADDR_LEN],
+                     struct gw_rds_claim *c, const char **value)
+{
+    const char *sp = memchr(msg, ' ', len);
+    size_t vlen;
+
+    if (sp == NULL || (size_t)(sp - msg) != sizeof(KEY_PREFIX) - 1 + ID_ADDR_STR_LEN ||
+        memcmp(msg, KEY_PREFIX, sizeof(KEY_PREFIX) - 1) != 0 ||
+        id_addr_parse(msg + sizeof(KEY_PREFIX) - 1, ID_ADDR_STR_LEN, addr) != 0)
+        return -1;
+    sp++;
+    vlen = len - (size_t)(sp - msg);
+    *value = sp;
+    if (vlen == 1 && sp[0] == '-')
+        return 1;
+    return gw_rds_claim_parse(sp, vlen, c) == 0 ? 0 : -1;
+}
+
 static const char *advertise(const struct gw_ctx *ctx)
 {
     return ctx->cfg->node_advertise != NULL ? ctx->cfg->node_advertise
@@ -189,7 +199,7 @@ static void claim_value(const struct gw_ctx *ctx, const struct gw_route *rt, cha
 }
 
 /* A claim newer than ours (ms, then node id) takes an address. */
-static bool claim_newer(const struct claim *c, uint64_t ours_ms, const char *our_node)
+static bool claim_newer(const struct gw_rds_claim *c, uint64_t ours_ms, const char *our_node)
 {
     return c->ms > ours_ms || (c->ms == ours_ms && strcmp(c->node, our_node) > 0);
 }
@@ -263,8 +273,8 @@ static void cache_forget(struct gw_rds *rds, const uint8_t *addr)
         centry_free(rds, LIST_ENTRY(rt, struct centry, rt));
 }
 
-static struct centry *cache_put(struct gw_rds *rds, const uint8_t *addr, const struct claim *c,
-                                const char *value)
+static struct centry *cache_put(struct gw_rds *rds, const uint8_t *addr,
+                                const struct gw_rds_claim *c, const char *value)
 {
     struct centry *e;
     int oom;
@@ -331,7 +341,7 @@ static void send_script(struct gw_rds *rds, const uint8_t *addr, const char *val
 
 /* Another node's newer claim holds addr: our tunnel's registration ends
  * there (agent_removed superseded, or replaced for the same instance). */
-static void superseded(struct gw_rds *rds, const uint8_t *addr, const struct claim *c)
+static void superseded(struct gw_rds *rds, const uint8_t *addr, const struct gw_rds_claim *c)
 {
     struct gw_route *rt = gw_reg_get(rds->ctx->reg, addr);
     bool same;
@@ -361,8 +371,8 @@ static void on_cmd_reply(redisAsyncContext *ac, void *reply, void *priv)
             LOG_WARN(rds->ctx->log, "redis_error", LOG_S("op", c->claim ? "claim" : "release"),
                      LOG_S("err", rep->str));
     } else if (c->claim && rep->type == REDIS_REPLY_STRING) {
-        struct claim cl;
-        if (claim_parse(rep->str, rep->len, &cl) == 0)
+        struct gw_rds_claim cl;
+        if (gw_rds_claim_parse(rep->str, rep->len, &cl) == 0)
             superseded(rds, c->addr, &cl);
     }
     free(c);
@@ -501,7 +511,7 @@ static void on_lookup_reply(redisAsyncContext *ac, void *reply, void *priv)
     redisReply *rep = reply;
     struct gw_req *r = lk->r;
     struct gw_rds *rds = lk->rds;
-    struct claim c;
+    struct gw_rds_claim c;
     struct centry *e;
 
     if (r == NULL || rds == NULL) {
@@ -521,7 +531,7 @@ static void on_lookup_reply(redisAsyncContext *ac, void *reply, void *priv)
         gw_px_restart(r);
         return;
     }
-    if (rep->type != REDIS_REPLY_STRING || claim_parse(rep->str, rep->len, &c) != 0) {
+    if (rep->type != REDIS_REPLY_STRING || gw_rds_claim_parse(rep->str, rep->len, &c) != 0) {
         if (rep->type == REDIS_REPLY_STRING)
             rds->errors++; /* not ours to read: no route */
         lookup_free(lk);
@@ -617,9 +627,10 @@ static void on_message(redisAsyncContext *ac, void *reply, void *priv)
     struct gw_rds *rds = ac->data != NULL ? ((struct conn *)ac->data)->rds : NULL;
     redisReply *rep = reply;
     const redisReply *payload;
-    const char *sp;
+    const char *value;
     uint8_t addr[ID_ADDR_LEN];
-    struct claim c;
+    struct gw_rds_claim c;
+    int kind;
 
     (void)priv;
     if (rds == NULL || rep == NULL || rep->type != REDIS_REPLY_ARRAY || rep->elements != 3 ||
@@ -628,25 +639,16 @@ static void on_message(redisAsyncContext *ac, void *reply, void *priv)
         rep->element[2]->type != REDIS_REPLY_STRING)
         return; /* the subscribe confirmation, or a disconnect */
     payload = rep->element[2];
-    sp = memchr(payload->str, ' ', payload->len);
-    if (sp == NULL || (size_t)(sp - payload->str) != sizeof(KEY_PREFIX) - 1 + ID_ADDR_STR_LEN ||
-        memcmp(payload->str, KEY_PREFIX, sizeof(KEY_PREFIX) - 1) != 0 ||
-        id_addr_parse(payload->str + sizeof(KEY_PREFIX) - 1, ID_ADDR_STR_LEN, addr) != 0)
+    kind = gw_rds_msg_parse(payload->str, payload->len, addr, &c, &value);
+    if (kind < 0)
         return;
-    sp++;
-    if (payload->len - (size_t)(sp - payload->str) == 1 && sp[0] == '-') {
-        cache_forget(rds, addr);
-        return;
-    }
-    if (claim_parse(sp, payload->len - (size_t)(sp - payload->str), &c) != 0)
-        return;
-    if (strcmp(c.node, rds->ctx->node_id) == 0) {
+    if (kind == 1 || strcmp(c.node, rds->ctx->node_id) == 0) {
         cache_forget(rds, addr);
         return;
     }
     superseded(rds, addr, &c);
     if (gw_reg_get(rds->ctx->reg, addr) == NULL)
-        cache_put(rds, addr, &c, sp);
+        cache_put(rds, addr, &c, value);
 }
 
 /* ---- connections ---- */

@@ -31,7 +31,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "gw_cfg.h"
+#include "gw_node.h"
 #include "herr.h"
+#include "id.h"
+#include "tun_msg.h"
 
 struct gw_ctx;
 struct gw_rds;
@@ -67,6 +71,23 @@ enum herr gw_rds_route(struct gw_req *r);
  * (compare-and-delete: the owner is gone, and claims again within an
  * interval if it is alive after all). */
 void gw_rds_peer_gone(struct gw_rds *rds, const char *addr, bool dead);
+
+/* A claim's value, "v1|<ms>|<node id>|<advertise>|<instance>", parsed. */
+struct gw_rds_claim {
+    uint64_t ms;
+    char node[GW_NODE_ID_MAX + 1];
+    char adv[GW_NODE_ADDR_MAX + 1];
+    char inst[TUN_INSTANCE_MAX + 1];
+};
+
+/* 0, or -1 if v is not a claim this version writes. */
+int gw_rds_claim_parse(const char *v, size_t len, struct gw_rds_claim *c);
+
+/* One "tg:claims" message, "agent:<0x addr> <claim>" or "agent:<0x addr> -":
+ * 0 a claim (in c), 1 a release, -1 not a message of ours. value points at
+ * the claim's text in msg. */
+int gw_rds_msg_parse(const char *msg, size_t len, uint8_t addr[ID_ADDR_LEN],
+                     struct gw_rds_claim *c, const char **value);
 
 /* For /metrics. */
 uint64_t gw_rds_errors(const struct gw_rds *rds);
