@@ -921,6 +921,10 @@ static const struct cfg_opt gw_opts[] = {
              "header (HAProxy's send-proxy-v2): its source address is the client's for limits, "
              "logs and X-Forwarded-For. A connection without a valid one is closed. Only for "
              "listeners that nothing but the load balancer can reach."},
+    {.name = "reuse-port", .type = CFG_T_BOOL, .offset = OFF(reuse_port), .group = G_LSN,
+     .help = "Bind --listen and --plain-listen with SO_REUSEPORT, so that several gateway "
+             "processes on this host (each with its own --node-id and --node-listen, sharing "
+             "routes with --redis) take connections on the same ports and use more cores."},
     {.name = "cert", .type = CFG_T_PATH, .offset = OFF(cert_path), .metavar = "FILE",
      .group = G_LSN, .file_aliases = cert_aliases,
      .help = "Certificate chain (PEM) for DOMAIN and *.DOMAIN, with --key; unset: "

@@ -71,6 +71,7 @@ struct gw_cfg {
     struct gw_cidr_list trust_proxy;/* peers whose X-Forwarded-* are believed */
     bool no_tls;                    /* main listener speaks cleartext HTTP */
     bool proxy_protocol;            /* listeners expect a PROXY v2 header first */
+    bool reuse_port;                /* SO_REUSEPORT on --listen and --plain-listen */
     struct gw_cfg_url public_url;   /* base for handed-out URLs; text NULL = derive */
     struct gw_cfg_redis redis;      /* shared registry; text NULL = embedded */
     char *state_dir;                /* expanded path (local CA lives here); NULL only with

@@ -440,10 +440,15 @@ static void lsn_on_error(struct evconnlistener *el, void *arg)
     evtimer_add(l->resume, &tv);
 }
 
-struct gw_lsn *gw_lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bool tls,
-                          char *err, size_t errlen)
+static struct gw_lsn *lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bool tls,
+                              bool node, char *err, size_t errlen)
 {
     struct gw_lsn *l = calloc(1, sizeof(*l));
+    /* --reuse-port: several gateway processes share the public port (the
+     * kernel spreads connections); never the node listener, which is each
+     * node's own */
+    unsigned flags = LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC |
+                     (ctx->cfg->reuse_port && !node ? LEV_OPT_REUSEABLE_PORT : 0);
     struct sockaddr_storage bound;
     socklen_t blen = sizeof(bound);
 
@@ -460,10 +465,8 @@ struct gw_lsn *gw_lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bo
         free(l);
         return NULL;
     }
-    l->el = evconnlistener_new_bind(ctx->base, lsn_on_accept, l,
-                                    LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
-                                        LEV_OPT_CLOSE_ON_EXEC,
-                                    1024, (const struct sockaddr *)&addr->ss, (int)addr->sslen);
+    l->el = evconnlistener_new_bind(ctx->base, lsn_on_accept, l, flags, 1024,
+                                    (const struct sockaddr *)&addr->ss, (int)addr->sslen);
     if (l->el == NULL) {
         util_snprintf(err, errlen, "cannot listen on %s: %s", addr->text, strerror(errno));
         event_free(l->resume);
@@ -480,13 +483,19 @@ struct gw_lsn *gw_lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bo
 struct gw_lsn *gw_lsn_new_node(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, char *err,
                                size_t errlen)
 {
-    struct gw_lsn *l = gw_lsn_new(ctx, addr, false, err, errlen);
+    struct gw_lsn *l = lsn_new(ctx, addr, false, true, err, errlen);
 
     if (l != NULL) {
         l->node = true;
         l->proxy = false; /* nodes dial each other directly */
     }
     return l;
+}
+
+struct gw_lsn *gw_lsn_new(struct gw_ctx *ctx, const struct gw_cfg_addr *addr, bool tls,
+                          char *err, size_t errlen)
+{
+    return lsn_new(ctx, addr, tls, false, err, errlen);
 }
 
 uint16_t gw_lsn_port(const struct gw_lsn *l)

@@ -64,7 +64,7 @@ class Node(Proc):
     """One gateway node. restart() brings it back on the same ports."""
 
     def __init__(self, build_dir, tmp, name, redis_url, secret, *extra, state=None,
-                 ping_s=1, start=True):
+                 ping_s=1, start=True, port=None):
         self.build_dir = Path(build_dir)
         self.tmp = Path(tmp)
         self.name = name
@@ -72,7 +72,9 @@ class Node(Proc):
         self.scheme = "https"
         self.state = Path(state) if state else self.tmp / "cluster-state"
         self.ca = self.state / "local-ca.pem"
-        self.port = reserve_port()
+        # port 0: the kernel's choice, read back (a reserved port cannot be
+        # shared with --reuse-port: the reserving socket does not set it)
+        self.port = reserve_port() if port is None else port
         self.node_port = reserve_port()
         self.redis_url = redis_url
         self.secret = secret
@@ -92,6 +94,9 @@ class Node(Proc):
     def start(self):
         super().__init__(self.argv(), self.tmp / f"{self.name}-{int(time.time() * 1000)}.log")
         self.wait_log(r"event=listening addr=\S+ port=\d+ scheme=h2c")
+        if self.port == 0:
+            self.port = int(self.wait_log(r"event=listening addr=\S+ port=(\d+) scheme=https",
+                                          since=0).group(1))
 
     def health(self):
         """(status, JSON) of GET /health on the apex."""

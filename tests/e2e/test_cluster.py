@@ -556,3 +556,37 @@ def test_metrics_of_forwarding_and_redis(cl):
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                        timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_reuse_port_several_nodes_on_one_public_port(build_dir, tmp_path):
+    c = Cluster(build_dir, tmp_path, n=0)
+    api = LocalApi()
+    procs = []
+    try:
+        a = Node(build_dir, tmp_path, "a", c.redis.url, c.secret, "--reuse-port", port=0)
+        procs.append(a)
+        # without --reuse-port the port is taken
+        lone = Node(build_dir, tmp_path, "x", c.redis.url, c.secret, port=a.port, start=False)
+        r = subprocess.run([str(x) for x in lone.argv()], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode != 0 and "cannot listen" in r.stdout + r.stderr
+        b = Node(build_dir, tmp_path, "b", c.redis.url, c.secret, "--reuse-port", port=a.port)
+        procs.append(b)
+        ag = Agent(build_dir, tmp_path)
+        addr = ag.new("api", api.url)
+        procs.append(ag.run(a))
+        ag.wait_connected()
+        # the kernel spreads connections over both processes; every request
+        # reaches the agent, wherever it landed
+        machines = set()
+        for i in range(40):
+            machines.add(a.health()[1]["machine"])
+            assert curl(a, addr, f"/echo?i={i}")[0] == 200
+            if machines == {"a", "b"} and i >= 10:
+                break
+        assert machines == {"a", "b"}
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        c.stop()
+        api.stop()

@@ -140,14 +140,15 @@ def test_limits_host_busy_timeout_and_body_size(build_dir, tmp_path, api):
         assert gw.stop() == 0
 
 
-def test_redis_is_refused_not_ignored(build_dir, tmp_path):
-    """--redis is documented but not implemented: the gateway must say so and
-    exit 2, not run as a node that silently shares no registry."""
+def test_redis_needs_the_node_listener_and_the_secret(build_dir, tmp_path):
+    """--redis alone would make a node that others cannot forward to: refused
+    at start with exit 2, naming what is missing; --help documents the group."""
     exe = f"{build_dir}/gateway/tunnel-gateway"
     r = subprocess.run([exe, "--redis", "redis://127.0.0.1:6399", "--listen", "127.0.0.1:0",
                         "--state-dir", str(tmp_path / "state")],
                        capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
     assert r.returncode == 2, r
-    assert "not implemented" in r.stderr and "--redis" in r.stderr
+    assert "--node-listen" in r.stderr and "--cluster-secret-file" in r.stderr, r.stderr
     h = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=10)
-    assert h.returncode == 0 and "Not yet" in h.stdout
+    assert h.returncode == 0 and "Several nodes (Redis)" in h.stdout
+    assert "Not yet" not in h.stdout
