@@ -93,7 +93,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (crossed && (cfg & 2))
             fz_gw_client_close(&f, 1);
         if (crossed && (cfg & 4))
-            gw_tun_drain_all(f.ctx);
+            gw_tun_drain_all(f.ctx, (cfg & 1) != 0); /* handover or not */
         off += n + 1;
     }
     if (cfg & 8)

@@ -96,7 +96,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (crossed && (cfg & 0x10))
             fz_gw_client_close(&f, 1);
         if (crossed && (cfg & 0x20))
-            gw_tun_drain_all(f.ctx);
+            gw_tun_drain_all(f.ctx, (cfg & 1) != 0); /* handover or not */
         /* a WebSocket client's bytes, for the upgraded stream */
         if (crossed)
             fz_gw_client_send(&f, 2, "\x81\x82\x00\x00\x00\x00hi", 8);
