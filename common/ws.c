@@ -51,7 +51,7 @@
 struct ws_conn {
     struct event_base *base;
     struct bufferevent *bev;       /* owned; BEV_OPT_CLOSE_ON_FREE closes the socket */
-    wslay_event_context_ptr wslay; /* owned */
+    wslay_event_context_ptr wslay; /* owned; NULL while idle (ws_wslay, ws_wslay_park) */
     struct event *kick_ev;         /* owned; runs ws_run() from the loop */
     struct event *close_ev;        /* owned; bounds the closing handshake */
     struct ws_callbacks cb;
@@ -68,6 +68,8 @@ struct ws_conn {
     uint8_t rx_opcode;  /* data message in progress: 0, text or binary */
     bool rx_ctrl;       /* the current frame is a control frame */
     bool rx_fin;        /* the current data frame ends its message */
+    bool rx_in_frame;   /* wslay is inside a frame (start seen, end not yet) */
+    bool rx_off;        /* reading stopped (ws_fail), even without a wslay context */
     uint8_t ctrl_opcode;            /* opcode of the current control frame */
     uint8_t ctrl_buf[125];          /* its payload (close: code + reason) */
     size_t ctrl_len;                /* bytes in ctrl_buf */
@@ -257,6 +259,52 @@ static void ws_destroy(struct ws_conn *ws)
     free(ws);
 }
 
+/* wslay's context (two 4 KiB buffers and its state) exists only while a
+ * frame it parses, a message it queued or a close is under way: an idle
+ * tunnel's WebSocket, whose data frames all take the fast path, holds none.
+ * These wrap what the rest of this file asks it. */
+static const struct wslay_event_callbacks ws_wslay_cbs;
+
+static int ws_wslay(struct ws_conn *ws)
+{
+    int rv;
+
+    if (ws->wslay != NULL)
+        return 0;
+    rv = ws->client ? wslay_event_context_client_init(&ws->wslay, &ws_wslay_cbs, ws)
+                    : wslay_event_context_server_init(&ws->wslay, &ws_wslay_cbs, ws);
+    if (rv != 0) {
+        ws->wslay = NULL;
+        return -1;
+    }
+    /* Binary payload goes to the owner as it arrives (STYLE 5). */
+    wslay_event_config_set_no_buffering(ws->wslay, 1);
+    return 0;
+}
+
+/* Frees the context if it holds nothing: between messages, nothing queued,
+ * no close begun. Never from inside one of its callbacks. */
+static void ws_wslay_park(struct ws_conn *ws)
+{
+    if (ws->wslay == NULL || ws->closing || ws->rx_off || ws->rx_in_frame ||
+        ws->rx_opcode != 0 || ws->wslay_left != 0 ||
+        wslay_event_get_queued_msg_count(ws->wslay) != 0 || wslay_event_want_write(ws->wslay) ||
+        !wslay_event_get_read_enabled(ws->wslay) || !wslay_event_get_write_enabled(ws->wslay))
+        return;
+    wslay_event_context_free(ws->wslay);
+    ws->wslay = NULL;
+}
+
+static bool ws_read_enabled(const struct ws_conn *ws)
+{
+    return !ws->rx_off && (ws->wslay == NULL || wslay_event_get_read_enabled(ws->wslay));
+}
+
+static bool ws_write_enabled(const struct ws_conn *ws)
+{
+    return ws->wslay == NULL || wslay_event_get_write_enabled(ws->wslay);
+}
+
 static void ws_enter(struct ws_conn *ws)
 {
     ws->depth++;
@@ -305,7 +353,7 @@ static void ws_flush(struct ws_conn *ws)
 {
     if (ws->lost || ws->reported)
         return;
-    if (wslay_event_send(ws->wslay) != 0)
+    if (ws->wslay != NULL && wslay_event_send(ws->wslay) != 0)
         ws_lose(ws);
     ws_note_output(ws);
 }
@@ -335,16 +383,22 @@ static void ws_fail(struct ws_conn *ws, int code, const char *reason)
 
     /* reading stops in any case: a refused frame found while a close is
      * under way must not be looked at again (ws_recv would spin on it) */
-    wslay_event_shutdown_read(ws->wslay);
+    ws->rx_off = true;
+    if (ws->wslay != NULL)
+        wslay_event_shutdown_read(ws->wslay);
     if (ws->closing)
         return;
     ws->failed = true;
     ws->sent_code = code;
     len = ws_copy_reason(ws->sent_reason, reason, strlen(reason));
-    wslay_event_shutdown_read(ws->wslay);
-    /* NO_MORE_MSG: wslay queued a close itself; NOMEM: EOF or the timer. */
-    (void)wslay_event_queue_close(ws->wslay, (uint16_t)code, (const uint8_t *)ws->sent_reason,
-                                  len);
+    if (ws_wslay(ws) != 0) {
+        ws_lose(ws); /* no close frame without memory: EOF ends it */
+    } else {
+        wslay_event_shutdown_read(ws->wslay);
+        /* NO_MORE_MSG: wslay queued a close itself; NOMEM: EOF or the timer. */
+        (void)wslay_event_queue_close(ws->wslay, (uint16_t)code,
+                                      (const uint8_t *)ws->sent_reason, len);
+    }
     ws_start_closing(ws);
 }
 
@@ -438,6 +492,7 @@ static void ws_on_frame_start(wslay_event_context_ptr ctx,
 {
     struct ws_conn *ws = user;
 
+    ws->rx_in_frame = true;
     ws->rx_ctrl = wslay_is_ctrl_frame(a->opcode);
     if (ws->rx_ctrl) {
         ws->ctrl_opcode = a->opcode;
@@ -531,6 +586,7 @@ static void ws_on_frame_end(wslay_event_context_ptr ctx, void *user)
     struct ws_conn *ws = user;
     size_t len;
 
+    ws->rx_in_frame = false;
     if (ws->rx_ctrl) {
         ws_on_ctrl_end(ws);
         return;
@@ -558,6 +614,16 @@ static void ws_on_frame_end(wslay_event_context_ptr ctx, void *user)
         ws->text_cap = 0;
     }
 }
+
+static const struct wslay_event_callbacks ws_wslay_cbs = {
+    .recv_callback = ws_wslay_recv,
+    .send_callback = ws_wslay_send,
+    .genmask_callback = ws_wslay_genmask,
+    .on_frame_recv_start_callback = ws_on_frame_start,
+    .on_frame_recv_chunk_callback = ws_on_frame_chunk,
+    .on_frame_recv_end_callback = ws_on_frame_end,
+    .on_msg_recv_callback = NULL,
+};
 
 /* ---- the engine ---- */
 
@@ -675,7 +741,7 @@ static void ws_recv(struct ws_conn *ws)
         uint64_t payload = 0;
         int hlen, rv;
 
-        if (!wslay_event_get_read_enabled(ws->wslay)) {
+        if (!ws_read_enabled(ws)) {
             /* After a close or a failure: discard, but keep reading for EOF. */
             evbuffer_drain(in, evbuffer_get_length(in));
             return;
@@ -715,6 +781,10 @@ static void ws_recv(struct ws_conn *ws)
                 evbuffer_drain(in, (size_t)hlen);
                 continue;
             }
+            if (ws_wslay(ws) != 0) {
+                ws_fail(ws, WS_CLOSE_INTERNAL, "out of memory");
+                continue;
+            }
             ws->wslay_left = hlen < 0 ? UINT64_MAX : (uint64_t)hlen + payload;
         }
         rv = wslay_event_recv(ws->wslay);
@@ -724,7 +794,7 @@ static void ws_recv(struct ws_conn *ws)
         if (rv != 0 || ws->wslay_left > 0)
             break; /* failed, paused, or the frame's end has not arrived */
     }
-    if (!ws->dead && !wslay_event_get_read_enabled(ws->wslay))
+    if (!ws->dead && !ws_read_enabled(ws))
         evbuffer_drain(in, evbuffer_get_length(in));
 }
 
@@ -747,6 +817,8 @@ static void ws_run(struct ws_conn *ws)
             return;
     }
     ws_check_done(ws);
+    if (!ws->dead && !ws->reported)
+        ws_wslay_park(ws);
 }
 
 static void ws_on_read(struct bufferevent *bev, void *arg)
@@ -818,31 +890,13 @@ static void ws_on_close_timer(evutil_socket_t fd, short what, void *arg)
 struct ws_conn *ws_conn_new(struct event_base *base, struct bufferevent *bev, bool client_role,
                             size_t max_text, const struct ws_callbacks *cb, void *arg)
 {
-    static const struct wslay_event_callbacks wcb = {
-        .recv_callback = ws_wslay_recv,
-        .send_callback = ws_wslay_send,
-        .genmask_callback = ws_wslay_genmask,
-        .on_frame_recv_start_callback = ws_on_frame_start,
-        .on_frame_recv_chunk_callback = ws_on_frame_chunk,
-        .on_frame_recv_end_callback = ws_on_frame_end,
-        .on_msg_recv_callback = NULL,
-    };
     struct ws_conn *ws = calloc(1, sizeof(*ws));
-    int rv;
 
     if (ws == NULL)
         goto fail_bev;
-    if (client_role)
-        rv = wslay_event_context_client_init(&ws->wslay, &wcb, ws);
-    else
-        rv = wslay_event_context_server_init(&ws->wslay, &wcb, ws);
-    if (rv != 0)
-        goto fail_ws;
-    /* Binary payload goes to the owner as it arrives (STYLE 5). */
-    wslay_event_config_set_no_buffering(ws->wslay, 1);
     ws->kick_ev = event_new(base, -1, 0, ws_on_kick, ws);
     if (ws->kick_ev == NULL)
-        goto fail_wslay;
+        goto fail_ws;
     ws->close_ev = evtimer_new(base, ws_on_close_timer, ws);
     if (ws->close_ev == NULL)
         goto fail_kick;
@@ -867,8 +921,6 @@ struct ws_conn *ws_conn_new(struct event_base *base, struct bufferevent *bev, bo
 
 fail_kick:
     event_free(ws->kick_ev);
-fail_wslay:
-    wslay_event_context_free(ws->wslay);
 fail_ws:
     free(ws);
 fail_bev:
@@ -910,9 +962,9 @@ static int ws_write_frame(struct ws_conn *ws, uint8_t opcode, const uint8_t *dat
     /* Control frames wslay queued go first, so its queue is empty and no
      * wslay frame is in progress (its send callback takes every byte). */
     ws_flush(ws);
-    if (!ws_can_send(ws) || !wslay_event_get_write_enabled(ws->wslay))
+    if (!ws_can_send(ws) || !ws_write_enabled(ws))
         return -1;
-    assert(wslay_event_get_queued_msg_count(ws->wslay) == 0);
+    assert(ws->wslay == NULL || wslay_event_get_queued_msg_count(ws->wslay) == 0);
     if (ws->client && util_rand_bytes(key, sizeof(key)) != 0)
         return -1;
     hlen = ws_frame_header(hdr, opcode, len, ws->client ? key : NULL);
@@ -990,7 +1042,7 @@ int ws_send_binary_buffer(struct ws_conn *ws, struct evbuffer *src, size_t len)
 
 size_t ws_output_pending(const struct ws_conn *ws)
 {
-    return ws_pending(ws) + wslay_event_get_queued_msg_length(ws->wslay);
+    return ws_pending(ws) + (ws->wslay != NULL ? wslay_event_get_queued_msg_length(ws->wslay) : 0);
 }
 
 void ws_set_max_text(struct ws_conn *ws, size_t max_text)
@@ -1040,8 +1092,9 @@ int ws_close(struct ws_conn *ws, int code, const char *reason)
         return 0;
     ws_enter(ws);
     len = ws_copy_reason(ws->sent_reason, reason, reason != NULL ? strlen(reason) : 0);
-    rv = wslay_event_queue_close(ws->wslay, (uint16_t)code, (const uint8_t *)ws->sent_reason,
-                                 len);
+    rv = ws_wslay(ws) != 0 ? WSLAY_ERR_NOMEM
+                           : wslay_event_queue_close(ws->wslay, (uint16_t)code,
+                                                     (const uint8_t *)ws->sent_reason, len);
     if (rv != 0 && rv != WSLAY_ERR_NO_MORE_MSG) {
         ws_leave(ws);
         return -1;
@@ -1072,9 +1125,11 @@ int ws_ping(struct ws_conn *ws)
     for (int i = 0; i < 8; i++)
         payload[i] = (uint8_t)(now >> (56 - 8 * i));
     ws_enter(ws);
-    rv = wslay_event_queue_msg(ws->wslay, &msg);
-    if (rv == 0)
+    rv = ws_wslay(ws) != 0 ? WSLAY_ERR_NOMEM : wslay_event_queue_msg(ws->wslay, &msg);
+    if (rv == 0) {
         ws_flush(ws);
+        ws_wslay_park(ws);
+    }
     ws_leave(ws);
     return rv == 0 ? 0 : -1;
 }
@@ -1087,6 +1142,11 @@ uint64_t ws_last_rx_ms(const struct ws_conn *ws)
 uint64_t ws_last_pong_ms(const struct ws_conn *ws)
 {
     return ws->last_pong_ms;
+}
+
+bool ws_parser_live(const struct ws_conn *ws)
+{
+    return ws->wslay != NULL;
 }
 
 /* ---- handshake helpers ---- */

@@ -141,6 +141,12 @@ uint64_t ws_last_rx_ms(const struct ws_conn *ws);
 /* util_mono_ms() of the last pong received, 0 if none. */
 uint64_t ws_last_pong_ms(const struct ws_conn *ws);
 
+/* Whether the connection holds a wslay context now. It exists only while a
+ * frame that is not a whole binary message is being read, a control frame
+ * it queued is unsent, or a close is under way; an idle connection holds
+ * none (about 8.5 KiB less per idle tunnel). For tests. */
+bool ws_parser_live(const struct ws_conn *ws);
+
 /* Handshake helpers. HTTP parsing on the server side is the caller's (gw_h1). */
 
 /* base64(SHA-1(key + RFC 6455 GUID)) into out (28 characters + NUL). Refuses

@@ -1028,6 +1028,57 @@ static void test_raw_fragments_and_ping(void **state)
     peer_cleanup(&p);
 }
 
+/* An idle connection holds no wslay context: one comes for a frame that is
+ * not a whole binary message, a pong or a close, and goes once the message
+ * is complete and nothing is queued. */
+static void test_idle_holds_no_parser(void **state)
+{
+    struct peer p;
+    uint8_t f[256], resp[16];
+    size_t n;
+
+    peer_init(&p);
+    int fd = raw_pair(&p, false, 100);
+    run_for_ms(5);
+    assert_false(ws_parser_live(p.ws));
+    /* whole binary messages: the fast path, no parser */
+    n = frame(f, true, 2, true, "\x01\x02", 2);
+    n += frame(f + n, true, 2, true, "\x03", 1);
+    raw_write(fd, f, n);
+    RUN_UNTIL(evbuffer_get_length(p.bin) == 3);
+    assert_false(ws_parser_live(p.ws));
+    /* a fragmented text message: live until its last fragment */
+    n = frame(f, false, 1, true, "he", 2);
+    raw_write(fd, f, n);
+    RUN_UNTIL(ws_parser_live(p.ws));
+    run_for_ms(5);
+    assert_true(ws_parser_live(p.ws));
+    n = frame(f, true, 0, true, "llo", 3);
+    raw_write(fd, f, n);
+    RUN_UNTIL(p.n_text == 1);
+    run_for_ms(5);
+    check_text(&p, 0, "hello", 5);
+    assert_false(ws_parser_live(p.ws));
+    /* a ping: its pong sent, then none again */
+    n = frame(f, true, 9, true, "ab", 2);
+    raw_write(fd, f, n);
+    raw_read(fd, resp, 4);
+    assert_memory_equal(resp, "\x8a\x02" "ab", 4);
+    run_for_ms(5);
+    assert_false(ws_parser_live(p.ws));
+    /* our own ping: queued, sent, gone */
+    assert_int_equal(ws_ping(p.ws), 0);
+    raw_read(fd, resp, 10);
+    assert_int_equal(resp[0], 0x89);
+    assert_false(ws_parser_live(p.ws));
+    /* a close keeps it to the end */
+    assert_int_equal(ws_close(p.ws, 1000, "bye"), 0);
+    assert_true(ws_parser_live(p.ws));
+    assert_int_equal(p.n_close, 0);
+    close(fd);
+    peer_cleanup(&p);
+}
+
 /* Whole binary messages take ws's own path (ws_fast_ok), everything else
  * wslay's. A stream mixing both, written in odd-sized pieces so that headers,
  * masking keys and payloads split at every kind of offset, must come out
@@ -1557,6 +1608,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_client_refuses_masked, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_masks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_raw_fragments_and_ping, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idle_holds_no_parser, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fast_path_server, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fast_path_client, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fast_path_refusals, setup, teardown),
