@@ -546,9 +546,13 @@ def test_readme_config_snippets_load(bin_path, tmp_path):
     --check-config, every key read from it, with no warning."""
     blocks = readme_blocks("toml")
     assert len(blocks) >= 2
+    # the one file --check-config opens: a cluster secret (owner-only), here in scratch
+    secret = tmp_path / "cluster.secret"
+    secret.write_bytes(os.urandom(48))
+    os.chmod(secret, 0o600)
     for i, block in enumerate(blocks):
         f = tmp_path / f"snippet{i}.conf"
-        f.write_text(block)
+        f.write_text(block.replace('"/etc/tunnel-gateway/cluster.secret"', f'"{secret}"'))
         r = check_config(bin_path, "--config", f)
         assert r.returncode == 0, f"README toml block {i}:\n{block}\n{r.stderr}"
         assert "warning" not in r.stderr, r.stderr
