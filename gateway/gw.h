@@ -85,6 +85,8 @@ struct gw_ctx {
     uint64_t drain_deadline_ms;     /* monotonic end of the drain grace */
     bool handover;                  /* draining, waiting for agents to move (gw_rds) */
     uint64_t handover_deadline_ms;  /* monotonic end of that wait */
+    bool drain_closing;             /* drained: listeners closed, last streams end */
+    uint64_t drain_exit_ms;         /* monotonic: exit no sooner (claims released) */
     size_t tunnels_live;            /* authenticated tunnels */
     size_t tunnels_pending;         /* upgraded, not yet authenticated */
     uint64_t fd_limit;              /* RLIMIT_NOFILE soft limit (raised to the hard one) */

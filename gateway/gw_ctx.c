@@ -30,16 +30,31 @@
 #include "util.h"
 
 #define DRAIN_POLL_MS 200
+#define DRAIN_CLOSE_MS 300 /* after drain_done with --redis: the releases' replies */
 #define SWEEP_INTERVAL_S 60
 
 /* The drain ends once nothing is in flight (and, with a shared registry,
  * every tunnel's agents moved to another node or the hand-over time ran
- * out), or at the drain deadline. */
+ * out), or at the drain deadline. Then the public listeners close (a
+ * balancer that has not yet seen /health's 503 gets refused connects and
+ * retries another node), the claims are released, and the loop ends once
+ * the requests that came in meanwhile are done too (forwarded ones count in
+ * gw_node_streams), at least DRAIN_CLOSE_MS later, or at the deadline. */
 static void on_drain_poll(evutil_socket_t fd, short what, void *arg)
 {
     struct gw_ctx *ctx = arg;
     size_t streams = gw_tun_streams_total(ctx) + gw_node_streams(ctx->node);
     uint64_t now = clk_mono_ms(ctx->clk);
+
+    if (ctx->drain_closing) {
+        if ((streams == 0 && now >= ctx->drain_exit_ms) || now >= ctx->drain_deadline_ms) {
+            if (streams != 0)
+                LOG_WARN(ctx->log, "drain_cut", LOG_U("streams_cut", streams));
+            evtimer_del(ctx->drain_ev);
+            event_base_loopexit(ctx->base, NULL);
+        }
+        return;
+    }
 
     if (ctx->handover && (gw_reg_count(ctx->reg) == 0 || now >= ctx->handover_deadline_ms)) {
         /* agents that did not move in time drain the single-node way */
@@ -52,12 +67,17 @@ static void on_drain_poll(evutil_socket_t fd, short what, void *arg)
     }
     if ((streams == 0 && !ctx->handover) || now >= ctx->drain_deadline_ms) {
         LOG_INFO(ctx->log, "drain_done", LOG_U("streams_cut", streams));
+        gw_lsn_disable(ctx->lsn_main);
+        gw_lsn_disable(ctx->lsn_plain);
+        ctx->drain_closing = true;
+        ctx->drain_exit_ms = now;
         if (ctx->rds != NULL) {
             /* claims still held go now; give their replies a moment */
-            struct timeval grace = {0, 300 * 1000};
             gw_rds_release_all(ctx->rds);
-            event_base_loopexit(ctx->base, &grace);
-        } else {
+            ctx->drain_exit_ms = now + DRAIN_CLOSE_MS;
+        }
+        if (now >= ctx->drain_deadline_ms) {
+            evtimer_del(ctx->drain_ev);
             event_base_loopexit(ctx->base, NULL);
         }
         return;

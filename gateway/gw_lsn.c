@@ -413,7 +413,7 @@ static void lsn_on_resume(evutil_socket_t fd, short what, void *arg)
 {
     struct gw_lsn *l = arg;
 
-    if (!l->disabled)
+    if (!l->disabled && l->el != NULL)
         evconnlistener_enable(l->el);
 }
 
@@ -505,10 +505,14 @@ uint16_t gw_lsn_port(const struct gw_lsn *l)
 
 void gw_lsn_disable(struct gw_lsn *l)
 {
-    if (l != NULL) {
+    if (l != NULL && l->el != NULL) {
         l->disabled = true;
         evtimer_del(l->resume);
-        evconnlistener_disable(l->el);
+        /* closed, not only paused: a connect is refused at once (a balancer
+         * retries another node) instead of waiting in the backlog for a
+         * process that is about to exit */
+        evconnlistener_free(l->el);
+        l->el = NULL;
     }
 }
 
@@ -516,7 +520,8 @@ void gw_lsn_free(struct gw_lsn *l)
 {
     if (l == NULL)
         return;
-    evconnlistener_free(l->el);
+    if (l->el != NULL)
+        evconnlistener_free(l->el);
     event_free(l->resume);
     free(l);
 }

@@ -25,7 +25,9 @@ struct gw_lsn *gw_lsn_new_node(struct gw_ctx *ctx, const struct gw_cfg_addr *add
 /* The bound port (useful with port 0). */
 uint16_t gw_lsn_port(const struct gw_lsn *l);
 
-/* Stops accepting (drain) without closing live connections. */
+/* Stops accepting for good (the end of a drain): the listening socket is
+ * closed, so connects are refused; live connections stay. The object stays
+ * until gw_lsn_free (accepted connections point at it). Takes NULL. */
 void gw_lsn_disable(struct gw_lsn *l);
 
 void gw_lsn_free(struct gw_lsn *l);
