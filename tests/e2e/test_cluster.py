@@ -338,6 +338,46 @@ def test_takeover_across_nodes(build_dir, fresh):
         api2.stop()
 
 
+def test_osaurus_takeover_across_nodes(build_dir, fresh):
+    """Osaurus mode: the same address registered on node b takes over from
+    node a's tunnel, which is told `agent_removed` `superseded` within one
+    keepalive interval (1 s here), as on one node; requests then reach b's."""
+    import asyncio
+
+    from test_osaurus import OsrClient
+    from tunnel_env import eip191_ref
+
+    e = fresh(n=2)
+    a, b = e.c.nodes
+    key = random.randrange(1, eip191_ref.N)
+
+    async def go():
+        c1 = await OsrClient(a, key=key).open()
+        wait_for(lambda: owner(e.c.redis, c1.addr) == "a", 5, "a's claim")
+        c2 = await OsrClient(b, key=key).open()
+        assert c2.addr == c1.addr
+        t0 = time.monotonic()
+        f = await c1.next("agent_removed", timeout=3 * TIME_SCALE)
+        took = time.monotonic() - t0
+        assert f["reason"] == "superseded" and f["address"].lower() == c1.addr, f
+        assert took < 1.0 + 1.0 * TIME_SCALE, took
+        assert owner(e.c.redis, c1.addr) == "b"
+        # a request through a now goes to b's tunnel
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, lambda: curl(a, c1.addr, "/osr", check=False))
+        req = await c2.next("request", timeout=10)
+        await c2.send({"type": "response", "id": req["id"], "status": 200,
+                       "headers": {"content-type": "text/plain"}, "body": "from b"})
+        st, h, body = await fut
+        assert (st, body) == (200, b"from b"), (st, body)
+        await c1.close()
+        await c2.close()
+        return took
+
+    took = asyncio.run(asyncio.wait_for(go(), 60))
+    print(f"Osaurus-mode takeover across nodes told in {took:.2f} s")
+
+
 def test_kill_9_of_the_owner_node(build_dir, fresh):
     e = fresh(haproxy=True)
     a, b, c = e.c.nodes

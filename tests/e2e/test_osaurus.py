@@ -42,8 +42,9 @@ class OsrClient:
     without a subprotocol, sign `osaurus-tunnel:<EIP-55 address>:<nonce>:<ts>`,
     answer `ping` with `pong`, take `request`/`cancel` frames."""
 
-    def __init__(self, gw, features=None, answer_pings=True):
+    def __init__(self, gw, features=None, answer_pings=True, key=None):
         self.gw = gw
+        self.key = key  # a private key (int) to sign with; None: a fresh one
         self.features = features
         self.answer_pings = answer_pings
         self.frames = asyncio.Queue()
@@ -60,10 +61,10 @@ class OsrClient:
         ch = json.loads(await asyncio.wait_for(self.ws.recv(), 5))
         assert ch["type"] == "challenge" and re.fullmatch(r"[0-9a-f]{64}", ch["nonce"])
         while True:  # an address whose EIP-55 form has upper case, as the app sends it
-            d = secrets.randbelow(eip191_ref.N - 1) + 1
+            d = self.key or secrets.randbelow(eip191_ref.N - 1) + 1
             raw = eip191_ref.address_from_priv(d)
             checksum = eip191_ref.to_checksum(raw)
-            if checksum != checksum.lower():
+            if checksum != checksum.lower() or self.key:
                 break
         ts = int(time.time())
         sig = eip191_ref.sign(d, f"osaurus-tunnel:{checksum}:{ch['nonce']}:{ts}".encode())
