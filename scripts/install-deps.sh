@@ -9,7 +9,8 @@ BUILD="build-essential pkg-config meson ninja-build git
   libwslay-dev libhttp-parser-dev libinih-dev libhiredis-dev uuid-dev"
 TEST="libcmocka-dev curl nghttp2-client openssl procps prometheus tmux
   python3 python3-pytest python3-websockets python3-ecdsa python3-pycryptodome
-  python3-h2 python3-yaml chromium nodejs node-ws valgrind haproxy systemd shellcheck redis-server"
+  python3-h2 python3-yaml chromium nodejs node-ws valgrind haproxy systemd shellcheck redis-server
+  docker-compose"
 BENCH="nginx-light wrk util-linux"
 FUZZ="clang libclang-rt-14-dev"
 

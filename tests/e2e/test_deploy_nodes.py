@@ -3,6 +3,9 @@ HAProxy) and deploy/k8s (a Deployment of three, Redis, Service, PDB,
 NetworkPolicy). No Docker engine or Kubernetes runs here, so each file is
 checked two ways:
 
+* by docker compose's own parser: Debian's docker-compose 1.29, whose
+  `config` needs no engine, accepts compose.yaml and refuses a broken copy
+  (kubeconform is not in Debian: the manifests get the checks below);
 * statically: the files agree with each other (addresses, ports, names,
   labels, selectors, secrets and the paths they are mounted at, grace
   periods against the drain timeout), and every TUNNEL_GATEWAY_* variable
@@ -205,6 +208,30 @@ def test_compose_gateway_settings_pass_check_config(bin_path, tmp_path):
             if k.startswith("TUNNEL_GATEWAY_"):
                 key = k[len("TUNNEL_GATEWAY_"):].lower().replace("_", "-")
                 assert re.search(rf"^{key} = .*# env {k}", r.stdout, re.M), (k, r.stdout)
+
+
+def test_docker_compose_config_accepts_the_file(tmp_path):
+    """docker compose's own parser (Debian's docker-compose; it needs no
+    engine for `config`) accepts compose.yaml, resolves it as this file's
+    reading does, and refuses a broken copy."""
+    need("docker-compose", "docker-compose")
+    env = clean_env(TG_DOMAIN="example.com")
+    r = sh("docker-compose", "-f", COMPOSE_DIR / "compose.yaml", "config", env=env,
+           cwd=COMPOSE_DIR)
+    assert r.returncode == 0, r.stderr
+    theirs = yaml.safe_load(r.stdout)
+    mine = compose("example.com")
+    for name in gateways(mine):
+        env_t = {k: str(v) for k, v in theirs["services"][name]["environment"].items()}
+        env_m = {k: str(v) for k, v in mine["services"][name]["environment"].items()}
+        assert env_t == env_m, name
+        assert theirs["services"][name]["command"] == mine["services"][name]["command"]
+    assert env_t["TUNNEL_GATEWAY_PUBLIC_URL_BASE"] == "https://example.com"
+    broken = tmp_path / "compose.yaml"
+    broken.write_text((COMPOSE_DIR / "compose.yaml").read_text().replace(
+        "stop_grace_period: 330s", "stop_grace_period: [330]"))
+    r = sh("docker-compose", "-f", broken, "config", "-q", env=env, cwd=COMPOSE_DIR)
+    assert r.returncode != 0, "a broken copy passed docker-compose config"
 
 
 def test_compose_keys_and_secret_stay_out_of_git_and_the_build_context():
