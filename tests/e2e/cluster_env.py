@@ -21,7 +21,7 @@ from pathlib import Path
 from tunnel_env import Proc, reserve_port, wait_for
 
 
-def _ping(port):
+def redis_ping(port):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
             s.sendall(b"PING\r\n")
@@ -46,7 +46,7 @@ class Redis:
                           "--save", "", "--appendonly", "no", "--dir", d,
                           "--daemonize", "no", "--protected-mode", "no"],
                          self.tmp / f"{self.name}-{int(time.time() * 1000)}.log")
-        wait_for(lambda: _ping(self.port), 10, "redis-server answering PING")
+        wait_for(lambda: redis_ping(self.port), 10, "redis-server answering PING")
 
     def stop(self):
         if self.proc is not None:
@@ -157,10 +157,10 @@ class Haproxy(Proc):
         cfg = Path(tmp) / f"{name}.cfg"
         cfg.write_text("\n".join(lines) + "\n")
         super().__init__(["haproxy", "-db", "-f", cfg], Path(tmp) / f"{name}.log")
-        wait_for(lambda: _connects(self.port), 10, "haproxy listening")
+        wait_for(lambda: connects(self.port), 10, "haproxy listening")
 
 
-def _connects(port):
+def connects(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster_env import connects, redis_ping
 from test_deploy import check_config, clean_env, docker_excluded, dockerignore_rx, need, sh
 from local_api import LocalApi
 from tunnel_env import REPO, TIME_SCALE, Agent, Proc, reserve_port, wait_for
@@ -110,23 +111,6 @@ def scratch_files(tmp, addrs=(), domain="localhost"):
     os.chmod(secret, 0o400)
     return {"TUNNEL_GATEWAY_CERT": crt, "TUNNEL_GATEWAY_KEY": key,
             "TUNNEL_GATEWAY_ALLOW": allow, "TUNNEL_GATEWAY_CLUSTER_SECRET_FILE": secret}
-
-
-def connects(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def redis_ping(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def hap_stat(sock_path):
