@@ -29,7 +29,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cluster_env import connects, redis_ping
