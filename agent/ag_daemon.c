@@ -189,6 +189,16 @@ static uint64_t backoff_next(struct ag_ctx *ctx)
     return d;
 }
 
+/* BACKOFF_MIN_MS with +-20 % jitter. */
+static uint64_t restart_delay(struct ag_ctx *ctx)
+{
+    uint32_t r = 0;
+
+    if (clk_rand(ctx->clk, (uint8_t *)&r, sizeof(r)) != 0)
+        r = (uint32_t)clk_mono_ms(ctx->clk);
+    return BACKOFF_MIN_MS * 8 / 10 + (BACKOFF_MIN_MS * 4 / 10) * (r % 1000u) / 1000u;
+}
+
 static void daemon_on_tun_up(void *arg, struct ag_tun *t)
 {
     struct ag_ctx *ctx = arg;
@@ -316,7 +326,9 @@ static void daemon_on_tun_down(void *arg, struct ag_tun *t, const char *reason,
         }
         ag_ctx_bury_tun(ctx, t);
         if (!ctx->stopping && ag_agt_any_wanted(ctx)) {
-            uint64_t d = backoff_next(ctx);
+            /* a gateway that restarts is back at once (elsewhere): about 1 s,
+             * jittered, and the backoff stays where it was */
+            uint64_t d = ag_tun_restarting(t) ? restart_delay(ctx) : backoff_next(ctx);
             LOG_INFO(ctx->log, "reconnect_in_ms", LOG_U("ms", d));
             daemon_schedule_reconnect(ctx, d);
         }
@@ -559,13 +571,6 @@ int ag_daemon_run(const char *home, const struct ag_run_opts *opts)
     size_t nagents = 0;
     int rc = 1;
 
-    if (opts->protocol != AG_PROTO_NATIVE) {
-        fprintf(stderr,
-                "tunnel-agent: run: --protocol %s is not implemented yet; use "
-                "--protocol native\n",
-                ag_store_protocol_name(opts->protocol));
-        return 1;
-    }
     signal(SIGPIPE, SIG_IGN);
     ctx = ag_ctx_new(home, opts, &clk_system);
     if (ctx == NULL)

@@ -1,7 +1,9 @@
-/* The agent's native tunnel (ag_tun.h). Phases: DIAL (ag_net), UPGRADE (TLS
+/* The agent's tunnel (ag_tun.h). Phases: DIAL (ag_net), UPGRADE (TLS
  * handshake and the 101 on a bufferevent), AUTH (WebSocket up: challenge,
- * auth, auth_ok), UP (HTTP/2 server over the binary messages), DRAINING (no
- * new streams, closes when the last stream ends). One 1-second tick drives
+ * auth, auth_ok), UP (native: HTTP/2 server over the binary messages;
+ * Osaurus mode: ag_osr over the text messages), DRAINING (no new streams,
+ * closes when the last stream ends). The two modes share everything up to
+ * auth_ok and the registrations; t->h2 or t->osr holds the data path. One 1-second tick drives
  * the phase deadline, PINGs, the keepalive check and delayed add retries.
  *
  * Re-entrancy: nghttp2 calls are made only from loop entry points (WebSocket
@@ -36,6 +38,7 @@
 #include "ag_ctx.h"
 #include "ag_fwd.h"
 #include "ag_net.h"
+#include "ag_osr.h"
 #include "herr.h"
 #include "id.h"
 #include "list.h"
@@ -129,6 +132,7 @@ struct tun_stream {
 
 struct ag_tun {
     struct ag_ctx *ctx;
+    enum tun_mode mode; /* native, or the Osaurus relay protocol (run --protocol) */
     const struct ag_tun_cbs *cb; /* reports to the owner */
     void *arg;
     struct list link; /* the owner's (ctx->old, ctx->dead) */
@@ -138,7 +142,8 @@ struct ag_tun {
     struct bufferevent *bev; /* until the WebSocket takes it */
     struct ws_conn *ws;
     char ws_key[25];
-    nghttp2_session *h2;
+    nghttp2_session *h2;  /* native, once up */
+    struct ag_osr *osr;   /* Osaurus mode, once up */
     struct evbuffer *out; /* h2 bytes for the next binary messages */
     struct event *tick_ev;
     struct event *flush_ev;
@@ -155,6 +160,8 @@ struct ag_tun {
     bool hold;           /* draining, kept open for new streams until the next tunnel is up */
     uint64_t hold_until_ms;
     bool down;           /* dead: on_down reported, waiting to be freed */
+    bool restart;        /* the gateway restarts (relay_restarting, close 1012): back soon */
+    uint64_t last_ping_ms; /* Osaurus mode: when the relay's last JSON ping came */
     struct list streams; /* struct tun_stream */
     size_t nstreams;
     char close_reason[AG_ERR_MAX];
@@ -177,7 +184,18 @@ static uint64_t tun_now_ms(const struct ag_tun *t) { return clk_mono_ms(t->ctx->
 
 bool ag_tun_is_up(const struct ag_tun *t) { return t->state == TUN_ST_UP; }
 
-size_t ag_tun_streams(const struct ag_tun *t) { return t->nstreams; }
+size_t ag_tun_streams(const struct ag_tun *t)
+{
+    return t->osr != NULL ? ag_osr_requests(t->osr) : t->nstreams;
+}
+
+bool ag_tun_restarting(const struct ag_tun *t) { return t->restart; }
+
+/* Subprotocol of the upgrade: none for an Osaurus relay. */
+static const char *tun_subprotocol(const struct ag_tun *t)
+{
+    return t->mode == TUN_MODE_NATIVE ? AG_TUN_SUBPROTOCOL : NULL;
+}
 
 uint64_t ag_tun_rtt_ms(const struct ag_tun *t) { return t->rtt_ms; }
 
@@ -240,7 +258,7 @@ static int send_request_challenge(struct ag_tun *t)
 {
     struct tun_msg m;
 
-    tun_msg_init(&m, TUN_MSG_REQUEST_CHALLENGE, TUN_MODE_NATIVE);
+    tun_msg_init(&m, TUN_MSG_REQUEST_CHALLENGE, t->mode);
     return send_msg(t, &m);
 }
 
@@ -248,7 +266,7 @@ static int send_remove(struct ag_tun *t, const char *addr)
 {
     struct tun_msg m;
 
-    tun_msg_init(&m, TUN_MSG_REMOVE_AGENT, TUN_MODE_NATIVE);
+    tun_msg_init(&m, TUN_MSG_REMOVE_AGENT, t->mode);
     if (id_addr_parse(addr, strlen(addr), m.remove_agent.addr) != ID_OK)
         return -1;
     return send_msg(t, &m);
@@ -266,7 +284,13 @@ static int fill_reg(const struct ag_tun *t, struct tun_msg_agent_auth *e, const 
     memset(e, 0, sizeof(*e));
     if (id_addr_parse(a->cfg.address, strlen(a->cfg.address), e->addr) != ID_OK)
         return -1;
-    n = tun_msg_native_signed_text(text, sizeof(text), t->ctx->domain, e->addr, nonce, ts);
+    if (t->mode == TUN_MODE_OSAURUS) {
+        /* the address exactly as sent: lowercase (the relay lowercases anyway) */
+        id_addr_to_str(e->addr, e->addr_str);
+        n = tun_msg_osaurus_signed_text(text, sizeof(text), e->addr_str, nonce, ts);
+    } else {
+        n = tun_msg_native_signed_text(text, sizeof(text), t->ctx->domain, e->addr, nonce, ts);
+    }
     if (n < 0 || id_sign(&a->key, text, (size_t)n, raw) != ID_OK)
         return -1;
     id_sig_to_str(raw, e->sig);
@@ -301,11 +325,13 @@ static void send_auth(struct ag_tun *t, const char *nonce)
         tun_fail(t, WS_CLOSE_INTERNAL, "internal_error", "out of memory");
         return;
     }
-    tun_msg_init(m, TUN_MSG_AUTH, TUN_MODE_NATIVE);
+    tun_msg_init(m, TUN_MSG_AUTH, t->mode);
     au = &m->auth;
     memcpy(au->nonce, nonce, sizeof(au->nonce));
     au->timestamp = ts;
     (void)util_snprintf(au->instance, sizeof(au->instance), "%s", ctx->instance);
+    if (t->mode == TUN_MODE_OSAURUS)
+        au->features = TUN_FEAT_BASE64; /* ignored by the relay; our gateway says yes */
     LIST_FOREACH_SAFE(n, tmp, &ctx->agents)
     {
         struct ag_agt *a = AG_AGT_OF(n);
@@ -373,7 +399,7 @@ static void on_add_challenge(struct ag_tun *t, const char *nonce)
             r->pending = REG_NONE;
             continue;
         }
-        tun_msg_init(&m, TUN_MSG_ADD_AGENT, TUN_MODE_NATIVE);
+        tun_msg_init(&m, TUN_MSG_ADD_AGENT, t->mode);
         memcpy(m.add_agent.nonce, nonce, sizeof(m.add_agent.nonce));
         m.add_agent.timestamp = ts;
         if (fill_reg(t, &m.add_agent.agent, a, nonce, ts) != 0 || send_msg(t, &m) != 0) {
@@ -410,6 +436,15 @@ static bool err_is_transient(enum tun_err e)
 
 static int h2_start(struct ag_tun *t);
 
+static bool osr_serves(void *arg, const char *addr) { return ag_tun_serves(arg, addr); }
+
+static void osr_on_idle(void *arg) { tun_schedule_flush(arg); }
+
+static const struct ag_osr_cbs tun_osr_cbs = {
+    .serves = osr_serves,
+    .on_idle = osr_on_idle,
+};
+
 static void on_auth_ok(struct ag_tun *t, const struct tun_msg_auth_ok *ok)
 {
     char addr[ID_ADDR_STR_LEN + 1];
@@ -417,10 +452,20 @@ static void on_auth_ok(struct ag_tun *t, const struct tun_msg_auth_ok *ok)
 
     t->ping_s = ok->ping_interval_s >= 1 && ok->ping_interval_s <= 3600 ? ok->ping_interval_s
                                                                         : TUN_DEFAULT_PING_S;
+    if (t->mode == TUN_MODE_OSAURUS)
+        t->ping_s = TUN_OSR_PING_INTERVAL_S; /* the relay's, until its pings say otherwise */
     t->state = TUN_ST_UP;
     t->up_ms = tun_now_ms(t);
     t->next_ping_ms = t->up_ms + (uint64_t)t->ping_s * 1000u;
-    if (h2_start(t) != 0) {
+    if (t->mode == TUN_MODE_OSAURUS) {
+        t->osr = ag_osr_new(t->ctx, t->id, t->ws, ok->features, &tun_osr_cbs, t);
+        if (t->osr == NULL) {
+            tun_fail(t, WS_CLOSE_INTERNAL, "internal_error", "out of memory");
+            return;
+        }
+        /* request frames carry whole bodies (up to 10 MB, escaped) */
+        ws_set_max_text(t->ws, TUN_OSR_MAX_FRAME_BYTES);
+    } else if (h2_start(t) != 0) {
         tun_fail(t, WS_CLOSE_INTERNAL, "internal_error", "cannot start HTTP/2");
         return;
     }
@@ -477,6 +522,11 @@ static void on_error_msg(struct ag_tun *t, const struct tun_msg_error *e)
     LOG_WARN(t->ctx->log, "gateway_error", LOG_U("tun", t->id), LOG_S("err", e->code),
              LOG_S("addr", e->has_addr ? addr : NULL),
              LOG_S("message", e->message[0] != '\0' ? e->message : NULL));
+    if (e->err == TUN_E_RELAY_RESTARTING) {
+        /* the relay's drain: it closes with 1012 next; we come back in about 1 s */
+        t->restart = true;
+        return;
+    }
     if (r == NULL) {
         /* no address: a failed add we cannot pin down, or a rate limit */
         for (size_t i = 0; i < t->nregs; i++)
@@ -536,6 +586,19 @@ static const char *reason_name(const struct tun_msg_agent_removed *r)
     return r->reason_str[0] != '\0' ? r->reason_str : "superseded";
 }
 
+/* The relay's JSON pings set the keepalive clock: silence for three of its
+ * intervals (1-30 s, as measured between two pings) ends the tunnel. */
+static void osr_note_ping(struct ag_tun *t)
+{
+    uint64_t now = tun_now_ms(t);
+
+    if (t->last_ping_ms != 0 && now > t->last_ping_ms) {
+        uint64_t s = (now - t->last_ping_ms + 999u) / 1000u;
+        t->ping_s = (uint32_t)(s < 1 ? 1 : s > TUN_OSR_PING_INTERVAL_S ? TUN_OSR_PING_INTERVAL_S : s);
+    }
+    t->last_ping_ms = now;
+}
+
 static void on_text(void *arg, const char *data, size_t len)
 {
     struct ag_tun *t = arg;
@@ -545,7 +608,11 @@ static void on_text(void *arg, const char *data, size_t len)
 
     if (m == NULL || t->down)
         goto out;
-    if (tun_msg_decode(data, len, TUN_MODE_NATIVE, m, &code) != 0) {
+    if (tun_msg_decode(data, len, t->mode, m, &code) != 0) {
+        if (m->type == TUN_MSG_REQUEST && t->osr != NULL) {
+            ag_osr_on_bad_request(t->osr, m->http.id, code);
+            goto out;
+        }
         /* unknown types are ignored (PROTOCOL.md 3 rule 4); a bad known one is logged */
         if (m->type != TUN_MSG_NONE)
             LOG_WARN(t->ctx->log, "tunnel_bad_message", LOG_U("tun", t->id),
@@ -610,6 +677,14 @@ static void on_text(void *arg, const char *data, size_t len)
         break;
     case TUN_MSG_DRAINING:
         tun_start_draining(t, "gateway draining", true);
+        break;
+    case TUN_MSG_PING:
+        osr_note_ping(t);
+        /* fall through */
+    case TUN_MSG_REQUEST:
+    case TUN_MSG_CANCEL:
+        if (t->osr != NULL)
+            ag_osr_on_msg(t->osr, m);
         break;
     default:
         /* a known type in the wrong direction: ignored (PROTOCOL.md 3 rule 5) */
@@ -1171,7 +1246,17 @@ static void tun_flush(struct ag_tun *t)
 {
     int rv;
 
-    if (t->h2 == NULL || t->ws == NULL || t->state == TUN_ST_CLOSING)
+    if (t->ws == NULL || t->state == TUN_ST_CLOSING)
+        return;
+    if (t->osr != NULL) {
+        if ((t->state == TUN_ST_DRAINING || t->goaway_sent) && ag_osr_requests(t->osr) == 0) {
+            (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "drained");
+            ws_close(t->ws, WS_CLOSE_NORMAL, "drained");
+            t->state = TUN_ST_CLOSING;
+        }
+        return;
+    }
+    if (t->h2 == NULL)
         return;
     rv = nghttp2_session_send(t->h2);
     if (evbuffer_get_length(t->out) > 0)
@@ -1237,7 +1322,13 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
             tun_down(t, "keepalive_timeout", NULL);
             return;
         }
-        if (now >= t->next_ping_ms) {
+        if (now >= t->next_ping_ms && t->osr != NULL) {
+            /* the relay pings us; an RFC 6455 ping when it has been quiet for
+             * an interval makes a live one answer */
+            t->next_ping_ms = now + (uint64_t)t->ping_s * 1000u;
+            if (now - ws_last_rx_ms(t->ws) >= (uint64_t)t->ping_s * 1000u)
+                (void)ws_ping(t->ws);
+        } else if (now >= t->next_ping_ms) {
             uint8_t opaque[8];
             for (size_t i = 0; i < 8; i++)
                 opaque[i] = (uint8_t)(now >> (56 - 8 * i));
@@ -1259,8 +1350,8 @@ static int on_binary(void *arg, const uint8_t *data, size_t len)
     struct ag_tun *t = arg;
     ssize_t rv;
 
-    if (t->down)
-        return 0;
+    if (t->down || t->mode == TUN_MODE_OSAURUS)
+        return 0; /* the relay protocol has no binary frames: ignored, as the relay does */
     if (t->h2 == NULL) {
         (void)util_snprintf(t->close_reason, sizeof(t->close_reason), "binary data before auth_ok");
         ws_close(t->ws, 4000, "protocol_error");
@@ -1292,6 +1383,8 @@ static void on_ws_close(void *arg, int code, const char *reason)
 
     if (t->down)
         return;
+    if (code == WS_CLOSE_RESTART)
+        t->restart = true; /* the gateway restarts: reconnect in about 1 s */
     if (t->close_reason[0] != '\0')
         (void)util_snprintf(why, sizeof(why), "%s", t->close_reason);
     else
@@ -1303,8 +1396,11 @@ static void on_writable(void *arg)
 {
     struct ag_tun *t = arg;
 
-    if (!t->down)
-        tun_flush(t);
+    if (t->down)
+        return;
+    if (t->osr != NULL)
+        ag_osr_on_writable(t->osr);
+    tun_flush(t);
 }
 
 static const struct ws_callbacks tun_ws_cbs = {
@@ -1325,13 +1421,18 @@ static void up_on_read(struct bufferevent *bev, void *arg)
 
     if (t->down)
         return;
-    rc = ws_client_parse_response(bufferevent_get_input(bev), t->ws_key, AG_TUN_SUBPROTOCOL,
+    rc = ws_client_parse_response(bufferevent_get_input(bev), t->ws_key, tun_subprotocol(t),
                                   &status, err, sizeof(err));
     if (rc == 1)
         return;
     if (rc != 0) {
         char why[320];
-        if (status == 101)
+        if (status == 101 && t->mode == TUN_MODE_OSAURUS)
+            (void)util_snprintf(why, sizeof(why),
+                                "gateway does not speak the Osaurus relay protocol; drop "
+                                "--protocol osaurus for a tunnel-gateway (%s)",
+                                err);
+        else if (status == 101)
             (void)util_snprintf(why, sizeof(why),
                                 "gateway does not speak " AG_TUN_SUBPROTOCOL
                                 "; use --protocol osaurus for an Osaurus relay (%s)",
@@ -1424,7 +1525,7 @@ static void on_dialled(void *arg, evutil_socket_t fd, const char *err)
     bufferevent_setcb(t->bev, up_on_read, NULL, up_on_event, t);
     req = bufferevent_get_output(t->bev);
     if (ws_client_key(t->ws_key) != 0 ||
-        ws_client_request(req, ctx->host_port, AG_TUNNEL_PATH, t->ws_key, AG_TUN_SUBPROTOCOL,
+        ws_client_request(req, ctx->host_port, AG_TUNNEL_PATH, t->ws_key, tun_subprotocol(t),
                           NULL) != 0) {
         tun_down(t, "cannot build the upgrade request", NULL);
         return;
@@ -1440,6 +1541,7 @@ struct ag_tun *ag_tun_new(struct ag_ctx *ctx, const struct ag_tun_cbs *cb, void 
     if (t == NULL)
         return NULL;
     t->ctx = ctx;
+    t->mode = ctx->opts->protocol == AG_PROTO_OSAURUS ? TUN_MODE_OSAURUS : TUN_MODE_NATIVE;
     t->cb = cb;
     t->arg = arg;
     list_init(&t->link);
@@ -1475,6 +1577,8 @@ void ag_tun_free(struct ag_tun *t)
     if (t->h2 != NULL)
         nghttp2_session_del(t->h2);
     t->h2 = NULL;
+    ag_osr_free(t->osr); /* before the WebSocket it sends on */
+    t->osr = NULL;
     ag_net_dial_cancel(t->dial);
     if (t->bev != NULL)
         bufferevent_free(t->bev);
@@ -1555,6 +1659,22 @@ void ag_tun_drain(struct ag_tun *t)
     if (t->goaway_sent || t->down)
         return;
     t->goaway_sent = true;
+    if (t->osr != NULL && t->state != TUN_ST_CLOSING) {
+        /* no GOAWAY in the relay protocol: the relay stops routing to us once
+         * the agents are removed; what is in flight finishes, then we close */
+        for (size_t i = 0; i < t->nregs; i++) {
+            struct tun_reg *r = &t->regs[i];
+            if (r->active || r->pending == REG_ADDING)
+                send_remove(t, r->addr);
+            r->active = false;
+            r->pending = REG_NONE;
+        }
+        ag_osr_drain(t->osr);
+        if (t->state == TUN_ST_UP)
+            t->state = TUN_ST_DRAINING;
+        tun_schedule_flush(t);
+        return;
+    }
     if (t->h2 == NULL || t->state == TUN_ST_CLOSING) {
         if (t->ws != NULL && t->state != TUN_ST_CLOSING) {
             ws_close(t->ws, WS_CLOSE_NORMAL, "shutting down");

@@ -1,12 +1,14 @@
-/* One native tunnel (tunnel-h2.v1, proto/PROTOCOL.md sections 2-8) from the
- * daemon to the gateway: dial (TCP, TLS for wss://), WebSocket upgrade,
- * challenge-response authentication of the wanted agents, then an HTTP/2
- * server session in the binary messages (one stream per public request,
- * forwarded with ag_fwd), control messages alongside (add/remove agents,
- * draining), PING keepalive. Owned by the context (ctx->tun, ctx->old, then
- * ctx->dead); it reports to its owner through struct ag_tun_cbs. A tunnel
- * that ends marks itself dead, goes quiet and reports on_down; the owner
- * frees it later from the loop (ag_ctx_bury_tun), never inside a report. */
+/* One tunnel from the daemon to the gateway: dial (TCP, TLS for wss://),
+ * WebSocket upgrade, challenge-response authentication of the wanted agents,
+ * then the data path: native (tunnel-h2.v1, proto/PROTOCOL.md sections 2-8)
+ * an HTTP/2 server session in the binary messages (one stream per public
+ * request, forwarded with ag_fwd), PING keepalive; or, with run --protocol
+ * osaurus, the Osaurus relay protocol (section 9): JSON request/response
+ * frames, served by ag_osr. Control messages alongside (add/remove agents,
+ * draining). Owned by the context (ctx->tun, ctx->old, then ctx->dead); it
+ * reports to its owner through struct ag_tun_cbs. A tunnel that ends marks
+ * itself dead, goes quiet and reports on_down; the owner frees it later from
+ * the loop (ag_ctx_bury_tun), never inside a report. */
 #ifndef AG_TUN_H
 #define AG_TUN_H
 
@@ -95,6 +97,10 @@ void ag_tun_release(struct ag_tun *t);
 /* Stops taking streams (GOAWAY) and closes the tunnel once its open streams
  * have finished (then on_down, from the loop). */
 void ag_tun_drain(struct ag_tun *t);
+
+/* True if the gateway said it restarts (Osaurus relay_restarting, or a close
+ * with 1012): the owner reconnects in about a second, not with the backoff. */
+bool ag_tun_restarting(const struct ag_tun *t);
 
 /* Last HTTP/2 PING round trip in ms, 0 if none yet. */
 uint64_t ag_tun_rtt_ms(const struct ag_tun *t);

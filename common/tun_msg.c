@@ -871,6 +871,9 @@ static int dec_auth_ok(struct dec *d, const cJSON *o)
     }
     if (native && get_u32(o, "ping_interval", 1, &k->ping_interval_s) != F_OK)
         return TUN_E_INVALID_JSON;
+    /* Osaurus mode: an unreadable list means nothing is promised */
+    if (!native && features_parse(o, &k->features) != 0)
+        k->features = 0;
     return 0;
 }
 
@@ -1559,6 +1562,10 @@ static int enc_auth_ok(struct jw *w, const struct tun_msg_auth_ok *k, enum tun_m
         jw_kstr(w, "region", k->region);
     if (native)
         jw_kint(w, "ping_interval", k->ping_interval_s);
+    if (!native && (k->features & TUN_FEAT_BASE64)) {
+        jw_key(w, "features");
+        jw_lit(w, "[\"base64\"]");
+    }
     return 0;
 }
 

@@ -172,6 +172,8 @@ struct tun_msg_auth_ok {
     struct tun_msg_rejected rejected[TUN_MAX_AGENTS];
     char region[TUN_REGION_MAX + 1];
     uint32_t ping_interval_s; /* native; 0 in Osaurus mode */
+    uint32_t features;        /* Osaurus mode: TUN_FEAT_* the gateway accepts from this
+                               * client ("features", PROTOCOL.md 9.2); the relay sends none */
 };
 
 /* auth_error and error. */

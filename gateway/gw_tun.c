@@ -464,6 +464,9 @@ static void tun_on_auth(struct gw_tun *t, const char *data, size_t len)
     }
     util_snprintf(ok.auth_ok.region, sizeof(ok.auth_ok.region), "%s", t->ctx->cfg->region);
     ok.auth_ok.ping_interval_s = (uint32_t)t->ctx->cfg->ping_interval_s; /* native only */
+    /* Osaurus mode: what we accept from this client (tunnel-agent sends base64 bodies
+     * only where this says so; the relay never does) */
+    ok.auth_ok.features = t->features & TUN_FEAT_BASE64;
     tun_msg_clear(&m);
     tun_go_live(t, &ok);
 }
