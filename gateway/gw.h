@@ -12,6 +12,7 @@
 #include "gw_admin.h"
 #include "gw_cfg.h"
 #include "gw_metrics.h"
+#include "h2mem.h"
 #include "list.h"
 
 struct clk;
@@ -95,6 +96,7 @@ struct gw_ctx {
     struct gw_counters n;
     struct gw_metrics m;            /* /metrics state and the access log (gw_metrics.h) */
     struct gw_deny deny;            /* /admin/deny (gw_admin.h) */
+    struct h2mem h2mem;             /* every nghttp2 session's allocator (h2mem.h) */
 };
 
 /* A context for cfg (a loaded heap struct gw_cfg; the context owns it from

@@ -276,6 +276,7 @@ struct gw_ctx *gw_ctx_new(struct gw_cfg *cfg, const struct clk *clk, char *err, 
     ctx->clk = clk;
     list_init(&ctx->conns);
     list_init(&ctx->tuns);
+    h2mem_init(&ctx->h2mem);
     ctx->start_ms = clk_mono_ms(clk);
     ctx->log = log_new("tunnel-gateway", cfg->log_level, cfg->log_format, 2);
     if (ctx->log == NULL)

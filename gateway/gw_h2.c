@@ -22,6 +22,7 @@
 #include "gw_px.h"
 #include "gw_node.h"
 #include "gw_req.h"
+#include "h2mem.h"
 #include "log.h"
 #include "tls.h"
 
@@ -231,6 +232,7 @@ static ssize_t on_send(nghttp2_session *session, const uint8_t *data, size_t len
         return NGHTTP2_ERR_WOULDBLOCK;
     if (tls_out_add(out, data, len) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
+    h2mem_discard(&h->ctx->h2mem, data, len); /* a large header block's pages */
     return (ssize_t)len;
 }
 
@@ -663,7 +665,7 @@ int gw_h2_start(struct gw_ctx *ctx, struct bufferevent *bev, const struct sockad
     if (nghttp2_option_new(&opt) != 0)
         goto fail_cbs;
     nghttp2_option_set_no_auto_window_update(opt, 1);
-    if (nghttp2_session_server_new2(&h->session, cbs, h, opt) != 0)
+    if (nghttp2_session_server_new3(&h->session, cbs, h, opt, h2mem_get(&ctx->h2mem)) != 0)
         goto fail_opt;
     nghttp2_option_del(opt);
     nghttp2_session_callbacks_del(cbs);

@@ -23,6 +23,7 @@
 #include "gw_node.h"
 #include "gw_req.h"
 #include "gw_up.h"
+#include "h2mem.h"
 #include "list.h"
 #include "log.h"
 #include "util.h"
@@ -367,6 +368,7 @@ static ssize_t h2_on_send(nghttp2_session *session, const uint8_t *data, size_t 
         return NGHTTP2_ERR_WOULDBLOCK;
     if (evbuffer_add(s->wsbuf, data, len) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
+    h2mem_discard(&s->ctx->h2mem, data, len); /* a large header block's pages */
     if (evbuffer_get_length(s->wsbuf) >= GW_TUN_FLUSH_BYTES && io_send(s) != 0)
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     return (ssize_t)len;
@@ -570,7 +572,7 @@ static int h2s_start(void *arg, unsigned features)
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, h2_on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, h2_on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, h2_on_stream_close);
-    if (nghttp2_session_client_new2(&s->h2, cbs, s, opt) != 0)
+    if (nghttp2_session_client_new3(&s->h2, cbs, s, opt, h2mem_get(&s->ctx->h2mem)) != 0)
         goto out_opt;
     nghttp2_submit_settings(s->h2, NGHTTP2_FLAG_NONE, iv, sizeof(iv) / sizeof(iv[0]));
     nghttp2_session_set_local_window_size(s->h2, NGHTTP2_FLAG_NONE, 0, GW_TUN_CONN_WINDOW);
