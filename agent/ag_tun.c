@@ -593,7 +593,7 @@ static void osr_note_ping(struct ag_tun *t)
     uint64_t now = tun_now_ms(t);
 
     if (t->last_ping_ms != 0 && now > t->last_ping_ms) {
-        uint64_t s = (now - t->last_ping_ms + 999u) / 1000u;
+        uint64_t s = (now - t->last_ping_ms + 500u) / 1000u; /* nearest second */
         t->ping_s = (uint32_t)(s < 1 ? 1 : s > TUN_OSR_PING_INTERVAL_S ? TUN_OSR_PING_INTERVAL_S : s);
     }
     t->last_ping_ms = now;

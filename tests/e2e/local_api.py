@@ -9,6 +9,8 @@ Runs in the test process (threads), so tests can read what it saw:
   POST /upload?id=X      reads the body as it comes (records the time of its first
                          byte), answers {"len","sha256"}; &slow=BPS reads slowly
   GET  /sse?n=&interval_ms=  server-sent events, one per interval, timestamped
+  GET  /text?n=N         N bytes of UTF-8 text with 2-, 3- and 4-byte characters
+                         (text_body(N)), text/plain, Content-Length
   GET  /status/NNN       answers NNN with no body
   GET  /cookies          two Set-Cookie headers
   GET  /hold?id=X[&after_head=1]  never answers (or sends a head and holds);
@@ -38,6 +40,22 @@ def stream_digest(n):
         h.update(c)
         left -= len(c)
     return h.hexdigest()
+
+
+_TEXT_UNIT = "line é € 😀 ascii\n".encode()
+
+
+def text_body(n):
+    """n bytes of UTF-8 text (what /text?n= sends), cut at a character boundary
+    and padded with ASCII to exactly n."""
+    out = (_TEXT_UNIT * (n // len(_TEXT_UNIT) + 1))[:n]
+    while out:
+        try:
+            out.decode()
+            break
+        except UnicodeDecodeError:
+            out = out[:-1]
+    return out + b"x" * (n - len(out))
 
 
 def det_bytes(n, seed):
@@ -140,6 +158,8 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/bytes":
             data = det_bytes(int(q.get("n", "0")), q.get("seed", "0"))
             self.send_body(200, data, "application/octet-stream")
+        elif path == "/text":
+            self.send_body(200, text_body(int(q.get("n", "0"))), "text/plain; charset=utf-8")
         elif path == "/stream":
             # n bytes: BLOCK repeated (the client knows the digest), chunked
             n = int(q.get("n", "0"))
