@@ -11,7 +11,7 @@ TEST="libcmocka-dev curl nghttp2-client openssl procps prometheus tmux
   python3 python3-pytest python3-websockets python3-ecdsa python3-pycryptodome
   python3-h2 python3-yaml chromium nodejs node-ws valgrind haproxy systemd shellcheck redis-server
   docker-compose"
-BENCH="nginx-light wrk util-linux"
+BENCH="nginx-light wrk util-linux pagekite"
 FUZZ="clang libclang-rt-14-dev"
 
 # --build: compile only; default (--all): build, tests, demo and benchmark
