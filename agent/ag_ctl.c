@@ -161,6 +161,7 @@ static int status_json(struct ag_store *st, const struct ag_gateway *gw)
             cJSON_AddBoolToObject(o, "preserve_host", a->preserve_host) == NULL ||
             cJSON_AddNumberToObject(o, "max_inflight", a->max_inflight) == NULL ||
             cJSON_AddStringToObject(o, "id_header", a->id_header) == NULL ||
+            cJSON_AddStringToObject(o, "preset", ag_store_preset_name(a->preset)) == NULL ||
             cJSON_AddNumberToObject(o, "response_timeout", a->response_timeout_s) == NULL)
             goto fail_root;
     }
@@ -197,6 +198,8 @@ static void status_text(struct ag_store *st, const struct ag_gateway *gw)
             url[0] = '\0';
         printf("%-20s %-8s %-13s %s%s\n", a->name, a->enabled ? "yes" : "no", "disconnected", url,
                a->superseded ? "  (superseded by another machine with the same key)" : "");
+        if (a->preset != AG_PRESET_NONE)
+            printf("  preset: %s\n", ag_store_preset_name(a->preset));
     }
 }
 
@@ -241,6 +244,8 @@ static void status_live_text(const cJSON *root)
         printf("%-20s %-8s %-13s %-9s %-8.0f %-8s %s\n", jstr(a, "name", "?"),
                cJSON_IsTrue(en) ? "yes" : "no", jstr(a, "state", "?"), probe,
                jnum(a, "requests"), jstr(a, "local_result", "-"), jstr(a, "url", ""));
+        if (strcmp(jstr(a, "preset", "none"), "none") != 0)
+            printf("  preset: %s\n", jstr(a, "preset", ""));
         if (jstr(a, "error", NULL) != NULL && jstr(a, "error", "")[0] != '\0')
             printf("  error: %s\n", jstr(a, "error", ""));
     }

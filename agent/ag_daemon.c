@@ -388,6 +388,7 @@ static cJSON *status_agent(struct ag_ctx *ctx, const struct ag_agt *a)
         cJSON_AddBoolToObject(o, "preserve_host", a->cfg.preserve_host) == NULL ||
         cJSON_AddNumberToObject(o, "max_inflight", a->cfg.max_inflight) == NULL ||
         cJSON_AddStringToObject(o, "id_header", a->cfg.id_header) == NULL ||
+        cJSON_AddStringToObject(o, "preset", ag_store_preset_name(a->cfg.preset)) == NULL ||
         cJSON_AddNumberToObject(o, "response_timeout", a->cfg.response_timeout_s) == NULL ||
         cJSON_AddNumberToObject(o, "idle_connections", (double)ag_fwd_pool_idle(a->pool)) == NULL) {
         cJSON_Delete(o);

@@ -296,7 +296,7 @@ static struct ag_fwd_conn *pool_take(struct ag_fwd_pool *p)
 static bool name_is(struct iov n, const char *s) { return util_iov_ieq_str(n, s); }
 
 /* Request headers not forwarded to the local API (PROTOCOL.md 5.4.3). */
-static bool req_hdr_dropped(struct iov n, const char *id_header)
+static bool req_hdr_dropped(struct iov n, const char *id_header, enum ag_preset preset)
 {
     static const char *const drop[] = {
         "connection",
@@ -318,6 +318,9 @@ static bool req_hdr_dropped(struct iov n, const char *id_header)
     for (size_t i = 0; i < sizeof(drop) / sizeof(drop[0]); i++)
         if (name_is(n, drop[i]))
             return true;
+    /* ours to set: a client's copy would make the request look local */
+    if (preset == AG_PRESET_OSAURUS && name_is(n, AG_OSAURUS_ORIGIN_HEADER))
+        return true;
     return name_is(n, id_header);
 }
 
@@ -383,7 +386,7 @@ static int build_head(struct ag_fwd *f, const struct ag_fwd_request *rq)
     }
     for (size_t i = 0; i < rq->nhdrs; i++) {
         const struct ag_fwd_hdr *h = &rq->hdrs[i];
-        if (req_hdr_dropped(h->name, a->cfg.id_header))
+        if (req_hdr_dropped(h->name, a->cfg.id_header, a->cfg.preset))
             continue;
         if (add_hdr_line(b, h->name, h->value) != 0)
             goto out;
@@ -408,8 +411,13 @@ static int build_head(struct ag_fwd *f, const struct ag_fwd_request *rq)
                             "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n",
                             f->ws_key) < 0)
         goto out;
-    if (evbuffer_add_printf(b, "%s: %s\r\nX-Tunnel-Origin: public\r\n\r\n", a->cfg.id_header,
-                            a->cfg.id) < 0)
+    /* stamped last, after every client field (an Osaurus server then treats
+     * the request as remote, as it does the Osaurus app's relayed ones) */
+    if (evbuffer_add_printf(b, "%s: %s\r\nX-Tunnel-Origin: public\r\n%s\r\n", a->cfg.id_header,
+                            a->cfg.id,
+                            a->cfg.preset == AG_PRESET_OSAURUS
+                                ? AG_OSAURUS_ORIGIN_HEADER ": 1\r\n"
+                                : "") < 0)
         goto out;
     len = evbuffer_get_length(b);
     f->head = malloc(len);

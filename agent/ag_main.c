@@ -83,11 +83,19 @@ static int cmd_http(struct cli *c);
 static int cmd_verify(struct cli *c);
 static int cmd_replay(struct cli *c);
 
+#define PRESET_HELP                                                                           \
+    "settings for a kind of local API. osaurus: an Osaurus server; its agent id goes in "      \
+    "X-Osaurus-Agent-Id (unless --id-header says otherwise) and every request carries "      \
+    "X-Osaurus-Relay-Origin: 1, set last after removing any copy a client sent, so the server " \
+    "treats tunnelled requests as remote as the Osaurus app's own relay does. none: back to "  \
+    "the generic headers"
+
 static const struct cmd_opt new_opts[] = {
     {"target", "URL", "the agent's local API, http://HOST:PORT[/BASE] (required)"},
     {"key-file", "FILE",
      "import this secp256k1 private key (64 hex digits, optional 0x) instead of "
      "generating one; FILE must not be readable by group or others (chmod 600 FILE)"},
+    {"preset", "osaurus|none", PRESET_HELP},
     {NULL, NULL, NULL},
 };
 
@@ -104,6 +112,7 @@ static const struct cmd_opt set_opts[] = {
     {"response-timeout", "S",
      "response timeout for this agent's requests, 0-86400 seconds; 0 = the gateway's "
      "default"},
+    {"preset", "osaurus|none", PRESET_HELP},
     {NULL, NULL, NULL},
 };
 
@@ -181,7 +190,7 @@ static const struct cmd_opt http_opts[] = {
 };
 
 static const struct cmd cmds[] = {
-    {"new", "new NAME --target URL [--key-file FILE]",
+    {"new", "new NAME --target URL [--key-file FILE] [--preset osaurus|none]",
      "create an agent: key, address, id; print its address and URL",
      "Creates agent NAME (1-64 of A-Z a-z 0-9 . _ -) with a new secp256k1 key from the "
      "system's CSPRNG, or the key imported with --key-file, stored owner-only (0600) under "
@@ -191,7 +200,7 @@ static const struct cmd cmds[] = {
      1, 1, new_opts, cmd_new},
     {"set",
      "set NAME [--target URL] [--preserve-host|--rewrite-host] [--max-inflight N] "
-     "[--id-header NAME] [--response-timeout S]",
+     "[--id-header NAME] [--response-timeout S] [--preset osaurus|none]",
      "change an agent's settings (the key and address stay)",
      "Changes the given settings of agent NAME; the key and address never change. A "
      "running daemon applies them. " HTTPS_TARGET_NOTE,
@@ -620,6 +629,17 @@ static bool domain_is_valid(const char *d)
     return true;
 }
 
+/* --preset: the marker, and the id header that goes with it (none puts the
+ * preset's header back to the default, and leaves a custom one alone). */
+static void preset_apply(struct ag_agent *a, enum ag_preset p)
+{
+    a->preset = p;
+    if (p == AG_PRESET_OSAURUS)
+        memcpy(a->id_header, AG_OSAURUS_ID_HEADER, sizeof(AG_OSAURUS_ID_HEADER));
+    else if (strcasecmp(a->id_header, AG_OSAURUS_ID_HEADER) == 0)
+        memcpy(a->id_header, AG_DEFAULT_ID_HEADER, sizeof(AG_DEFAULT_ID_HEADER));
+}
+
 static int check_name(const char *cmd, const char *name)
 {
     if (!ag_store_name_is_valid(name)) {
@@ -639,6 +659,7 @@ static int cmd_new(struct cli *c)
     char err[AG_STORE_ERR_LEN];
     char url[512];
     char key_path[PATH_MAX];
+    enum ag_preset preset = AG_PRESET_NONE;
     struct ag_agent *a;
     struct ag_store *st;
 
@@ -651,6 +672,10 @@ static int cmd_new(struct cli *c)
     }
     if (check_target("new", target) != 0)
         return EXIT_USAGE;
+    if (opt_val(c, "preset") != NULL && ag_store_preset_parse(opt_val(c, "preset"), &preset) != 0) {
+        errmsg("new: --preset \"%s\": want osaurus or none", opt_val(c, "preset"));
+        return EXIT_USAGE;
+    }
     st = open_store(c, AG_STORE_WRITE);
     if (st == NULL)
         return EXIT_FAIL;
@@ -658,6 +683,13 @@ static int cmd_new(struct cli *c)
         errmsg("new: %s", err);
         ag_store_free(st);
         return EXIT_FAIL;
+    }
+    if (preset != AG_PRESET_NONE) {
+        preset_apply(a, preset);
+        if (save_store(st) != 0) {
+            ag_store_free(st);
+            return EXIT_FAIL;
+        }
     }
     public_url(st, a->address, url, sizeof(url));
     if (ag_store_key_path(st, a, key_path, sizeof(key_path)) != 0)
@@ -667,9 +699,13 @@ static int cmd_new(struct cli *c)
            "  url:     %s\n"
            "  target:  %s\n"
            "  key:     %s\n"
+           "%s%s%s"
            "Back up the key file: the address cannot be recovered without it.\n"
            "Publish it with: tunnel-agent enable %s\n",
-           a->name, a->address, url, a->target, key_path, a->name);
+           a->name, a->address, url, a->target, key_path,
+           a->preset != AG_PRESET_NONE ? "  preset:  " : "",
+           a->preset != AG_PRESET_NONE ? ag_store_preset_name(a->preset) : "",
+           a->preset != AG_PRESET_NONE ? "\n" : "", a->name);
     ag_store_free(st);
     ag_ctl_notify(c->home);
     return EXIT_OK;
@@ -684,6 +720,8 @@ static int cmd_set(struct cli *c)
     const char *rt = opt_val(c, "response-timeout");
     bool preserve = opt_set(c, "preserve-host");
     bool rewrite = opt_set(c, "rewrite-host");
+    const char *pre = opt_val(c, "preset");
+    enum ag_preset preset = AG_PRESET_NONE;
     uint64_t max_inflight = 0;
     uint64_t timeout_s = 0;
     struct ag_agent *a;
@@ -691,12 +729,17 @@ static int cmd_set(struct cli *c)
 
     if (check_name("set", name) != 0)
         return EXIT_USAGE;
-    if (target == NULL && hdr == NULL && mi == NULL && rt == NULL && !preserve && !rewrite) {
+    if (target == NULL && hdr == NULL && mi == NULL && rt == NULL && !preserve && !rewrite &&
+        pre == NULL) {
         errmsg("set: nothing to change; usage: tunnel-agent %s", c->cmd->synopsis);
         return EXIT_USAGE;
     }
     if (preserve && rewrite) {
         errmsg("set: --preserve-host and --rewrite-host exclude each other");
+        return EXIT_USAGE;
+    }
+    if (pre != NULL && ag_store_preset_parse(pre, &preset) != 0) {
+        errmsg("set: --preset \"%s\": want osaurus or none", pre);
         return EXIT_USAGE;
     }
     if (target != NULL && check_target("set", target) != 0)
@@ -731,6 +774,8 @@ static int cmd_set(struct cli *c)
         a->preserve_host = preserve;
     if (mi != NULL)
         a->max_inflight = (uint32_t)max_inflight;
+    if (pre != NULL)
+        preset_apply(a, preset); /* before --id-header, which wins */
     if (hdr != NULL)
         memcpy(a->id_header, hdr, strlen(hdr) + 1);
     if (rt != NULL)
@@ -741,9 +786,10 @@ static int cmd_set(struct cli *c)
            "  target:           %s\n"
            "  host header:      %s\n"
            "  max-inflight:     %u\n"
-           "  id-header:        %s\n",
+           "  id-header:        %s\n"
+           "  preset:           %s\n",
            a->name, a->target, a->preserve_host ? "preserved (public Host)" : "rewritten to target",
-           (unsigned)a->max_inflight, a->id_header);
+           (unsigned)a->max_inflight, a->id_header, ag_store_preset_name(a->preset));
     if (a->response_timeout_s == 0)
         printf("  response-timeout: gateway default\n");
     else
@@ -764,6 +810,7 @@ static int cmd_list(struct cli *c)
     struct ag_store *st = open_store(c, AG_STORE_READ);
     int wname = 4;
     int wtarget = 6;
+    bool presets = false;
     bool live;
 
     if (st == NULL)
@@ -776,17 +823,21 @@ static int cmd_list(struct cli *c)
             wname = (int)strlen(a->name);
         if ((int)strlen(a->target) > wtarget)
             wtarget = (int)strlen(a->target);
+        presets |= a->preset != AG_PRESET_NONE;
     }
-    printf("%-*s  %-42s  %-*s  %s%s\n", wname, "NAME", "ADDRESS", wtarget, "TARGET", "ENABLED",
-           live ? "  STATE" : "");
+    /* a PRESET column only when some agent has one */
+    printf("%-*s  %-42s  %-*s  %s%s%s\n", wname, "NAME", "ADDRESS", wtarget, "TARGET",
+           presets ? "ENABLED  " : "ENABLED", presets ? "PRESET " : "", live ? "  STATE" : "");
     for (size_t i = 0; i < ag_store_count(st); i++) {
         const struct ag_agent *a = ag_store_agent(st, i);
         const char *state = "-";
         for (size_t j = 0; live && j < nstates; j++)
             if (strcmp(states[j].name, a->name) == 0)
                 state = states[j].state;
-        printf("%-*s  %-42s  %-*s  %-7s%s%s\n", wname, a->name, a->address, wtarget, a->target,
-               a->enabled ? "yes" : "no", live ? "  " : "", live ? state : "");
+        printf("%-*s  %-42s  %-*s  %-7s%s%-*s%s%s\n", wname, a->name, a->address, wtarget,
+               a->target, a->enabled ? "yes" : "no", presets ? "  " : "", presets ? 7 : 0,
+               !presets ? "" : a->preset != AG_PRESET_NONE ? ag_store_preset_name(a->preset) : "-",
+               live ? "  " : "", live ? state : "");
     }
     if (ag_store_count(st) == 0)
         fprintf(stderr, "tunnel-agent: no agents yet; create one with: tunnel-agent new NAME "

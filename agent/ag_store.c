@@ -55,6 +55,7 @@ static const char *const top_keys[] = {"version", "gateway", "ca_file", "protoco
 static const char *const agent_keys[] = {
     "name",         "id",        "address",          "target",   "enabled", "preserve_host",
     "max_inflight", "id_header", "response_timeout", "key_file", "created", "superseded",
+    "preset",
 };
 
 static void seterr(char *err, size_t errlen, const char *fmt, ...)
@@ -476,6 +477,22 @@ const char *ag_store_protocol_name(enum ag_protocol p)
     return p == AG_PROTO_OSAURUS ? "osaurus" : "native";
 }
 
+const char *ag_store_preset_name(enum ag_preset p)
+{
+    return p == AG_PRESET_OSAURUS ? "osaurus" : "none";
+}
+
+int ag_store_preset_parse(const char *s, enum ag_preset *out)
+{
+    if (strcmp(s, "none") == 0)
+        *out = AG_PRESET_NONE;
+    else if (strcmp(s, "osaurus") == 0)
+        *out = AG_PRESET_OSAURUS;
+    else
+        return -1;
+    return 0;
+}
+
 int ag_store_protocol_parse(const char *s, enum ag_protocol *out)
 {
     if (strcmp(s, "native") == 0)
@@ -604,6 +621,19 @@ static int get_bool(const cJSON *obj, const char *key, bool def, bool *out, cons
     return 0;
 }
 
+static int get_preset(const cJSON *obj, enum ag_preset *out, const char **why)
+{
+    char s[16];
+
+    if (get_str(obj, "preset", "none", s, sizeof(s), why) != 0)
+        return -1;
+    if (ag_store_preset_parse(s, out) != 0) {
+        *why = "want \"none\" or \"osaurus\"";
+        return -1;
+    }
+    return 0;
+}
+
 static int get_int(const cJSON *obj, const char *key, int64_t def, int64_t min, int64_t max,
                    int64_t *out, const char **why)
 {
@@ -663,6 +693,7 @@ static int load_agent(cJSON *obj, struct store_entry *e, char *err, size_t errle
     FIELD("created", get_int(obj, "created", 0, 0, INT64_C(1) << 52, &v, &why));
     a->created = v;
     FIELD("superseded", get_bool(obj, "superseded", false, &a->superseded, &why));
+    FIELD("preset", get_preset(obj, &a->preset, &why));
 #undef FIELD
     /* Addresses are compared as strings everywhere: keep them lowercase. */
     for (char *p = a->address; *p != '\0'; p++)
@@ -993,6 +1024,7 @@ static cJSON *agent_to_json(const struct store_entry *e)
         cJSON_AddStringToObject(o, "key_file", a->key_file) == NULL ||
         cJSON_AddNumberToObject(o, "created", (double)a->created) == NULL ||
         cJSON_AddBoolToObject(o, "superseded", a->superseded) == NULL ||
+        cJSON_AddStringToObject(o, "preset", ag_store_preset_name(a->preset)) == NULL ||
         add_extra(o, e->extra) != 0) {
         cJSON_Delete(o);
         return NULL;

@@ -27,6 +27,14 @@
 
 #define AG_DEFAULT_MAX_INFLIGHT 64
 #define AG_DEFAULT_ID_HEADER "X-Agent-Id"
+#define AG_OSAURUS_ID_HEADER "X-Osaurus-Agent-Id"
+#define AG_OSAURUS_ORIGIN_HEADER "X-Osaurus-Relay-Origin" /* --preset osaurus stamps "1" */
+
+/* What a local API needs beyond the generic headers (new|set --preset). */
+enum ag_preset {
+    AG_PRESET_NONE = 0,
+    AG_PRESET_OSAURUS, /* an Osaurus server: X-Osaurus-Agent-Id, X-Osaurus-Relay-Origin: 1 */
+};
 #define AG_TUNNEL_PATH "/tunnel/connect"
 
 /* One agent as agents.json holds it. Plain data: callers may change the
@@ -46,6 +54,7 @@ struct ag_agent {
     char key_file[AG_KEY_FILE_MAX + 1];   /* file name under <home>/keys/ */
     int64_t created;                      /* unix seconds */
     bool superseded;                      /* set by the daemon: another instance took the key */
+    enum ag_preset preset;                /* "preset" in agents.json; absent = none */
 };
 
 /* A parsed local target URL. */
@@ -164,6 +173,10 @@ int ag_store_gateway_parse(const char *url, struct ag_gateway *out, char *err, s
  * IP address, gives "<your gateway domain>" in place of the host.
  * Returns 0 or -1 (too long). */
 int ag_store_public_url(const struct ag_gateway *gw, const char *address, char *out, size_t outlen);
+
+/* "none" / "osaurus", and back. Parse returns 0 or -1. */
+const char *ag_store_preset_name(enum ag_preset p);
+int ag_store_preset_parse(const char *s, enum ag_preset *out);
 
 /* "native" / "osaurus", and back. Parse returns 0 or -1. */
 const char *ag_store_protocol_name(enum ag_protocol p);
