@@ -584,7 +584,8 @@ int ag_daemon_run(const char *home, const struct ag_run_opts *opts)
     }
     LOG_INFO(ctx->log, "daemon_started", LOG_S("gateway", opts->gateway_url),
              LOG_S("instance", ctx->instance), LOG_U("agents", nagents), LOG_S("home", home),
-             LOG_U("pid", getpid()));
+             LOG_S("protocol", ag_store_protocol_name(opts->protocol)),
+             LOG_S("proxy", opts->proxy.set ? opts->proxy.shown : NULL), LOG_U("pid", getpid()));
     if (nagents == 0)
         LOG_WARN(ctx->log, "no_enabled_agents",
                  LOG_S("hint", "enable one with: tunnel-agent enable NAME"));

@@ -1149,6 +1149,20 @@ static int run_check(const char *cmd, const char *gw, const char *ca, struct ag_
     return EXIT_OK;
 }
 
+static const char *env_get(const char *name) { return getenv(name); }
+
+/* The proxy for the gateway from HTTPS_PROXY & co. (ag_pxy.h). */
+static int run_proxy(const char *cmd, struct ag_run_opts *ro)
+{
+    char err[AG_STORE_ERR_LEN];
+
+    if (ag_pxy_from_env(&ro->gateway, env_get, &ro->proxy, err, sizeof(err)) != 0) {
+        errmsg("%s: %s", cmd, err);
+        return EXIT_USAGE;
+    }
+    return EXIT_OK;
+}
+
 /* Completes ro from the store (remembered gateway, CA file, protocol) and
  * remembers what was given. proto NULL: the remembered one. Returns EXIT_OK,
  * or an exit status after a message. */
@@ -1264,6 +1278,9 @@ static int cmd_run(struct cli *c)
     if (rc != EXIT_OK)
         return rc;
     rc = run_settle(c, "run", gw, ca, proto, &ro);
+    if (rc != EXIT_OK)
+        return rc;
+    rc = run_proxy("run", &ro);
     if (rc != EXIT_OK)
         return rc;
     return ag_daemon_run(c->home, &ro);
@@ -1448,6 +1465,9 @@ static int cmd_http(struct cli *c)
             return EXIT_FAIL;
     }
     rc = run_settle(c, "http", gw, ca, NULL, &ro);
+    if (rc != EXIT_OK)
+        return rc;
+    rc = run_proxy("http", &ro);
     if (rc != EXIT_OK)
         return rc;
     {

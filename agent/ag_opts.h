@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ag_pxy.h"
 #include "ag_store.h"
 #include "log.h"
 
@@ -36,6 +37,8 @@ struct ag_run_opts {
     enum log_level log_level;             /* default info */
     enum log_format log_format;           /* default text */
     struct ag_insp_opts inspect;          /* --inspect and friends */
+    struct ag_proxy proxy;                /* HTTPS_PROXY & co. for the gateway, from the
+                                           * environment at start */
 };
 
 #endif

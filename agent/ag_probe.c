@@ -22,6 +22,7 @@
 #include "ag_agt.h"
 #include "ag_ctx.h"
 #include "ag_net.h"
+#include "ag_pxy.h"
 #include "log.h"
 #include "tls.h"
 #include "util.h"
@@ -34,7 +35,7 @@ struct ag_probe {
     const struct ag_probe_cbs *cb;
     void *arg;
     bool done; /* on_done reported: dead, waiting for ag_probe_free() */
-    struct ag_net_dial *dial;
+    struct ag_pxy_dial *dial;
     struct bufferevent *bev;
     struct event *timeout_ev;
     http_parser parser;
@@ -58,7 +59,7 @@ void ag_probe_free(struct ag_probe *p)
 {
     if (p == NULL)
         return;
-    ag_net_dial_cancel(p->dial);
+    ag_pxy_dial_cancel(p->dial);
     if (p->bev != NULL)
         bufferevent_free(p->bev);
     if (p->timeout_ev != NULL)
@@ -79,7 +80,7 @@ static void probe_done(struct ag_probe *p, bool ok, const char *err)
         return;
     p->done = true;
     (void)util_snprintf(e, sizeof(e), "%s", err != NULL ? err : "");
-    ag_net_dial_cancel(p->dial); /* not the dial's own callback: that clears p->dial first */
+    ag_pxy_dial_cancel(p->dial); /* not the dial's own callback: that clears p->dial first */
     p->dial = NULL;
     if (p->bev != NULL) {
         bufferevent_disable(p->bev, EV_READ | EV_WRITE);
@@ -333,7 +334,7 @@ struct ag_probe *ag_probe_start(struct ag_agt *a, const struct ag_probe_cbs *cb,
         goto fail_p;
     util_hex_encode(raw, sizeof(raw), a->probe_nonce);
     evtimer_add(p->timeout_ev, &tv);
-    p->dial = ag_net_dial_start(ctx->base, ctx->dns, ctx->opts->gateway.host,
+    p->dial = ag_pxy_dial_start(ctx->base, ctx->dns, &ctx->opts->proxy, ctx->opts->gateway.host,
                                 ctx->opts->gateway.port, PROBE_TIMEOUT_S * 1000u, pr_on_dialled, p);
     if (p->dial == NULL)
         goto fail_nonce;

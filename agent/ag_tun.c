@@ -39,6 +39,7 @@
 #include "ag_fwd.h"
 #include "ag_net.h"
 #include "ag_osr.h"
+#include "ag_pxy.h"
 #include "herr.h"
 #include "id.h"
 #include "list.h"
@@ -138,7 +139,7 @@ struct ag_tun {
     struct list link; /* the owner's (ctx->old, ctx->dead) */
     uint64_t id;
     enum tun_state state;
-    struct ag_net_dial *dial;
+    struct ag_pxy_dial *dial;
     struct bufferevent *bev; /* until the WebSocket takes it */
     struct ws_conn *ws;
     char ws_key[25];
@@ -1489,7 +1490,7 @@ static void on_dialled(void *arg, evutil_socket_t fd, const char *err)
     struct ag_tun *t = arg;
     struct ag_ctx *ctx = t->ctx;
     struct evbuffer *req;
-    char why[256];
+    char why[512];
 
     t->dial = NULL;
     if (fd < 0) {
@@ -1557,7 +1558,7 @@ struct ag_tun *ag_tun_new(struct ag_ctx *ctx, const struct ag_tun_cbs *cb, void 
     event_add(t->tick_ev, &sec);
     LOG_INFO(ctx->log, "tunnel_connecting", LOG_U("tun", t->id),
              LOG_S("gateway", ctx->opts->gateway_url));
-    t->dial = ag_net_dial_start(ctx->base, ctx->dns, ctx->opts->gateway.host,
+    t->dial = ag_pxy_dial_start(ctx->base, ctx->dns, &ctx->opts->proxy, ctx->opts->gateway.host,
                                 ctx->opts->gateway.port, TUN_DIAL_TIMEOUT_MS, on_dialled, t);
     if (t->dial == NULL)
         goto fail_t;
@@ -1579,7 +1580,7 @@ void ag_tun_free(struct ag_tun *t)
     t->h2 = NULL;
     ag_osr_free(t->osr); /* before the WebSocket it sends on */
     t->osr = NULL;
-    ag_net_dial_cancel(t->dial);
+    ag_pxy_dial_cancel(t->dial);
     if (t->bev != NULL)
         bufferevent_free(t->bev);
     ws_free(t->ws);
@@ -1608,7 +1609,7 @@ static void tun_down(struct ag_tun *t, const char *reason, const char *auth_code
     (void)util_snprintf(code, sizeof(code), "%s", auth_code != NULL ? auth_code : "");
     event_del(t->tick_ev);
     event_del(t->flush_ev);
-    ag_net_dial_cancel(t->dial); /* NULL when called from on_dialled */
+    ag_pxy_dial_cancel(t->dial); /* NULL when called from on_dialled */
     t->dial = NULL;
     if (t->bev != NULL)
         bufferevent_disable(t->bev, EV_READ | EV_WRITE);

@@ -169,11 +169,11 @@ class Agent:
             self.cli("enable", name, "--yes")
         return addr
 
-    def run(self, gw, *extra, wrap=()):
+    def run(self, gw, *extra, wrap=(), env=None):
         scheme = "wss" if gw.scheme == "https" else "ws"
         argv = [*wrap, self.exe, "--home", self.home, "run", "--gateway", f"{scheme}://{gw.domain}:{gw.port}",
                 *(["--ca-file", gw.ca] if scheme == "wss" else []), "--log-level", "debug", *extra]
-        self.proc = Proc(argv, self.tmp / f"{self.name}.log")
+        self.proc = Proc(argv, self.tmp / f"{self.name}.log", env=env)
         return self.proc
 
     def status(self):
