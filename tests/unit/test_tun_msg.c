@@ -1258,6 +1258,67 @@ static void test_response_limits(void **state)
     free(b.p);
 }
 
+/* The relay's frame schema at and past each edge (ANCHORS.md "Relay behaviour"):
+ * id 1-64, header names up to 256 bytes, response.body optional, and the same
+ * id rule for request frames (what tunnel-agent decodes) and cancel. */
+static void test_osaurus_schema_edges(void **state)
+{
+    const enum tun_mode O = TUN_MODE_OSAURUS;
+    const enum tun_err B = TUN_E_BAD_HOST_RESPONSE;
+    struct sb b = {0};
+
+    /* id: 64 characters pass, 65 and 0 fail, in a response and in a request */
+    for (int n = 0; n <= 65; n += (n == 0 ? 64 : 1)) {
+        for (int req = 0; req <= 1; req++) {
+            b.len = 0;
+            sb_cat(&b, req ? "{\"type\":\"request\",\"method\":\"GET\",\"path\":\"/\","
+                             "\"headers\":{},\"body\":\"\",\"id\":\""
+                           : "{\"type\":\"response\",\"status\":200,\"headers\":{},\"id\":\"");
+            sb_rep(&b, "i", (size_t)n);
+            sb_cat(&b, "\"}");
+            if (n == 64) {
+                expect_ok(b.p, O, req ? TUN_MSG_REQUEST : TUN_MSG_RESPONSE);
+                assert_int_equal(strlen(ma->http.id), 64);
+            } else {
+                expect_err(b.p, O, req ? TUN_E_INVALID_JSON : B);
+            }
+        }
+    }
+    b.len = 0;
+    sb_cat(&b, "{\"type\":\"cancel\",\"id\":\"");
+    sb_rep(&b, "c", 65);
+    sb_cat(&b, "\"}");
+    expect_err(b.p, O, TUN_E_INVALID_JSON);
+    /* header names: 256 bytes pass, 257 fail; an empty name fails */
+    for (int n = 256; n <= 257; n++) {
+        b.len = 0;
+        sb_cat(&b, "{\"type\":\"response\",\"id\":\"a\",\"status\":200,\"headers\":{\"");
+        sb_rep(&b, "h", (size_t)n);
+        sb_cat(&b, "\":\"v\"}}");
+        if (n == 256)
+            expect_ok(b.p, O, TUN_MSG_RESPONSE);
+        else
+            expect_err(b.p, O, B);
+    }
+    expect_err("{\"type\":\"response\",\"id\":\"a\",\"status\":200,\"headers\":{\"\":\"v\"}}", O, B);
+    /* response.body is optional: absent is empty */
+    expect_ok("{\"type\":\"response\",\"id\":\"a\",\"status\":204,\"headers\":{}}", O,
+              TUN_MSG_RESPONSE);
+    assert_int_equal(ma->http.body.len, 0);
+    /* status 200-599 */
+    expect_err("{\"type\":\"response\",\"id\":\"a\",\"status\":199,\"headers\":{}}", O, B);
+    expect_ok("{\"type\":\"response\",\"id\":\"a\",\"status\":599,\"headers\":{}}", O,
+              TUN_MSG_RESPONSE);
+    expect_err("{\"type\":\"response\",\"id\":\"a\",\"status\":600,\"headers\":{}}", O, B);
+    /* auth_ok features (Osaurus mode): base64 read, junk ignored */
+    expect_ok("{\"type\":\"auth_ok\",\"agents\":[],\"features\":[\"base64\"]}", O,
+              TUN_MSG_AUTH_OK);
+    assert_int_equal(ma->auth_ok.features, TUN_FEAT_BASE64);
+    expect_ok("{\"type\":\"auth_ok\",\"agents\":[],\"features\":7}", O, TUN_MSG_AUTH_OK);
+    assert_int_equal(ma->auth_ok.features, 0);
+    free(b.p);
+}
+
 static void test_encode_refusals(void **state)
 {
     struct tun_msg m;
@@ -1377,6 +1438,7 @@ int main(void)
         cmocka_unit_test(test_rt_response_frames),
         cmocka_unit_test(test_response_violations),
         cmocka_unit_test(test_response_limits),
+        cmocka_unit_test(test_osaurus_schema_edges),
         cmocka_unit_test(test_encode_refusals),
         cmocka_unit_test(test_signed_texts),
         cmocka_unit_test(test_nonce_instance),
