@@ -12,7 +12,7 @@ import time
 import pytest
 
 from local_api import LocalApi, det_bytes, text_body
-from osaurus_relay import OsaurusRelay
+from osaurus_relay import OsaurusRelay, RelayRequest
 from tunnel_env import TIME_SCALE, Agent, wait_for
 
 
@@ -350,3 +350,23 @@ def test_probe_and_plain_get_through_the_relay_front(one):
         seen = json.loads(resp.read())
     assert seen["path"] == "/echo?via=front"
     assert seen["headers"]["x-agent-address"] == [addr]
+
+
+def test_bad_request_frames_and_joined_headers(one):
+    ag, addr, t = one
+    # a request frame the schema refuses, with a readable id: 400 invalid_request
+    rid = "bad-method-1"
+    r = t.requests.setdefault(rid, RelayRequest(rid))
+    t.send({"type": "request", "id": rid, "method": "GE T", "path": "/echo", "headers": {},
+            "body": ""})
+    r.wait()
+    assert r.status == 400 and json.loads(r.body)["error"] == "invalid_request"
+    # an unreadable id: nothing to answer, logged; the tunnel goes on
+    t.send({"type": "request", "id": "x" * 65, "method": "GET", "path": "/", "headers": {},
+            "body": ""})
+    assert t.request(addr, path="/echo").wait().status == 200
+    assert "request_frame_invalid" in ag.proc.text()
+    # repeated response fields become one value, in order (a JSON object has one per name)
+    r = t.request(addr, path="/cookies").wait()
+    assert r.headers["set-cookie"] == "a=1; Path=/, b=2; Path=/"
+    assert bytes(r.body) == b"ok"
