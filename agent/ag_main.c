@@ -250,7 +250,13 @@ static const struct cmd cmds[] = {
      "--protocol are remembered in <home>/agents.json; a run without --gateway uses the "
      "last one. --domain signs for another domain than the gateway's host name (when "
      "dialling it by IP address or an alias); without it, a gateway that expects another "
-     "domain says which, and the agent's error shows both.",
+     "domain says which, and the agent's error shows both. --protocol osaurus speaks the "
+     "Osaurus relay protocol (e.g. --gateway wss://agent.osaurus.ai; see docs/OSAURUS.md). "
+     "The gateway is dialled through an HTTP CONNECT proxy when the environment names one: "
+     "https_proxy or HTTPS_PROXY for wss://, http_proxy or HTTP_PROXY for ws://, else "
+     "all_proxy or ALL_PROXY, as http://[USER[:PASSWORD]@]HOST[:PORT] (port 1080 by "
+     "default); no_proxy or NO_PROXY lists exempt hosts (names, domain suffixes, *). The "
+     "local API is always dialled directly.",
      0, 0, run_opts, cmd_run},
     {"http", "http PORT|URL [--name NAME] [--gateway URL] [--ca-file FILE] [--yes]",
      "publish a local port at once: create or reuse an agent, enable it, run",
