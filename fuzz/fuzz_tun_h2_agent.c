@@ -20,7 +20,13 @@
  * drained (ag_tun_drain) halfway.
  *
  * FZ_DUMP=file writes what the agent sent in the tunnel (its SETTINGS and
- * responses): seeds for fuzz_tun_h2_gw. */
+ * responses): seeds for fuzz_tun_h2_gw.
+ *
+ * Built with -DFZ_OSAURUS=1 it is fuzz_osr_agent: the agent in Osaurus mode
+ * (agent/ag_osr.c). The fake gateway speaks the relay's handshake (no
+ * subprotocol; auth_ok grants "base64" when bit 0 of the first byte is set)
+ * and the input, split at each newline, is the relay's text frames (request,
+ * cancel, ping, anything); bits 4-5 choose the local API as above. */
 #define _XOPEN_SOURCE 700 /* nftw, for the scratch home */
 #include <ctype.h>
 #include <fcntl.h>
@@ -54,6 +60,11 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+#ifndef FZ_OSAURUS
+#define FZ_OSAURUS 0
+#endif
+#define FZ_NAME (FZ_OSAURUS ? "fuzz_osr_agent" : "fuzz_tun_h2_agent")
+#define FZ_MODE (FZ_OSAURUS ? TUN_MODE_OSAURUS : TUN_MODE_NATIVE)
 #define FZ_NOW_MS 5000000000u
 #define FZ_NOW_UNIX 1700000000
 #define FZ_GW_HOST "gw.example.com"
@@ -90,6 +101,7 @@ static struct fz {
     struct ws_conn *ws;       /* the gateway's WebSocket (server role) */
     bool authed;
     bool closed;
+    bool base64; /* Osaurus: auth_ok grants base64 */
     struct evbuffer *bin;     /* what the agent sent in the tunnel (FZ_DUMP) */
     struct fz_lconn lc[FZ_MAX_LOCAL];
     int nlc;
@@ -122,7 +134,7 @@ static const struct clk fz_clk = {fz_mono, fz_unix, fz_rand, NULL};
 
 static void fz_die(const char *what)
 {
-    fprintf(stderr, "fuzz_tun_h2_agent: %s\n", what);
+    fprintf(stderr, "%s: %s\n", FZ_NAME, what);
     abort();
 }
 
@@ -282,12 +294,12 @@ static void fz_gw_on_text(void *arg, const char *data, size_t len)
     static struct tun_msg ok;
 
     fz.moved += len + 1;
-    if (tun_msg_decode(data, len, TUN_MODE_NATIVE, &m, NULL) != 0) {
+    if (tun_msg_decode(data, len, FZ_MODE, &m, NULL) != 0) {
         tun_msg_clear(&m);
         return;
     }
     if (m.type == TUN_MSG_AUTH && !fz.authed) {
-        tun_msg_init(&ok, TUN_MSG_AUTH_OK, TUN_MODE_NATIVE);
+        tun_msg_init(&ok, TUN_MSG_AUTH_OK, FZ_MODE);
         for (size_t i = 0; i < m.auth.n_agents && i < TUN_MAX_AGENTS; i++) {
             char lower[ID_ADDR_STR_LEN + 1];
             id_addr_to_str(m.auth.agents[i].addr, lower);
@@ -298,6 +310,7 @@ static void fz_gw_on_text(void *arg, const char *data, size_t len)
         }
         snprintf(ok.auth_ok.region, sizeof(ok.auth_ok.region), "fuzz");
         ok.auth_ok.ping_interval_s = 20;
+        ok.auth_ok.features = fz.base64 ? TUN_FEAT_BASE64 : 0;
         fz_gw_send(&ok);
         fz.authed = true;
     }
@@ -370,19 +383,20 @@ static void fz_gw_upgrade(void)
         fz_die("accept");
     rn = snprintf(resp, sizeof(resp),
                   "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n"
-                  "Sec-WebSocket-Protocol: " AG_TUN_SUBPROTOCOL "\r\n\r\n",
-                  accept);
+                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
+                  accept, FZ_OSAURUS ? "" : "Sec-WebSocket-Protocol: " AG_TUN_SUBPROTOCOL "\r\n");
     if (write(fz.gw_fd, resp, (size_t)rn) != rn)
         fz_die("write 101");
     bev = bufferevent_socket_new(fz.ctx->base, fz.gw_fd, BEV_OPT_CLOSE_ON_FREE);
     if (bev == NULL)
         fz_die("bufferevent");
     fz.gw_fd = -1;
-    fz.ws = ws_conn_new(fz.ctx->base, bev, false, TUN_CTL_MAX_BYTES, &fz_gw_cbs, NULL);
+    fz.ws = ws_conn_new(fz.ctx->base, bev, false,
+                        FZ_OSAURUS ? TUN_OSR_MAX_FRAME_BYTES : TUN_CTL_MAX_BYTES, &fz_gw_cbs,
+                        NULL);
     if (fz.ws == NULL)
         fz_die("ws_conn_new");
-    tun_msg_init(&m, TUN_MSG_CHALLENGE, TUN_MODE_NATIVE);
+    tun_msg_init(&m, TUN_MSG_CHALLENGE, FZ_MODE);
     memset(m.challenge.nonce, 'a', TUN_NONCE_HEX_LEN);
     m.challenge.expires_in_s = 30;
     fz_gw_send(&m);
@@ -484,7 +498,7 @@ static void fz_init(void)
     if (fz.ready)
         return;
     signal(SIGPIPE, SIG_IGN); /* as ag_daemon does */
-    snprintf(fz.home, sizeof(fz.home), "/tmp/fuzz_tun_h2_agent.XXXXXX");
+    snprintf(fz.home, sizeof(fz.home), "/tmp/%s.XXXXXX", FZ_NAME);
     if (mkdtemp(fz.home) == NULL)
         fz_die("mkdtemp");
     snprintf(key_path, sizeof(key_path), "%s.key", fz.home);
@@ -495,7 +509,7 @@ static void fz_init(void)
     fz.st = ag_store_open(fz.home, AG_STORE_WRITE, err, sizeof(err));
     if (fz.st == NULL || ag_store_new_agent(fz.st, "fz", "http://127.0.0.1:9/base", key_path, &a,
                                             err, sizeof(err)) != 0) {
-        fprintf(stderr, "fuzz_tun_h2_agent: store: %s\n", err);
+        fprintf(stderr, "%s: store: %s\n", FZ_NAME, err);
         abort();
     }
     unlink(key_path);
@@ -506,7 +520,7 @@ static void fz_init(void)
     snprintf(fz.opts.gateway_url, sizeof(fz.opts.gateway_url), "ws://" FZ_GW_HOST ":80");
     if (ag_store_gateway_parse(fz.opts.gateway_url, &fz.opts.gateway, err, sizeof(err)) != 0)
         fz_die(err);
-    fz.opts.protocol = AG_PROTO_NATIVE;
+    fz.opts.protocol = FZ_OSAURUS ? AG_PROTO_OSAURUS : AG_PROTO_NATIVE;
     fz.opts.log_level = LOG_LVL_ERROR;
     fz.opts.log_format = LOG_FMT_TEXT;
     fz.ready = true;
@@ -547,6 +561,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz.ws = NULL;
     fz.authed = false;
     fz.closed = false;
+    fz.base64 = (cfg & 1) != 0;
     fz.nlc = 0;
     fz.bin = getenv("FZ_DUMP") != NULL ? evbuffer_new() : NULL;
     fz.ctx = ag_ctx_new(fz.home, &fz.opts, &fz_clk);
@@ -560,6 +575,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz_pump();
     if (!fz.authed)
         fz_die("the agent did not authenticate");
+    if (FZ_OSAURUS) {
+        /* one text frame per line; invalid UTF-8 is refused by ws_send_text */
+        const uint8_t *p = data;
+        const uint8_t *end = data + size;
+        bool drained = false;
+        while (p < end) {
+            const uint8_t *nl = memchr(p, '\n', (size_t)(end - p));
+            size_t n = nl != NULL ? (size_t)(nl - p) : (size_t)(end - p);
+            if (fz.ws != NULL && !fz.closed)
+                ws_send_text(fz.ws, (const char *)p, n);
+            fz_pump();
+            p += n + (nl != NULL);
+            if (!drained && (size_t)(p - data) > half && (cfg & 0x80) && fz.ctx->tun != NULL) {
+                ag_tun_drain(fz.ctx->tun);
+                drained = true;
+            }
+        }
+        size = 0; /* the binary loop below has nothing to do */
+    }
     for (size_t off = 0; off < size; off += piece) {
         size_t n = size - off < piece ? size - off : piece;
         bool crossed = off <= half && off + n > half;

@@ -17,7 +17,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 build="$root/build-fuzz"
-all_targets="h1_head tun_h2_gw tun_h2_agent osr pp cfg hex_sig tun_msg ws insp_ws insp_load rds"
+all_targets="h1_head tun_h2_gw tun_h2_agent osr_agent osr pp cfg hex_sig tun_msg ws insp_ws insp_load rds"
 
 usage() {
     echo "usage: $0 SECONDS [TARGET...]   targets: $all_targets" >&2
