@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from connect_proxy import ConnectProxy
 from local_api import LocalApi, det_bytes, text_body
 from osaurus_relay import OsaurusRelay, RelayRequest
 from tunnel_env import TIME_SCALE, Agent, wait_for
@@ -34,29 +35,52 @@ def relay():
     r.stop()
 
 
-def start(build_dir, tmp_path, relay, api, names=("a1",), extra_new=(), run_extra=()):
+PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+              "ALL_PROXY", "no_proxy", "NO_PROXY")
+
+
+def start(build_dir, tmp_path, relay, api, names=("a1",), extra_new=(), run_extra=(),
+          proxy=None):
     ag = Agent(build_dir, tmp_path)
     addrs = {n: ag.new(n, api.url, extra=extra_new) for n in names}
-    ag.run(relay, "--protocol", "osaurus", *run_extra)
+    env = {k: "" for k in PROXY_VARS}
+    if proxy is not None:
+        env["http_proxy"] = proxy.url
+    ag.run(relay, "--protocol", "osaurus", *run_extra, env=env)
     ag.wait_connected(timeout=20)
     return ag, addrs
 
 
+@pytest.fixture(params=["direct", "proxy"])
+def via(request):
+    """Each relay test runs directly and through an HTTP CONNECT proxy."""
+    if request.param == "direct":
+        yield None
+        return
+    p = ConnectProxy()
+    yield p
+    assert p.tunnels >= 1  # the tunnel really went through it
+    p.stop()
+
+
 @pytest.fixture
-def one(build_dir, tmp_path, relay, api):
-    ag, addrs = start(build_dir, tmp_path, relay, api)
+def one(build_dir, tmp_path, relay, api, via):
+    ag, addrs = start(build_dir, tmp_path, relay, api, proxy=via)
     t = relay.wait_tunnels(1)
     yield ag, addrs["a1"], t
     ag.stop()
 
 
 def test_several_agents_authenticate_then_one_added_and_one_removed_live(
-        build_dir, tmp_path, relay, api):
+        build_dir, tmp_path, relay, api, via):
     ag = Agent(build_dir, tmp_path)
     a1 = ag.new("a1", api.url)
     a2 = ag.new("a2", api.url)
     a3 = ag.new("a3", api.url, enable=False)
-    ag.run(relay, "--protocol", "osaurus")
+    env = {k: "" for k in PROXY_VARS}
+    if via is not None:
+        env["http_proxy"] = via.url
+    ag.run(relay, "--protocol", "osaurus", env=env)
     try:
         st = ag.wait_connected(timeout=20)
         t = relay.wait_tunnels(1)
