@@ -135,6 +135,15 @@ class RelayTunnel:
             await self.ws.close(code, reason)
         self._call(go)
 
+    def pause_reading(self, paused=True):
+        """A slow relay: stops (or resumes) reading the socket."""
+        async def go():
+            if paused:
+                self.ws.transport.pause_reading()
+            else:
+                self.ws.transport.resume_reading()
+        self._call(go)
+
     def go_silent(self):
         """Stops reading the socket (so no pong either) and stops pinging."""
         async def go():

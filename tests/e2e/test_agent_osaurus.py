@@ -12,9 +12,9 @@ import time
 import pytest
 
 from connect_proxy import ConnectProxy
-from local_api import LocalApi, det_bytes, text_body
+from local_api import LocalApi, det_bytes, stream_digest, text_body
 from osaurus_relay import OsaurusRelay, RelayRequest
-from tunnel_env import TIME_SCALE, Agent, wait_for
+from tunnel_env import SANITIZED, TIME_SCALE, Agent, wait_for
 
 
 def agent_of(st, name):
@@ -394,3 +394,38 @@ def test_bad_request_frames_and_joined_headers(one):
     r = t.request(addr, path="/cookies").wait()
     assert r.headers["set-cookie"] == "a=1; Path=/, b=2; Path=/"
     assert bytes(r.body) == b"ok"
+
+
+def test_a_slow_relay_holds_the_local_api_not_the_agents_memory(build_dir, tmp_path, api):
+    """Backpressure: while the relay does not read, the agent stops reading the
+    local API instead of buffering the body; once it reads again, every byte
+    arrives."""
+    relay = OsaurusRelay(features=["base64"])
+    ag, addrs = start(build_dir, tmp_path, relay, api)
+    try:
+        t = relay.wait_tunnels(1)
+        addr = addrs["a1"]
+        n = 64 << 20
+        base = ag.proc.rss_kib()
+        t.pause_reading()
+        r = t.request(addr, path=f"/stream?n={n}")
+
+        def out():
+            return agent_of(ag.status(), "a1")["bytes_out"]
+        seen = []
+
+        def stalled():
+            seen.append(out())
+            return len(seen) >= 6 and seen[-1] == seen[-6] and seen[-1] > 0
+        wait_for(stalled, 30, "the agent's output to stall", interval=0.2)
+        grown_mib = (ag.proc.rss_kib() - base) / 1024
+        assert seen[-1] < n // 4, seen[-1]          # held back, not read to the end
+        if not SANITIZED:
+            assert grown_mib < 16, grown_mib
+        t.pause_reading(False)
+        r.wait(120 * TIME_SCALE)
+        assert r.status == 200 and len(r.body) == n
+        assert hashlib.sha256(r.body).hexdigest() == stream_digest(n)
+    finally:
+        ag.stop()
+        relay.stop()
