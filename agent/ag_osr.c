@@ -501,8 +501,7 @@ static void fwd_on_head(void *arg, int status, const nghttp2_nv *nv, size_t nnv,
         return;
     }
     if (no_body) {
-        r->mode = OSR_WHOLE;
-        r->local_done = true;
+        r->mode = OSR_WHOLE; /* empty; goes out at on_end, the connection pooled */
     } else if (ctype_streams(nv, nnv)) {
         r->lines = true;
         r->mode = OSR_STREAM;
@@ -776,6 +775,11 @@ static void on_request(struct ag_osr *o, const struct tun_msg_http *h)
         id_addr_to_str(raw, r->addr);
         a = ag_agt_find(o->ctx, r->addr);
     }
+    if (o->draining || o->ctx->stopping) {
+        /* the agents were removed; the relay may still have sent this one */
+        req_answer_herr(r, HERR_SHUTTING_DOWN);
+        return;
+    }
     if (a == NULL || !o->cb->serves(o->arg, r->addr) || !ag_agt_wanted(a)) {
         req_answer_herr(r, HERR_AGENT_OFFLINE);
         return;
@@ -795,10 +799,6 @@ static void on_request(struct ag_osr *o, const struct tun_msg_http *h)
     }
     a->requests++;
     a->bytes_in += h->body.len;
-    if (o->draining || o->ctx->stopping) {
-        req_answer_herr(r, HERR_SHUTTING_DOWN);
-        return;
-    }
     if (a->inflight >= a->cfg.max_inflight) {
         req_answer_herr(r, HERR_HOST_BUSY);
         return;
