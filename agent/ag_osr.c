@@ -91,56 +91,6 @@ static void osr_kick(struct ag_osr *o) { event_active(o->kick_ev, 0, 0); }
 
 size_t ag_osr_requests(const struct ag_osr *o) { return o->nreqs; }
 
-/* ---- UTF-8 -------------------------------------------------------------------- */
-
-/* Checks p[0..n) as UTF-8 (RFC 3629: no overlong forms, surrogates or code
- * points past U+10FFFF). Returns 0 if it all is, 1 if it is up to an incomplete
- * sequence at the very end (*ok_len: the bytes before it), -1 if not UTF-8. */
-static int utf8_check(const uint8_t *p, size_t n, size_t *ok_len)
-{
-    size_t i = 0;
-
-    while (i < n) {
-        uint8_t c = p[i];
-        size_t need;
-        uint8_t lo = 0x80, hi = 0xbf;
-
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        if (c >= 0xc2 && c <= 0xdf)
-            need = 1;
-        else if (c >= 0xe0 && c <= 0xef) {
-            need = 2;
-            if (c == 0xe0)
-                lo = 0xa0;
-            else if (c == 0xed)
-                hi = 0x9f;
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            need = 3;
-            if (c == 0xf0)
-                lo = 0x90;
-            else if (c == 0xf4)
-                hi = 0x8f;
-        } else {
-            return -1;
-        }
-        for (size_t k = 1; k <= need; k++) {
-            if (i + k >= n) {
-                *ok_len = i;
-                return 1;
-            }
-            uint8_t b = p[i + k];
-            if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xbf))
-                return -1;
-        }
-        i += need + 1;
-    }
-    *ok_len = n;
-    return 0;
-}
-
 /* ---- frames ------------------------------------------------------------------- */
 
 static int send_frame(struct ag_osr *o, const struct tun_msg *m)
@@ -262,7 +212,7 @@ static size_t chunk_take(const struct osr_req *r, const uint8_t *p, size_t n, si
     *bad = false;
     if (r->base64)
         return n;
-    rv = utf8_check(p, n, &ok);
+    rv = util_utf8_check(p, n, &ok);
     if (rv < 0 || (rv > 0 && n == avail && r->local_done)) {
         *bad = true;
         return 0;
@@ -344,7 +294,7 @@ static bool req_pump_whole(struct osr_req *r)
         req_answer_herr(r, HERR_INTERNAL);
         return false;
     }
-    rv = utf8_check(p, n, &ok);
+    rv = util_utf8_check(p, n, &ok);
     if (rv < 0 || (rv > 0 && r->local_done)) {
         if (!r->o->base64_ok) {
             req_binary(r); /* 502: nothing went out yet */

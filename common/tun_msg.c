@@ -323,42 +323,6 @@ static bool url_ok(const char *s, size_t len)
 /* ------------------------------------------------------------------------------------ */
 /* UTF-8                                                                                */
 
-/* Length of the well-formed UTF-8 sequence at p (1..4), or, if it is ill-formed, minus
- * the length of its maximal subpart (Unicode 15 section 3.9, as the WHATWG decoder
- * replaces each with one U+FFFD). n >= 1. */
-static int utf8_seq(const unsigned char *p, size_t n)
-{
-    unsigned char c = p[0];
-    unsigned char lo = 0x80, hi = 0xbf;
-    int need;
-
-    if (c < 0x80)
-        return 1;
-    if (c >= 0xc2 && c <= 0xdf) {
-        need = 2;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        need = 3;
-        if (c == 0xe0)
-            lo = 0xa0;
-        else if (c == 0xed)
-            hi = 0x9f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        need = 4;
-        if (c == 0xf0)
-            lo = 0x90;
-        else if (c == 0xf4)
-            hi = 0x8f;
-    } else {
-        return -1;
-    }
-    for (int i = 1; i < need; i++) {
-        if ((size_t)i >= n || p[i] < lo || p[i] > hi)
-            return -i;
-        lo = 0x80;
-        hi = 0xbf;
-    }
-    return need;
-}
 
 /* UTF-16 code units of a valid UTF-8 string (NUL_MARK counts as one unit). */
 static size_t utf16_units(const char *s, size_t len)
@@ -450,7 +414,7 @@ static int prescan(const unsigned char *p, size_t len, bool *nul_esc)
     while (i < len) {
         unsigned char c = p[i];
         if (c >= 0x80) {
-            int n = utf8_seq(p + i, len - i);
+            int n = util_utf8_seq(p + i, len - i);
             if (n < 0)
                 return -1;
             i += (size_t)n;
@@ -1368,7 +1332,7 @@ static void jw_str(struct jw *w, const char *s, size_t n)
         int k = 1;
 
         if (c >= 0x80) {
-            k = utf8_seq(p + i, n - i);
+            k = util_utf8_seq(p + i, n - i);
             if (k > 0) {
                 i += (size_t)k;
                 continue;

@@ -213,3 +213,75 @@ bool util_list_next(struct iov *list, struct iov *item)
     list->len -= i;
     return true;
 }
+
+int util_utf8_seq(const unsigned char *p, size_t n)
+{
+    unsigned char c = p[0];
+    unsigned char lo = 0x80, hi = 0xbf;
+    int need;
+
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xc2 && c <= 0xdf) {
+        need = 2;
+    } else if (c >= 0xe0 && c <= 0xef) {
+        need = 3;
+        if (c == 0xe0)
+            lo = 0xa0;
+        else if (c == 0xed)
+            hi = 0x9f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        need = 4;
+        if (c == 0xf0)
+            lo = 0x90;
+        else if (c == 0xf4)
+            hi = 0x8f;
+    } else {
+        return -1;
+    }
+    for (int i = 1; i < need; i++) {
+        if ((size_t)i >= n || p[i] < lo || p[i] > hi)
+            return -i;
+        lo = 0x80;
+        hi = 0xbf;
+    }
+    return need;
+}
+
+int util_utf8_check(const uint8_t *p, size_t n, size_t *ok_len)
+{
+    size_t i = 0;
+
+    while (i < n) {
+        uint64_t v;
+        int k;
+        if (n - i >= 8) {
+            memcpy(&v, p + i, 8);
+            if ((v & 0x8080808080808080ull) == 0) {
+                i += 8;
+                continue;
+            }
+        }
+        if (p[i] < 0x80) {
+            i++;
+            continue;
+        }
+        k = util_utf8_seq(p + i, n - i);
+        if (k > 0) {
+            i += (size_t)k;
+            continue;
+        }
+        /* cut by the end of the buffer: a lead byte whose followers so far fit */
+        if ((size_t)-k == n - i && p[i] >= 0xc2 && p[i] <= 0xf4) {
+            if (ok_len != NULL)
+                *ok_len = i;
+            return 1;
+        }
+        return -1;
+    }
+    if (ok_len != NULL)
+        *ok_len = n;
+    return 0;
+}
+
+bool util_utf8_valid(const uint8_t *p, size_t n) { return util_utf8_check(p, n, NULL) == 0; }

@@ -61,6 +61,17 @@ bool util_iov_ieq_str(struct iov a, const char *s);
  * elements are returned too (item->len 0). False once list is used up. */
 bool util_list_next(struct iov *list, struct iov *item);
 
+/* UTF-8 as RFC 3629 has it (no overlong forms, surrogates or code points past
+ * U+10FFFF). util_utf8_seq: the length of the well-formed sequence at p
+ * (1..4), or, if it is ill-formed, minus the length of its maximal subpart
+ * (Unicode 15 section 3.9, as the WHATWG decoder replaces each with one
+ * U+FFFD); n >= 1. util_utf8_check: 0 if all of p[0..n) is UTF-8, 1 if it is
+ * up to an incomplete sequence at the very end (*ok_len: the bytes before it;
+ * ok_len may be NULL), -1 if not. util_utf8_valid: the whole of it is. */
+int util_utf8_seq(const unsigned char *p, size_t n);
+int util_utf8_check(const uint8_t *p, size_t n, size_t *ok_len);
+bool util_utf8_valid(const uint8_t *p, size_t n);
+
 /* snprintf that returns -1 on error or truncation, else the length. */
 int util_snprintf(char *buf, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

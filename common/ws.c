@@ -107,56 +107,6 @@ struct ws_conn {
 
 /* ---- small helpers ---- */
 
-static bool ws_utf8_valid(const uint8_t *s, size_t len)
-{
-    size_t i = 0;
-
-    while (i < len) {
-        uint64_t v;
-        if (len - i >= 8) {
-            memcpy(&v, s + i, 8);
-            if ((v & 0x8080808080808080ull) == 0) {
-                i += 8;
-                continue;
-            }
-        }
-        uint8_t c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t n;
-        uint32_t cp, min;
-        if ((c & 0xe0) == 0xc0) {
-            n = 1;
-            cp = c & 0x1fu;
-            min = 0x80;
-        } else if ((c & 0xf0) == 0xe0) {
-            n = 2;
-            cp = c & 0x0fu;
-            min = 0x800;
-        } else if ((c & 0xf8) == 0xf0) {
-            n = 3;
-            cp = c & 0x07u;
-            min = 0x10000;
-        } else {
-            return false;
-        }
-        if (len - i - 1 < n)
-            return false;
-        for (size_t k = 1; k <= n; k++) {
-            uint8_t d = s[i + k];
-            if ((d & 0xc0) != 0x80)
-                return false;
-            cp = cp << 6 | (d & 0x3fu);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return false;
-        i += n + 1;
-    }
-    return true;
-}
-
 /* XORs len bytes with key, the payload starting at offset off of the frame
  * (RFC 6455 section 5.3). Eight bytes at a time; 8 is a multiple of 4, so
  * one 64-bit pattern serves every step. */
@@ -217,7 +167,7 @@ static size_t ws_copy_reason(char dst[WS_MAX_REASON + 1], const char *src, size_
         while (len > 0 && ((uint8_t)src[len] & 0xc0) == 0x80)
             len--;
     }
-    if (len > 0 && !ws_utf8_valid((const uint8_t *)src, len))
+    if (len > 0 && !util_utf8_valid((const uint8_t *)src, len))
         len = 0;
     if (len > 0)
         memcpy(dst, src, len);
@@ -1023,7 +973,7 @@ static int ws_send(struct ws_conn *ws, uint8_t opcode, const uint8_t *data, stru
 
 int ws_send_text(struct ws_conn *ws, const char *data, size_t len)
 {
-    if (!ws_utf8_valid((const uint8_t *)data, len))
+    if (!util_utf8_valid((const uint8_t *)data, len))
         return -1;
     return ws_send(ws, WSLAY_TEXT_FRAME, (const uint8_t *)data, NULL, len);
 }
