@@ -1,11 +1,12 @@
 /* An nghttp2_mem that keeps idle HTTP/2 sessions small and counts their
  * bytes. nghttp2 1.52 gives every session a 16 KiB outbound frame buffer
- * (aob.framebufs) from the moment it is created; a tunnel or keep-alive
- * connection that is idle writes only its first bytes (SETTINGS, PING and
- * WINDOW_UPDATE frames, and DATA goes through the send_data callback), so
- * blocks of H2MEM_MAP_MIN bytes or more get an anonymous mapping of their
- * own, whose pages cost memory only once written. One per event loop; no
- * state outside the struct. */
+ * (aob.framebufs) and a 4 KiB zeroed stream table from the moment it is
+ * created; a tunnel or keep-alive connection that is idle writes only the
+ * first bytes of the one (SETTINGS, PING and WINDOW_UPDATE frames; DATA goes
+ * through the send_data callback) and nothing of the other. So blocks of
+ * H2MEM_MAP_MIN bytes or more get an anonymous mapping of their own, with
+ * nothing of ours written in it: its pages cost memory only once nghttp2
+ * writes them. One per event loop; no state outside the struct. */
 #ifndef H2MEM_H
 #define H2MEM_H
 
@@ -15,8 +16,10 @@
 #include <nghttp2/nghttp2.h>
 
 /* Requests of at least this many bytes are mapped (the frame buffer is
- * 16,394 bytes); smaller ones come from malloc. */
-#define H2MEM_MAP_MIN (8u * 1024)
+ * 16,394 bytes, the stream table 4,096); smaller ones come from malloc. */
+#define H2MEM_MAP_MIN 4096u
+
+struct h2mem_map;
 
 struct h2mem {
     nghttp2_mem mem;          /* for nghttp2_session_*_new3(); mem_user_data = this */
@@ -24,10 +27,23 @@ struct h2mem {
     uint64_t mapped_bytes;    /* of those, in mappings of their own */
     uint64_t mapped_blocks;   /* mappings live */
     uint64_t discarded_pages; /* pages given back by h2mem_discard */
+    size_t page;              /* the page size, bytes */
+    struct h2mem_map *maps;   /* owned: address -> length of every mapping (h2mem.c) */
+    size_t maps_cap;          /* slots in maps, a power of two, at most half used */
 };
 
 /* Sets up m (counters zero, mem pointing at this file's functions). */
 void h2mem_init(struct h2mem *m);
+
+/* Frees m's own table, once every session using it is gone. */
+void h2mem_cleanup(struct h2mem *m);
+
+/* Pages of all live mappings that are in memory and ours alone
+ * (/proc/self/pagemap: present and exclusively mapped, so a page nghttp2
+ * only read, which maps the kernel's shared zero page, does not count):
+ * what the sessions' large blocks really cost. For tests and diagnostics:
+ * one system call per mapping. */
+size_t h2mem_resident_pages(const struct h2mem *m);
 
 /* The allocator to pass nghttp2 (valid as long as m). */
 nghttp2_mem *h2mem_get(struct h2mem *m);

@@ -491,5 +491,6 @@ void gw_ctx_free(struct gw_ctx *ctx)
     log_free(ctx->log);
     gw_cfg_cleanup(ctx->cfg_own);
     free(ctx->cfg_own);
+    h2mem_cleanup(&ctx->h2mem); /* every session went with its connection */
     free(ctx);
 }

@@ -38,6 +38,7 @@
 #include "gw_tun.h"
 #include "gw_tun_h2.h"
 #include "gw_up.h"
+#include "h2mem.h"
 #include "id.h"
 #include "tun_msg.h"
 #include "ws.h"
@@ -339,6 +340,7 @@ static int group_setup(void **state)
     g.ctx.clk = &g.clk;
     /* nghttp2 allocates outside the wrappers, as it did through its own
      * malloc before the sessions took h2mem: the walks count our blocks */
+    h2mem_init(&g.ctx.h2mem);
     g.ctx.h2mem.mem = (nghttp2_mem){NULL, h2_real_malloc, h2_real_free, h2_real_calloc,
                                     h2_real_realloc};
     g.c2s = evbuffer_new();

@@ -1,7 +1,8 @@
 /* Unit tests for common/h2mem: the counts, which blocks get a mapping of
  * their own and how much of it is resident (mincore), the pages given back
- * after a send, and two nghttp2 sessions on it carrying large header blocks
- * intact, twice, with every byte returned at the end. */
+ * after a send, the table of mappings through growth and deletion, and two
+ * nghttp2 sessions on it: one resident page each while idle, large header
+ * blocks carried intact twice, every byte returned at the end. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -57,14 +58,22 @@ static void test_counts_and_kinds(void **state)
     assert_int_equal(m.mapped_bytes, 16394);
     for (int i = 0; i < 100; i++)
         assert_int_equal(big[i], 0xab);
-    /* only the first page (header and what was copied) is resident */
+    /* a mapping starts at its first byte: only the page copied into is in */
+    assert_int_equal((uintptr_t)big % (uintptr_t)sysconf(_SC_PAGESIZE), 0);
     assert_int_equal(resident_pages(big, 16394), 1);
+    assert_int_equal(h2mem_resident_pages(&m), 1);
     /* big to small: back on the heap */
     small = mem->realloc(big, 50, mem->mem_user_data);
     assert_non_null(small);
     assert_int_equal(m.live_bytes, 50);
     assert_int_equal(m.mapped_blocks, 0);
     assert_int_equal(small[49], 0xab);
+    /* a zeroed mapping nobody wrote costs no page */
+    z = mem->calloc(1, 4096, mem->mem_user_data);
+    assert_non_null(z);
+    assert_int_equal(m.mapped_blocks, 1);
+    assert_int_equal(h2mem_resident_pages(&m), 0);
+    mem->free(z, mem->mem_user_data);
     z = mem->calloc(3, 8192, mem->mem_user_data);
     assert_non_null(z);
     assert_int_equal(m.mapped_blocks, 1);
@@ -77,6 +86,45 @@ static void test_counts_and_kinds(void **state)
     assert_int_equal(m.live_bytes, 0);
     assert_int_equal(m.mapped_bytes, 0);
     assert_int_equal(m.mapped_blocks, 0);
+    h2mem_cleanup(&m);
+}
+
+/* Many mappings and heap blocks freed in a scrambled order: the table grows,
+ * deletes without losing the entries after a removed one, and no heap block
+ * is ever page-aligned (that is what tells the kinds apart). */
+static void test_many(void **state)
+{
+    enum { N = 600 };
+    static void *big[N];
+    static void *small[N];
+    struct h2mem m;
+    nghttp2_mem *mem;
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+
+    (void)state;
+    h2mem_init(&m);
+    mem = h2mem_get(&m);
+    for (size_t i = 0; i < N; i++) {
+        big[i] = mem->malloc(4096 + i, mem->mem_user_data);
+        small[i] = mem->malloc(1 + i % 300, mem->mem_user_data);
+        assert_non_null(big[i]);
+        assert_non_null(small[i]);
+        assert_int_not_equal((uintptr_t)small[i] % pg, 0);
+        ((char *)big[i])[4095 + i] = 7;
+    }
+    assert_int_equal(m.mapped_blocks, N);
+    for (size_t k = 0; k < N; k++) {
+        size_t i = (k * 337) % N; /* 337 is prime to N: every i once */
+        /* a realloc first: the block must be found by its address */
+        big[i] = mem->realloc(big[i], 5000 + i, mem->mem_user_data);
+        assert_non_null(big[i]);
+        assert_int_equal(((char *)big[i])[4095 + i], 7);
+        mem->free(big[i], mem->mem_user_data);
+        mem->free(small[i], mem->mem_user_data);
+    }
+    assert_int_equal(m.mapped_blocks, 0);
+    assert_int_equal(m.live_bytes, 0);
+    h2mem_cleanup(&m);
 }
 
 static void test_discard(void **state)
@@ -108,6 +156,7 @@ static void test_discard(void **state)
     assert_int_equal(b[2 * pg], 1);
     mem->free(b, mem->mem_user_data);
     assert_int_equal(m.live_bytes, 0);
+    h2mem_cleanup(&m);
 }
 
 /* ---- two sessions on one h2mem, bytes through a buffer ---- */
@@ -203,6 +252,9 @@ static void test_sessions(void **state)
     pump(cl, &cp, sv);
     pump(sv, &sp, cl);
     pump(cl, &cp, sv);
+    /* idle after the SETTINGS exchange: each session's frame buffer has one
+     * page in memory, its stream table none */
+    assert_int_equal(h2mem_resident_pages(&m), 2);
     for (int round = 1; round <= 2; round++) {
         uint64_t before = m.discarded_pages;
         assert_true(nghttp2_submit_request(cl, NULL, nv, sizeof(nv) / sizeof(nv[0]), NULL,
@@ -220,6 +272,7 @@ static void test_sessions(void **state)
     nghttp2_session_del(sv);
     assert_int_equal(m.live_bytes, 0);
     assert_int_equal(m.mapped_blocks, 0);
+    h2mem_cleanup(&m);
 }
 
 int main(void)
@@ -227,6 +280,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_counts_and_kinds),
         cmocka_unit_test(test_discard),
+        cmocka_unit_test(test_many),
         cmocka_unit_test(test_sessions),
     };
 
