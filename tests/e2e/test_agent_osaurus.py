@@ -47,7 +47,11 @@ def start(build_dir, tmp_path, relay, api, names=("a1",), extra_new=(), run_extr
     if proxy is not None:
         env["http_proxy"] = proxy.url
     ag.run(relay, "--protocol", "osaurus", *run_extra, env=env)
-    ag.wait_connected(timeout=20)
+    try:
+        ag.wait_connected(timeout=20)
+    except Exception:
+        ag.stop()  # a failed setup must not leave the daemon running
+        raise
     return ag, addrs
 
 

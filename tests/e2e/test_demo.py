@@ -87,7 +87,16 @@ def test_demo_prints_curl_commands_that_work_as_printed(tmp_path):
 
         # Ctrl-C: the terminal signals the whole foreground process group
         os.killpg(p.pid, signal.SIGINT)
-        assert p.wait(timeout=30) != 0
+        try:
+            assert p.wait(timeout=30) != 0
+        except subprocess.TimeoutExpired:
+            # which process held on, and what it was doing (for a rare CI stall)
+            logs = {f.name: f.read_text(errors="replace")[-3000:]
+                    for f in (tmp_path / "demo").glob("*.log")}
+            ps = subprocess.run(["ps", "-o", "pid,stat,etime,args", "-g", str(p.pid)],
+                                capture_output=True, text=True).stdout
+            raise AssertionError(f"the demo did not stop within 30 s of Ctrl-C\n{ps}\n" +
+                                 "\n".join(f"--- {k}\n{v}" for k, v in logs.items()))
         wait_for(lambda: not group_alive(p.pid), 30, "every demo process to exit")
     finally:
         if group_alive(p.pid):
