@@ -18,6 +18,14 @@ BUILD_TIMEOUT_S = 600  # the demo builds build-release first; from scratch that 
 READY_LINE = "Ctrl-C stops everything."
 
 
+def default_sigint():
+    """A terminal's shell starts the demo with SIGINT at its default; a test run
+    launched in the background of a non-interactive shell inherits it ignored,
+    and a shell cannot trap a signal ignored on entry (POSIX), so Ctrl-C would
+    do nothing. Start the demo as the terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def demo_env(tmp_path, **extra):
     env = {"DEMO_PORT": "0", "DEMO_API_PORT": "0", "DEMO_DIR": str(tmp_path / "demo"),
            "PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(tmp_path)}
@@ -56,7 +64,8 @@ def test_demo_prints_curl_commands_that_work_as_printed(tmp_path):
     with open(out_path, "wb") as out:
         p = subprocess.Popen(["sh", str(REPO / "scripts/demo.sh")], stdout=out,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=demo_env(tmp_path), start_new_session=True)
+                             env=demo_env(tmp_path), start_new_session=True,
+                             preexec_fn=default_sigint)
     try:
         def ready():
             if p.poll() is not None:
