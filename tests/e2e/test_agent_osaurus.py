@@ -439,17 +439,20 @@ def test_sigterm_removes_the_agents_and_finishes_in_flight(build_dir, tmp_path, 
     import signal
     ag, addrs = start(build_dir, tmp_path, relay, api)
     addr = addrs["a1"]
-    t = relay.wait_tunnels(1)
-    slow = t.request(addr, path="/sse?n=4&interval_ms=300")
-    wait_for(lambda: any(p.startswith("/sse") for p in api.state.paths), 10,
-             "slow request at the local API")
-    ag.proc.p.send_signal(signal.SIGTERM)
-    t.wait_for(lambda: any(m["type"] == "remove_agent" for _, m in t.texts), 10 * TIME_SCALE,
-               "remove_agent")
-    late = t.request(addr, path="/echo").wait()
-    # the shutting-down answer (its code is the relay's for a drain)
-    assert late.status == 503 and json.loads(late.body)["error"] == "relay_restarting"
-    slow.wait(20 * TIME_SCALE)
-    assert slow.status == 200 and slow.body.count(b"id: ") == 4
-    assert ag.proc.p.wait(20 * TIME_SCALE) == 0
-    assert t.closed.wait(5) and t.close_code == 1000
+    try:
+        t = relay.wait_tunnels(1)
+        slow = t.request(addr, path="/sse?n=4&interval_ms=300")
+        wait_for(lambda: any(p.startswith("/sse") for p in api.state.paths), 10,
+                 "slow request at the local API")
+        ag.proc.p.send_signal(signal.SIGTERM)
+        t.wait_for(lambda: any(m["type"] == "remove_agent" for _, m in t.texts), 10 * TIME_SCALE,
+                   "remove_agent")
+        late = t.request(addr, path="/echo").wait()
+        # the shutting-down answer (its code is the relay's for a drain)
+        assert late.status == 503 and json.loads(late.body)["error"] == "relay_restarting"
+        slow.wait(20 * TIME_SCALE)
+        assert slow.status == 200 and slow.body.count(b"id: ") == 4
+        assert ag.proc.p.wait(20 * TIME_SCALE) == 0
+        assert t.closed.wait(5) and t.close_code == 1000
+    finally:
+        ag.stop()
