@@ -174,29 +174,23 @@ static void daemon_schedule_reconnect(struct ag_ctx *ctx, uint64_t delay_ms)
     evtimer_add(ctx->reconnect_ev, &tv);
 }
 
-/* The next backoff delay with +-20 % jitter; doubles the base. */
-static uint64_t backoff_next(struct ag_ctx *ctx)
+/* base with +-20 % jitter: base * [0.8, 1.2). */
+static uint64_t jittered(struct ag_ctx *ctx, uint64_t base)
 {
     uint32_t r = 0;
-    uint64_t base = ctx->backoff_ms;
-    uint64_t d;
 
     if (clk_rand(ctx->clk, (uint8_t *)&r, sizeof(r)) != 0)
         r = (uint32_t)clk_mono_ms(ctx->clk);
-    /* base * [0.8, 1.2) */
-    d = base * 8 / 10 + (base * 4 / 10) * (r % 1000u) / 1000u;
-    ctx->backoff_ms = base * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : base * 2;
-    return d;
+    return base * 8 / 10 + (base * 4 / 10) * (r % 1000u) / 1000u;
 }
 
-/* BACKOFF_MIN_MS with +-20 % jitter. */
-static uint64_t restart_delay(struct ag_ctx *ctx)
+/* The next backoff delay, jittered; doubles the base. */
+static uint64_t backoff_next(struct ag_ctx *ctx)
 {
-    uint32_t r = 0;
+    uint64_t base = ctx->backoff_ms;
 
-    if (clk_rand(ctx->clk, (uint8_t *)&r, sizeof(r)) != 0)
-        r = (uint32_t)clk_mono_ms(ctx->clk);
-    return BACKOFF_MIN_MS * 8 / 10 + (BACKOFF_MIN_MS * 4 / 10) * (r % 1000u) / 1000u;
+    ctx->backoff_ms = base * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : base * 2;
+    return jittered(ctx, base);
 }
 
 static void daemon_on_tun_up(void *arg, struct ag_tun *t)
@@ -328,7 +322,7 @@ static void daemon_on_tun_down(void *arg, struct ag_tun *t, const char *reason,
         if (!ctx->stopping && ag_agt_any_wanted(ctx)) {
             /* a gateway that restarts is back at once (elsewhere): about 1 s,
              * jittered, and the backoff stays where it was */
-            uint64_t d = ag_tun_restarting(t) ? restart_delay(ctx) : backoff_next(ctx);
+            uint64_t d = ag_tun_restarting(t) ? jittered(ctx, BACKOFF_MIN_MS) : backoff_next(ctx);
             LOG_INFO(ctx->log, "reconnect_in_ms", LOG_U("ms", d));
             daemon_schedule_reconnect(ctx, d);
         }

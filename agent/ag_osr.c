@@ -61,6 +61,7 @@ struct osr_req {
     bool no_body;       /* HEAD, 204, 304 */
     bool paused;        /* ag_fwd_pause_read(true) in effect */
     bool base64;        /* this body goes out base64 (not UTF-8, gateway takes it) */
+    enum herr fail;     /* why the local side failed, HERR_NONE while it has not */
     int status;
     struct tun_msg_hdr *hdrs; /* response headers, one block with their bytes */
     size_t nhdrs;
@@ -444,7 +445,7 @@ static void fwd_on_head(void *arg, int status, const nghttp2_nv *nv, size_t nnv,
                      LOG_S("why", "more than 128 header names or a value over 16 KiB, which "
                                   "the relay refuses"));
         /* answered from the kick event: the fwd is on the stack */
-        (void)util_snprintf(r->err, sizeof(r->err), rv > 0 ? "bad_host_response" : "oom");
+        r->fail = rv > 0 ? HERR_BAD_HOST_RESPONSE : HERR_INTERNAL;
         r->mode = OSR_WAIT;
         r->local_done = true;
         osr_kick(r->o);
@@ -469,7 +470,15 @@ static void fwd_on_body(void *arg, const uint8_t *data, size_t len)
     if (r->local_done)
         return;
     if (evbuffer_add(r->buf, data, len) != 0) {
-        (void)util_snprintf(r->err, sizeof(r->err), "oom");
+        /* never a body with a hole: a held one becomes a 500, a stream ends here */
+        LOG_ERROR(r->o->ctx->log, "out_of_memory", LOG_U("tun", r->o->tun_id),
+                  LOG_U("req", r->log_id));
+        (void)util_snprintf(r->err, sizeof(r->err), "out_of_memory");
+        r->fail = HERR_INTERNAL;
+        if (r->mode == OSR_WHOLE)
+            r->mode = OSR_WAIT;
+        r->local_done = true;
+        osr_kick(r->o);
         return;
     }
     if (!r->paused && evbuffer_get_length(r->buf) > OSR_PAUSE_HIGH) {
@@ -502,8 +511,7 @@ static void fwd_on_error(void *arg, enum ag_fwd_err err, const char *detail)
         if (err != AG_FWD_E_TIMEOUT)
             LOG_WARN(r->o->ctx->log, "local_unreachable", LOG_S("addr", r->addr),
                      LOG_S("detail", detail));
-        (void)util_snprintf(r->err, sizeof(r->err), "%s",
-                            err == AG_FWD_E_TIMEOUT ? "gateway_timeout" : "local_unreachable");
+        r->fail = err == AG_FWD_E_TIMEOUT ? HERR_GATEWAY_TIMEOUT : HERR_LOCAL_UNREACHABLE;
         r->local_done = true;
         osr_kick(r->o);
         return;
@@ -513,6 +521,7 @@ static void fwd_on_error(void *arg, enum ag_fwd_err err, const char *detail)
     LOG_WARN(r->o->ctx->log, "local_aborted", LOG_U("tun", r->o->tun_id), LOG_U("req", r->log_id),
              LOG_S("addr", r->addr), LOG_S("detail", detail));
     (void)util_snprintf(r->err, sizeof(r->err), "local_aborted");
+    r->fail = HERR_LOCAL_UNREACHABLE;
     if (r->mode == OSR_WHOLE) {
         /* a whole body that is not whole: 502 rather than a short one */
         r->mode = OSR_WAIT;
@@ -541,14 +550,7 @@ static void req_pump_failed(struct osr_req *r)
 {
     if (r->mode != OSR_WAIT || !r->local_done)
         return;
-    if (strcmp(r->err, "gateway_timeout") == 0)
-        req_answer_herr(r, HERR_GATEWAY_TIMEOUT);
-    else if (strcmp(r->err, "local_unreachable") == 0 || strcmp(r->err, "local_aborted") == 0)
-        req_answer_herr(r, HERR_LOCAL_UNREACHABLE);
-    else if (strcmp(r->err, "oom") == 0)
-        req_answer_herr(r, HERR_INTERNAL);
-    else
-        req_answer_herr(r, HERR_BAD_HOST_RESPONSE);
+    req_answer_herr(r, r->fail != HERR_NONE ? r->fail : HERR_BAD_HOST_RESPONSE);
 }
 
 /* ---- requests ------------------------------------------------------------------- */

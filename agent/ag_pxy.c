@@ -319,6 +319,27 @@ static void pd_judge(struct ag_pxy_dial *d, size_t head_len)
     pd_finish(d, d->fd, NULL);
 }
 
+static void pd_on_io(evutil_socket_t fd, short what, void *arg);
+
+/* Waits for what (EV_WRITE, then EV_READ) on the proxy socket until the
+ * dial's deadline. Returns 0, or -1 after failing the dial. */
+static int pd_wait(struct ag_pxy_dial *d, short what)
+{
+    uint64_t now = util_mono_ms();
+    uint64_t left = d->deadline_ms > now ? d->deadline_ms - now : 1;
+    struct timeval tv = {(time_t)(left / 1000), (suseconds_t)((left % 1000) * 1000)};
+
+    if (d->io_ev != NULL)
+        event_free(d->io_ev);
+    d->io_ev = event_new(d->base, d->fd, what | EV_PERSIST, pd_on_io, d);
+    if (d->io_ev == NULL) {
+        pd_fail(d, "out of memory", NULL);
+        return -1;
+    }
+    event_add(d->io_ev, &tv);
+    return 0;
+}
+
 static void pd_on_io(evutil_socket_t fd, short what, void *arg)
 {
     struct ag_pxy_dial *d = arg;
@@ -338,27 +359,16 @@ static void pd_on_io(evutil_socket_t fd, short what, void *arg)
             return;
         }
         d->req_off += (size_t)n;
-        if (d->req_off == d->req_len) {
-            struct timeval tv;
-            uint64_t now = util_mono_ms();
-            uint64_t left = d->deadline_ms > now ? d->deadline_ms - now : 1;
-            event_free(d->io_ev);
-            d->io_ev = event_new(d->base, fd, EV_READ | EV_PERSIST, pd_on_io, d);
-            if (d->io_ev == NULL) {
-                pd_fail(d, "out of memory", NULL);
-                return;
-            }
-            tv.tv_sec = (time_t)(left / 1000);
-            tv.tv_usec = (suseconds_t)((left % 1000) * 1000);
-            event_add(d->io_ev, &tv);
-        }
+        if (d->req_off == d->req_len)
+            (void)pd_wait(d, EV_READ);
         return;
     }
     n = recv(fd, d->ans + d->ans_len, PXY_ANSWER_MAX - d->ans_len, 0);
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
         return;
     if (n <= 0) {
-        pd_fail(d, n == 0 ? "it closed the connection during CONNECT" : "recv", n == 0 ? NULL : strerror(errno));
+        pd_fail(d, n == 0 ? "it closed the connection during CONNECT" : "recv",
+                n == 0 ? NULL : strerror(errno));
         return;
     }
     d->ans_len += (size_t)n;
@@ -375,9 +385,6 @@ static void pd_on_io(evutil_socket_t fd, short what, void *arg)
 static void pd_on_dialled(void *arg, evutil_socket_t fd, const char *err)
 {
     struct ag_pxy_dial *d = arg;
-    struct timeval tv;
-    uint64_t now = util_mono_ms();
-    uint64_t left = d->deadline_ms > now ? d->deadline_ms - now : 1;
 
     d->nd = NULL; /* ag_net frees it after this returns */
     if (!d->px->set) {
@@ -389,14 +396,7 @@ static void pd_on_dialled(void *arg, evutil_socket_t fd, const char *err)
         return;
     }
     d->fd = fd;
-    d->io_ev = event_new(d->base, fd, EV_WRITE | EV_PERSIST, pd_on_io, d);
-    if (d->io_ev == NULL) {
-        pd_fail(d, "out of memory", NULL);
-        return;
-    }
-    tv.tv_sec = (time_t)(left / 1000);
-    tv.tv_usec = (suseconds_t)((left % 1000) * 1000);
-    event_add(d->io_ev, &tv);
+    (void)pd_wait(d, EV_WRITE);
 }
 
 struct ag_pxy_dial *ag_pxy_dial_start(struct event_base *base, struct evdns_base *dns,

@@ -312,6 +312,18 @@ def test_relay_restarting_reconnects_in_about_a_second(one, relay):
         assert relay.attempts[-1][0] - tc < 2.5 * TIME_SCALE
 
 
+def assert_no_reconnect_after_down(ag):
+    """The daemon logs tunnel_down and, in the same callback, reconnect_in_ms if
+    it will dial again. A status call is answered by the daemon's loop after
+    that callback, so once it returns the log holds the decision: no waiting
+    for a reconnect that must not come."""
+    ag.proc.wait_log(r"event=tunnel_down", timeout=10, since=0)
+    assert ag.status() is not None
+    text = ag.proc.text()
+    after = text[text.rindex("event=tunnel_down"):]
+    assert "event=reconnect_in_ms" not in after, after[-2000:]
+
+
 def test_superseded_stops_without_reconnecting(one, relay):
     ag, addr, t = one
     relay.supersede(t, addr)
@@ -319,11 +331,10 @@ def test_superseded_stops_without_reconnecting(one, relay):
     st = wait_for(lambda: (lambda s: s if s and agent_of(s, "a1")["state"] == "error" else None)(
         ag.status()), 10 * TIME_SCALE, "agent in error")
     assert "superseded" in agent_of(st, "a1")["error"]
-    # no reconnect fight: nothing dials the relay again (3 s, three times the
-    # first backoff step)
-    n = len(relay.connects)
-    time.sleep(3)
-    assert len(relay.connects) == n
+    # no reconnect fight: the daemon decides when the tunnel goes down, in the
+    # same report that logs it, and schedules no reconnect
+    assert_no_reconnect_after_down(ag)
+    assert len(relay.connects) == 1
 
 
 def test_auth_error_shown_in_status(build_dir, tmp_path, api):
@@ -341,8 +352,8 @@ def test_auth_error_shown_in_status(build_dir, tmp_path, api):
         n = len(relay.attempts)
         assert n >= 1
         # a permanent refusal: not retried
-        time.sleep(2)
-        assert len(relay.attempts) == n
+        assert_no_reconnect_after_down(ag)
+        assert len(relay.attempts) == n == 1
     finally:
         ag.stop()
         relay.stop()
