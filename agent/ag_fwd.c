@@ -102,6 +102,7 @@ struct ag_fwd {
     bool resp_done;    /* final response complete */
     bool paused;       /* stream asked to stop reading */
     bool failed;       /* parser callback detected an error */
+    uint64_t body_left; /* Content-Length body bytes still to come, past the parser */
     size_t unacked;    /* body bytes given but not yet acknowledged */
     uint64_t body_in;  /* body bytes given by the stream */
     /* response header accumulation */
@@ -612,7 +613,17 @@ static int on_headers_complete(http_parser *p)
     f->head_done = true;
     ag_insp_cap_resp_head(f->agt->ctx->insp, f->cap, status, nv, n);
     f->cb->on_head(f->arg, status, nv, n, no_body);
-    return f->head_method ? 1 : 0; /* 1: no body follows (http-parser's skip-body) */
+    if (no_body)
+        return f->head_method ? 1 : 0; /* 1: no body follows (http-parser's skip-body) */
+    /* A Content-Length body is counted, not parsed: fwd_parse() hands it on
+     * as it is (whole input chains moved, not copied) while the parser,
+     * told there is no body, waits paused at the message's end. */
+    if (!(p->flags & F_CHUNKED) && !p->uses_transfer_encoding && p->content_length > 0 &&
+        p->content_length != ULLONG_MAX) {
+        f->body_left = p->content_length;
+        return 1;
+    }
+    return 0;
 }
 
 static int on_body(http_parser *p, const char *at, size_t len)
@@ -636,6 +647,10 @@ static int on_message_complete(http_parser *p)
     }
     if (f->raw)
         return 0; /* http-parser ends the upgrade's head as a message */
+    if (f->body_left > 0) {
+        http_parser_pause(p, 1); /* the body follows, past the parser */
+        return 0;
+    }
     f->resp_done = true;
     http_parser_pause(p, 1); /* anything after the response is not ours */
     return 0;
@@ -764,6 +779,41 @@ static void fwd_on_timeout(evutil_socket_t fd, short what, void *arg)
     fwd_fail(f, AG_FWD_E_TIMEOUT, "no response head within the response timeout");
 }
 
+/* Hands on what in holds of a Content-Length body (f->body_left). */
+static void fwd_body_move(struct ag_fwd *f, struct evbuffer *in)
+{
+    size_t k = evbuffer_get_length(in);
+
+    if (k > f->body_left)
+        k = (size_t)f->body_left;
+    f->body_left -= k;
+    if (f->cap != NULL || f->cb->on_body_move == NULL) {
+        struct evbuffer_iovec v[8];
+        size_t seen = 0;
+        while (seen < k) {
+            struct evbuffer_ptr at;
+            int nv;
+            evbuffer_ptr_set(in, &at, seen, EVBUFFER_PTR_SET);
+            nv = evbuffer_peek(in, (ev_ssize_t)(k - seen), &at, v, 8);
+            if (nv < 1)
+                break;
+            for (int i = 0; i < nv && i < 8 && seen < k; i++) {
+                size_t m = v[i].iov_len < k - seen ? v[i].iov_len : k - seen;
+                ag_insp_cap_resp_body(f->agt->ctx->insp, f->cap, v[i].iov_base, m);
+                if (f->cb->on_body_move == NULL)
+                    f->cb->on_body(f->arg, v[i].iov_base, m);
+                seen += m;
+            }
+        }
+    }
+    if (f->cb->on_body_move != NULL)
+        f->cb->on_body_move(f->arg, in, k);
+    else
+        evbuffer_drain(in, k);
+    if (f->body_left == 0)
+        f->resp_done = true;
+}
+
 /* Feeds buffered input to the parser. Returns 0, or -1 after a terminal report. */
 static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
 {
@@ -771,6 +821,10 @@ static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
         struct evbuffer_iovec v;
         size_t n;
 
+        if (f->body_left > 0) {
+            fwd_body_move(f, in);
+            continue;
+        }
         if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
             break;
         f->got_bytes = true;
@@ -785,6 +839,8 @@ static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
         evbuffer_drain(in, n);
         if (f->resp_done)
             break;
+        if (f->body_left > 0 && !f->failed)
+            continue; /* the head is done; the body follows (fwd_body_move) */
         if (f->raw && !f->failed)
             continue; /* what follows the 101 head is raw */
         if (f->failed || HTTP_PARSER_ERRNO(&f->parser) != HPE_OK) {
@@ -803,6 +859,10 @@ static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
 /* EOF from the local API: complete an EOF-delimited response, or fail. */
 static void fwd_on_eof(struct ag_fwd *f)
 {
+    if (f->body_left > 0) {
+        fwd_fail(f, AG_FWD_E_UNREACHABLE, "local API closed the connection");
+        return;
+    }
     if (f->raw) {
         f->body_done = false; /* never pooled */
         fwd_finish(f);

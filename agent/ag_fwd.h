@@ -15,6 +15,7 @@
 
 #include "util.h"
 
+struct evbuffer;
 struct ag_agt;
 struct ag_fwd;
 struct ag_fwd_pool;
@@ -52,6 +53,11 @@ struct ag_fwd_cbs {
     void (*on_head)(void *arg, int status, const nghttp2_nv *nv, size_t nnv, bool no_body);
     /* A chunk of the response body (decoded from chunked framing). */
     void (*on_body)(void *arg, const uint8_t *data, size_t len);
+    /* Optional: the first len bytes of src are response body; the callee
+     * removes exactly those (evbuffer_remove_buffer() moves whole chains
+     * without copying). Used for a Content-Length body, which is not parsed
+     * byte by byte; without it such bodies come through on_body too. */
+    void (*on_body_move)(void *arg, struct evbuffer *src, size_t len);
     /* Terminal: the response is complete. The fwd is gone: never touch it again. */
     void (*on_end)(void *arg);
     /* Terminal: the request failed. The fwd is gone: never touch it again. */

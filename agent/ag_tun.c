@@ -722,6 +722,8 @@ static void stream_consume(struct tun_stream *s, size_t n)
     nghttp2_session_consume(s->t->h2, s->id, n);
 }
 
+/* DATA frames carry their payload straight from s->resp into the WebSocket
+ * (NGHTTP2_DATA_FLAG_NO_COPY, on_send_data): nghttp2 only learns how much. */
 static ssize_t on_read_data(nghttp2_session *h2, int32_t id, uint8_t *buf, size_t length,
                             uint32_t *flags, nghttp2_data_source *src, void *user)
 {
@@ -738,17 +740,51 @@ static ssize_t on_read_data(nghttp2_session *h2, int32_t id, uint8_t *buf, size_
         return NGHTTP2_ERR_DEFERRED;
     }
     n = avail < length ? avail : length;
-    evbuffer_remove(s->resp, buf, n);
-    s->bytes_out += n;
-    if (s->agt != NULL && !s->is_probe)
-        s->agt->bytes_out += n;
-    if (s->resp_eof && evbuffer_get_length(s->resp) == 0)
+    *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+    if (s->resp_eof && n == avail)
         *flags |= NGHTTP2_DATA_FLAG_EOF;
+    return (ssize_t)n;
+}
+
+/* DATA payloads up to one binary message (the gateway allows frames that
+ * large, PROTOCOL.md 5): a quarter of the frames and messages of 16 KiB. */
+static ssize_t on_data_length(nghttp2_session *h2, uint8_t frame_type, int32_t id,
+                              int32_t session_window, int32_t stream_window,
+                              uint32_t max_frame_size, void *user)
+{
+    ssize_t n = max_frame_size < TUN_MSG_CHUNK ? (ssize_t)max_frame_size : (ssize_t)TUN_MSG_CHUNK;
+
+    if (session_window < n)
+        n = session_window;
+    if (stream_window < n)
+        n = stream_window;
+    return n > 0 ? n : 1;
+}
+
+/* One DATA frame: what nghttp2 queued before it (t->out), its header and
+ * length bytes of s->resp become one binary message, masked straight from
+ * the response's own buffers. */
+static int on_send_data(nghttp2_session *h2, nghttp2_frame *frame, const uint8_t *framehd,
+                        size_t length, nghttp2_data_source *src, void *user)
+{
+    struct ag_tun *t = user;
+    struct tun_stream *s = src->ptr;
+
+    if (t->ws == NULL || !ws_is_writable(t->ws))
+        return NGHTTP2_ERR_WOULDBLOCK;
+    if (frame->data.padlen != 0 || evbuffer_get_length(s->resp) < length)
+        return NGHTTP2_ERR_CALLBACK_FAILURE; /* no padding is ever asked for */
+    if (evbuffer_add(t->out, framehd, 9) != 0 ||
+        ws_send_binary_buffers(t->ws, t->out, evbuffer_get_length(t->out), s->resp, length) != 0)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    s->bytes_out += length;
+    if (s->agt != NULL && !s->is_probe)
+        s->agt->bytes_out += length;
     if (s->read_paused && s->fwd != NULL && evbuffer_get_length(s->resp) < TUN_RESP_LOW) {
         s->read_paused = false;
         ag_fwd_pause_read(s->fwd, false);
     }
-    return (ssize_t)n;
+    return 0;
 }
 
 static void stream_resume(struct tun_stream *s)
@@ -827,18 +863,53 @@ static void fwd_on_head(void *arg, int status, const nghttp2_nv *hv, size_t nhv,
     tun_schedule_flush(s->t);
 }
 
+/* Response bytes could not be queued (out of memory): the stream is reset,
+ * never carried on with a hole (its close frees the fwd later). */
+static void stream_body_lost(struct tun_stream *s)
+{
+    (void)util_snprintf(s->err, sizeof(s->err), "out_of_memory");
+    s->resp_eof = true;
+    nghttp2_submit_rst_stream(s->t->h2, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_INTERNAL_ERROR);
+    tun_schedule_flush(s->t);
+}
+
+static void stream_body_queued(struct tun_stream *s)
+{
+    if (!s->read_paused && evbuffer_get_length(s->resp) > TUN_RESP_HIGH) {
+        s->read_paused = true;
+        ag_fwd_pause_read(s->fwd, true);
+    }
+    stream_resume(s);
+}
+
 static void fwd_on_body(void *arg, const uint8_t *data, size_t len)
 {
     struct tun_stream *s = arg;
 
     if (s->resp_eof)
         return;
-    evbuffer_add(s->resp, data, len);
-    if (!s->read_paused && evbuffer_get_length(s->resp) > TUN_RESP_HIGH) {
-        s->read_paused = true;
-        ag_fwd_pause_read(s->fwd, true);
+    if (evbuffer_add(s->resp, data, len) != 0) {
+        stream_body_lost(s);
+        return;
     }
-    stream_resume(s);
+    stream_body_queued(s);
+}
+
+static void fwd_on_body_move(void *arg, struct evbuffer *src, size_t len)
+{
+    struct tun_stream *s = arg;
+    size_t before = evbuffer_get_length(src);
+
+    if (s->resp_eof) {
+        evbuffer_drain(src, len);
+        return;
+    }
+    if (evbuffer_remove_buffer(src, s->resp, len) != (int)len) {
+        evbuffer_drain(src, len - (before - evbuffer_get_length(src)));
+        stream_body_lost(s);
+        return;
+    }
+    stream_body_queued(s);
 }
 
 static void fwd_on_end(void *arg)
@@ -884,6 +955,7 @@ static void fwd_on_body_sent(void *arg, size_t n)
 static const struct ag_fwd_cbs stream_fwd_cbs = {
     .on_head = fwd_on_head,
     .on_body = fwd_on_body,
+    .on_body_move = fwd_on_body_move,
     .on_end = fwd_on_end,
     .on_error = fwd_on_error,
     .on_body_sent = fwd_on_body_sent,
@@ -1221,6 +1293,8 @@ static int h2_start(struct ag_tun *t)
         return -1;
     }
     nghttp2_session_callbacks_set_send_callback(cbs, on_send);
+    nghttp2_session_callbacks_set_send_data_callback(cbs, on_send_data);
+    nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, on_data_length);
     nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback2(cbs, on_header);
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);

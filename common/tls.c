@@ -1147,6 +1147,15 @@ void tls_bev_kick_write(struct bufferevent *bev)
 /* Room a chain gets when tls_out_add() starts one: two full TLS records. */
 #define TLS_OUT_CHAIN (32u * 1024u)
 
+int tls_out_reserve(struct evbuffer *out, size_t len, struct evbuffer_iovec *v)
+{
+    /* Asking for more than len makes the new chain, when one is needed,
+     * larger than 32 KiB, whatever the last chain lacked: a small chain would
+     * be a short record of its own. A chain reserved and not filled is freed
+     * with the output's last drain, or filled by the next append. */
+    return evbuffer_reserve_space(out, (ev_ssize_t)(len + TLS_OUT_CHAIN), v, 2);
+}
+
 int tls_out_add(struct evbuffer *out, const void *data, size_t len)
 {
     struct evbuffer_iovec v;

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include <event2/buffer.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 
@@ -136,6 +137,13 @@ struct evbuffer;
  * data arriving in 4 KiB pieces would leave as 1-4 KiB TLS records, each its
  * own write(2), which costs more than the encryption. Returns 0 or -1. */
 int tls_out_add(struct evbuffer *out, const void *data, size_t len);
+
+/* Space for len bytes at the end of out, for data made in place (masked,
+ * say): up to two vectors, the rest of out's last chain and then a new chain
+ * of more than 32 KiB, so that no chain, and no TLS record, is cut short
+ * (evbuffer_reserve_space(); fill them in order, commit what was used).
+ * v has room for two. Returns the number of vectors, or -1. */
+int tls_out_reserve(struct evbuffer *out, size_t len, struct evbuffer_iovec *v);
 
 /* tls_out_add() of the first len bytes of src, which are drained. Returns 0,
  * or -1 (src holds fewer than len bytes, or out of memory). */

@@ -98,6 +98,8 @@ struct ws_conn {
     uint64_t fast_left;    /* payload bytes left of a fast-path frame */
     uint64_t fast_off;     /* payload offset in it (the mask's phase) */
     uint8_t fast_key[4];   /* its masking key, if fast_masked */
+    uint8_t keys[64];      /* client role: masking keys not yet used */
+    uint8_t keys_left;     /* how many of them (4 bytes each, from the end) */
     bool fast_masked;
     int sent_code;         /* close code we sent (local_close/failed) */
     int peer_code;         /* close code the peer sent, 1005 if none */
@@ -646,14 +648,13 @@ static bool ws_fast_ok(const struct ws_conn *ws, const uint8_t b[14])
            ws->rx_opcode == 0 && ws->cb.on_binary != NULL && !ws_rx_muted(ws);
 }
 
-/* Delivers payload of the fast-path frame from in, unmasked. */
+/* Delivers payload of the fast-path frame from in, unmasked in place (the
+ * input's chains are plain memory the bufferevent read into). */
 static void ws_fast_read(struct ws_conn *ws, struct evbuffer *in)
 {
-    uint8_t buf[16384];
-
     while (ws->fast_left > 0 && !ws->paused && !ws->dead) {
         struct evbuffer_iovec v;
-        const uint8_t *p;
+        uint8_t *p;
         size_t n;
         int rv;
 
@@ -661,20 +662,17 @@ static void ws_fast_read(struct ws_conn *ws, struct evbuffer *in)
             return;
         n = v.iov_len < ws->fast_left ? v.iov_len : (size_t)ws->fast_left;
         p = v.iov_base;
-        if (ws->fast_masked) {
-            if (n > sizeof(buf))
-                n = sizeof(buf);
-            ws_mask(buf, p, n, ws->fast_key, (size_t)(ws->fast_off & 3));
-            p = buf;
-        }
         ws->fast_left -= n;
-        ws->fast_off += n;
         if (ws_rx_muted(ws) || n == 0) {
+            ws->fast_off += n;
             evbuffer_drain(in, n);
             continue;
         }
-        /* unmasked bytes are handed out of the input's own chain: drained
-         * after the call (the bufferevent outlives a ws_free() in it) */
+        if (ws->fast_masked)
+            ws_mask(p, p, n, ws->fast_key, (size_t)(ws->fast_off & 3));
+        ws->fast_off += n;
+        /* handed out of the input's own chain: drained after the call (the
+         * bufferevent outlives a ws_free() in it) */
         rv = ws->cb.on_binary(ws->arg, p, n);
         evbuffer_drain(in, n);
         if (rv != 0 && !ws->dead)
@@ -899,55 +897,105 @@ static bool ws_can_send(const struct ws_conn *ws)
     return !ws->dead && !ws->reported && !ws->closing && !ws->lost;
 }
 
-/* Writes one whole frame: from data, or moved from src when src != NULL. */
-static int ws_write_frame(struct ws_conn *ws, uint8_t opcode, const uint8_t *data,
-                          struct evbuffer *src, size_t len)
+/* One part of a frame's payload: bytes, or moved from an evbuffer. */
+struct ws_part {
+    const uint8_t *data;
+    struct evbuffer *src; /* when not NULL: len bytes are moved from it */
+    size_t len;
+};
+
+/* A fresh masking key (RFC 6455 5.3: from a strong source, for every
+ * frame), taken from a small pool filled from the CSPRNG 16 keys at a time:
+ * the tunnel sends a message per HTTP/2 DATA frame. */
+static int ws_next_key(struct ws_conn *ws, uint8_t key[4])
+{
+    if (ws->keys_left == 0) {
+        if (util_rand_bytes(ws->keys, sizeof(ws->keys)) != 0)
+            return -1;
+        ws->keys_left = (uint8_t)(sizeof(ws->keys) / 4);
+    }
+    ws->keys_left--;
+    memcpy(key, ws->keys + 4u * ws->keys_left, 4);
+    memset(ws->keys + 4u * ws->keys_left, 0, 4);
+    return 0;
+}
+
+/* Masks len bytes of one part into out, the payload's offset being off,
+ * into the space tls_out_add() would use. */
+static int ws_mask_part(struct evbuffer *out, const struct ws_part *p, const uint8_t key[4],
+                        size_t off)
+{
+    size_t done = 0;
+
+    while (done < p->len) {
+        struct evbuffer_iovec dst[2];
+        const uint8_t *from;
+        size_t n = p->len - done < WS_MASK_CHUNK ? p->len - done : WS_MASK_CHUNK;
+        size_t put = 0;
+        int nd, used = 0;
+        if (p->src == NULL) {
+            from = p->data + done;
+        } else {
+            struct evbuffer_iovec v;
+            if (evbuffer_peek(p->src, -1, NULL, &v, 1) < 1)
+                return -1;
+            from = v.iov_base;
+            if (v.iov_len < n)
+                n = v.iov_len;
+        }
+        nd = tls_out_reserve(out, n, dst);
+        if (nd < 1)
+            return -1;
+        for (; used < nd && put < n; used++) {
+            size_t k = dst[used].iov_len < n - put ? dst[used].iov_len : n - put;
+            ws_mask(dst[used].iov_base, from + put, k, key, off + done + put);
+            dst[used].iov_len = k;
+            put += k;
+        }
+        if (put != n || evbuffer_commit_space(out, dst, used) != 0)
+            return -1;
+        if (p->src != NULL)
+            evbuffer_drain(p->src, n);
+        done += n;
+    }
+    return 0;
+}
+
+/* Writes one whole frame whose payload is the parts, in order. */
+static int ws_write_frame(struct ws_conn *ws, uint8_t opcode, const struct ws_part *parts,
+                          size_t nparts)
 {
     struct evbuffer *out = bufferevent_get_output(ws->bev);
     uint8_t hdr[14];
     uint8_t key[4];
     size_t hlen;
+    size_t len = 0;
     size_t off = 0;
 
+    for (size_t i = 0; i < nparts; i++)
+        len += parts[i].len;
     /* Control frames wslay queued go first, so its queue is empty and no
      * wslay frame is in progress (its send callback takes every byte). */
     ws_flush(ws);
     if (!ws_can_send(ws) || !ws_write_enabled(ws))
         return -1;
     assert(ws->wslay == NULL || wslay_event_get_queued_msg_count(ws->wslay) == 0);
-    if (ws->client && util_rand_bytes(key, sizeof(key)) != 0)
+    if (ws->client && ws_next_key(ws, key) != 0)
         return -1;
     hlen = ws_frame_header(hdr, opcode, len, ws->client ? key : NULL);
     if (tls_out_add(out, hdr, hlen) != 0)
         return -1;
-    if (!ws->client) {
-        if (src != NULL ? tls_out_add_buffer(out, src, len) != 0
-                        : tls_out_add(out, data, len) != 0)
+    for (size_t i = 0; i < nparts; i++) {
+        const struct ws_part *p = &parts[i];
+        int rv;
+        if (ws->client)
+            rv = ws_mask_part(out, p, key, off);
+        else
+            rv = p->src != NULL ? tls_out_add_buffer(out, p->src, p->len)
+                                : tls_out_add(out, p->data, p->len);
+        if (rv != 0)
             goto fail_lost;
-    }
-    while (ws->client && off < len) {
-        struct evbuffer_iovec dst;
-        const uint8_t *from;
-        size_t n = len - off < WS_MASK_CHUNK ? len - off : WS_MASK_CHUNK;
-        if (src == NULL) {
-            from = data + off;
-        } else {
-            struct evbuffer_iovec v;
-            if (evbuffer_peek(src, -1, NULL, &v, 1) < 1)
-                goto fail_lost;
-            from = v.iov_base;
-            if (v.iov_len < n)
-                n = v.iov_len;
-        }
-        if (evbuffer_reserve_space(out, (ev_ssize_t)n, &dst, 1) != 1)
-            goto fail_lost;
-        ws_mask(dst.iov_base, from, n, key, off);
-        dst.iov_len = n;
-        if (evbuffer_commit_space(out, &dst, 1) != 0)
-            goto fail_lost;
-        if (src != NULL)
-            evbuffer_drain(src, n);
-        off += n;
+        off += p->len;
     }
     ws_note_output(ws);
     return 0;
@@ -958,15 +1006,14 @@ fail_lost:
     return -1;
 }
 
-static int ws_send(struct ws_conn *ws, uint8_t opcode, const uint8_t *data, struct evbuffer *src,
-                   size_t len)
+static int ws_send(struct ws_conn *ws, uint8_t opcode, const struct ws_part *parts, size_t nparts)
 {
     int rv;
 
     if (!ws_can_send(ws))
         return -1;
     ws_enter(ws);
-    rv = ws_write_frame(ws, opcode, data, src, len);
+    rv = ws_write_frame(ws, opcode, parts, nparts);
     ws_leave(ws);
     return rv;
 }
@@ -975,19 +1022,36 @@ int ws_send_text(struct ws_conn *ws, const char *data, size_t len)
 {
     if (!util_utf8_valid((const uint8_t *)data, len))
         return -1;
-    return ws_send(ws, WSLAY_TEXT_FRAME, (const uint8_t *)data, NULL, len);
+    struct ws_part p = {(const uint8_t *)data, NULL, len};
+
+    return ws_send(ws, WSLAY_TEXT_FRAME, &p, 1);
 }
 
 int ws_send_binary(struct ws_conn *ws, const void *data, size_t len)
 {
-    return ws_send(ws, WSLAY_BINARY_FRAME, data, NULL, len);
+    struct ws_part p = {data, NULL, len};
+
+    return ws_send(ws, WSLAY_BINARY_FRAME, &p, 1);
 }
 
 int ws_send_binary_buffer(struct ws_conn *ws, struct evbuffer *src, size_t len)
 {
+    struct ws_part p = {NULL, src, len};
+
     if (evbuffer_get_length(src) < len || len > INT32_MAX)
         return -1;
-    return ws_send(ws, WSLAY_BINARY_FRAME, NULL, src, len);
+    return ws_send(ws, WSLAY_BINARY_FRAME, &p, 1);
+}
+
+int ws_send_binary_buffers(struct ws_conn *ws, struct evbuffer *a, size_t alen, struct evbuffer *b,
+                           size_t blen)
+{
+    struct ws_part p[2] = {{NULL, a, alen}, {NULL, b, blen}};
+
+    if (evbuffer_get_length(a) < alen || evbuffer_get_length(b) < blen || a == b ||
+        alen > INT32_MAX || blen > INT32_MAX - alen)
+        return -1;
+    return ws_send(ws, WSLAY_BINARY_FRAME, p, 2);
 }
 
 size_t ws_output_pending(const struct ws_conn *ws)

@@ -100,6 +100,13 @@ int ws_send_binary(struct ws_conn *ws, const void *data, size_t len);
  * untouched) if src holds fewer than len bytes or as ws_send_binary(). */
 int ws_send_binary_buffer(struct ws_conn *ws, struct evbuffer *src, size_t len);
 
+/* The same for one message made of alen bytes of a, then blen bytes of b
+ * (two buffers, say frames queued before and the payload that follows,
+ * with no copy between them first). -1 (both untouched) if either holds too
+ * few bytes, if a == b, or as ws_send_binary(). */
+int ws_send_binary_buffers(struct ws_conn *ws, struct evbuffer *a, size_t alen, struct evbuffer *b,
+                           size_t blen);
+
 /* Bytes queued but not yet written to the socket (or to TLS). */
 size_t ws_output_pending(const struct ws_conn *ws);
 

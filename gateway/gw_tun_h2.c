@@ -553,6 +553,9 @@ static int h2s_start(void *arg, unsigned features)
         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, GW_TUN_STREAM_WINDOW},
         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 256 * 1024},
+        /* DATA frames as large as one WebSocket message: an agent sends a
+         * quarter of the frames (and messages) of the 16 KiB default */
+        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, GW_TUN_FLUSH_BYTES},
     };
     int rv = -1;
 

@@ -971,6 +971,46 @@ static void test_out_add_fills_chains(void **state)
 }
 
 /* tls_out_add_buffer() moves bytes from another evbuffer the same way. */
+/* Space made in place (tls_out_reserve, used for masking): the last chain
+ * is filled before a new one, and a new one is never small, so no chain but
+ * the last, and no TLS record, is cut short. */
+static void test_out_reserve(void **state)
+{
+    (void)state;
+    static uint8_t data[400000];
+    struct evbuffer *b = evbuffer_new();
+    size_t sizes[] = {23, 16407, 65559, 1, 9, 40000, 16407, 65559, 3, 32768, 65559, 7};
+    size_t len[64], off = 0, total = 0;
+    int n;
+
+    for (size_t i = 0; i < sizeof(data); i++)
+        data[i] = (uint8_t)(i * 13);
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        struct evbuffer_iovec v[2];
+        size_t left = sizes[i];
+        int nv = tls_out_reserve(b, sizes[i], v), used = 0;
+        assert_true(nv >= 1 && nv <= 2);
+        for (; used < nv && left > 0; used++) {
+            size_t k = v[used].iov_len < left ? v[used].iov_len : left;
+            memcpy(v[used].iov_base, data + off, k);
+            v[used].iov_len = k;
+            off += k;
+            left -= k;
+        }
+        assert_int_equal(left, 0);
+        assert_int_equal(evbuffer_commit_space(b, v, used), 0);
+    }
+    n = out_chains(b, len, 64);
+    for (int i = 0; i < n; i++) {
+        if (i < n - 1)
+            assert_true(len[i] > 32768);
+        total += len[i];
+    }
+    assert_int_equal(total, off);
+    assert_memory_equal(evbuffer_pullup(b, -1), data, off);
+    evbuffer_free(b);
+}
+
 static void test_out_add_buffer(void **state)
 {
     (void)state;
@@ -1050,6 +1090,7 @@ int main(void)
         cmocka_unit_test(test_client_refusals),
         cmocka_unit_test_setup_teardown(test_log_errors, fx_setup, fx_teardown),
         cmocka_unit_test(test_out_add_fills_chains),
+        cmocka_unit_test(test_out_reserve),
         cmocka_unit_test(test_out_add_buffer),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

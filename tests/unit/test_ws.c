@@ -996,6 +996,54 @@ static void test_client_masks(void **state)
     peer_cleanup(&p);
 }
 
+/* Messages of two buffers (frames queued before, a payload after), masked
+ * straight from both: the peer gets the bytes in order; a fresh key for
+ * every frame, past the 16 keys one CSPRNG call gives. */
+static void test_binary_buffers(void **state)
+{
+    struct peer p;
+    struct evbuffer *a = evbuffer_new(), *b = evbuffer_new();
+    uint8_t keys[40][4];
+    static uint8_t data[70000], got[70000 + 14];
+
+    fill_pattern(data, sizeof(data), 7);
+    peer_init(&p);
+    int fd = raw_pair(&p, true, 100);
+    for (int i = 0; i < 40; i++) {
+        size_t alen = (size_t)(i * 37) % 200, blen = 1 + (size_t)(i * 7919) % (sizeof(data) - 200);
+        size_t hl = alen + blen < 126 ? 2 : alen + blen < 65536 ? 4 : 10;
+        evbuffer_add(a, data, alen);
+        evbuffer_add(a, "x", 1); /* left behind */
+        for (size_t off = 0; off < blen; off += 4099)
+            evbuffer_add(b, data + alen + off, blen - off < 4099 ? blen - off : 4099);
+        assert_int_equal(ws_send_binary_buffers(p.ws, a, alen, b, blen), 0);
+        assert_int_equal(evbuffer_get_length(a), 1);
+        assert_int_equal(evbuffer_get_length(b), 0);
+        evbuffer_drain(a, 1);
+        raw_read(fd, got, hl + 4 + alen + blen);
+        assert_int_equal(got[0], 0x82);
+        assert_true(got[1] & 0x80);
+        memcpy(keys[i], got + hl, 4);
+        for (size_t j = 0; j < alen + blen; j++)
+            assert_int_equal(got[hl + 4 + j] ^ keys[i][j & 3], data[j]);
+        for (int k = 0; k < i; k++)
+            assert_memory_not_equal(keys[k], keys[i], 4);
+    }
+    /* refused, both buffers untouched: too few bytes in either, one buffer twice */
+    evbuffer_add(a, "abc", 3);
+    evbuffer_add(b, "de", 2);
+    assert_int_equal(ws_send_binary_buffers(p.ws, a, 4, b, 2), -1);
+    assert_int_equal(ws_send_binary_buffers(p.ws, a, 3, b, 3), -1);
+    assert_int_equal(ws_send_binary_buffers(p.ws, a, 1, a, 1), -1);
+    assert_int_equal(evbuffer_get_length(a), 3);
+    assert_int_equal(evbuffer_get_length(b), 2);
+    assert_int_equal(p.n_close, 0);
+    evbuffer_free(a);
+    evbuffer_free(b);
+    close(fd);
+    peer_cleanup(&p);
+}
+
 static void test_raw_fragments_and_ping(void **state)
 {
     struct peer p;
@@ -1606,6 +1654,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_set_max_text, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refused_frame_while_closing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_refuses_masked, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_binary_buffers, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_masks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_raw_fragments_and_ping, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_holds_no_parser, setup, teardown),
