@@ -779,14 +779,10 @@ static void fwd_on_timeout(evutil_socket_t fd, short what, void *arg)
     fwd_fail(f, AG_FWD_E_TIMEOUT, "no response head within the response timeout");
 }
 
-/* Hands on what in holds of a Content-Length body (f->body_left). */
-static void fwd_body_move(struct ag_fwd *f, struct evbuffer *in)
+/* Hands on the first k bytes of in as body: moved (on_body_move), or
+ * through on_body; the inspector's capture sees them either way. */
+static void fwd_body_move(struct ag_fwd *f, struct evbuffer *in, size_t k)
 {
-    size_t k = evbuffer_get_length(in);
-
-    if (k > f->body_left)
-        k = (size_t)f->body_left;
-    f->body_left -= k;
     if (f->cap != NULL || f->cb->on_body_move == NULL) {
         struct evbuffer_iovec v[8];
         size_t seen = 0;
@@ -810,8 +806,6 @@ static void fwd_body_move(struct ag_fwd *f, struct evbuffer *in)
         f->cb->on_body_move(f->arg, in, k);
     else
         evbuffer_drain(in, k);
-    if (f->body_left == 0)
-        f->resp_done = true;
 }
 
 /* Feeds buffered input to the parser. Returns 0, or -1 after a terminal report. */
@@ -822,7 +816,14 @@ static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
         size_t n;
 
         if (f->body_left > 0) {
-            fwd_body_move(f, in);
+            /* a Content-Length body, past the parser */
+            size_t k = evbuffer_get_length(in);
+            if (k > f->body_left)
+                k = (size_t)f->body_left;
+            f->body_left -= k;
+            fwd_body_move(f, in, k);
+            if (f->body_left == 0)
+                f->resp_done = true;
             continue;
         }
         if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
@@ -830,9 +831,7 @@ static int fwd_parse(struct ag_fwd *f, struct evbuffer *in)
         f->got_bytes = true;
         if (f->raw) {
             /* upgraded: the bytes are the WebSocket's, untouched */
-            ag_insp_cap_resp_body(f->agt->ctx->insp, f->cap, v.iov_base, v.iov_len);
-            f->cb->on_body(f->arg, v.iov_base, v.iov_len);
-            evbuffer_drain(in, v.iov_len);
+            fwd_body_move(f, in, evbuffer_get_length(in));
             continue;
         }
         n = http_parser_execute(&f->parser, &fwd_parser_settings, v.iov_base, v.iov_len);
