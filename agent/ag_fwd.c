@@ -779,11 +779,17 @@ static void fwd_on_timeout(evutil_socket_t fd, short what, void *arg)
     fwd_fail(f, AG_FWD_E_TIMEOUT, "no response head within the response timeout");
 }
 
-/* Hands on the first k bytes of in as body: moved (on_body_move), or
- * through on_body; the inspector's capture sees them either way. */
+/* Hands on the first k bytes of in as body: moved (on_body_move) when they
+ * are at least half a read (FWD_READ_MAX) worth, so a moved chain is at
+ * least half full and a stream that holds its body while the tunnel is slow
+ * holds at most twice its bytes; smaller pieces are copied through on_body,
+ * and a small response costs no large allocation kept past its send. The
+ * inspector's capture sees the bytes either way. */
 static void fwd_body_move(struct ag_fwd *f, struct evbuffer *in, size_t k)
 {
-    if (f->cap != NULL || f->cb->on_body_move == NULL) {
+    bool move = f->cb->on_body_move != NULL && k >= FWD_READ_MAX / 2;
+
+    if (f->cap != NULL || !move) {
         struct evbuffer_iovec v[8];
         size_t seen = 0;
         while (seen < k) {
@@ -796,13 +802,13 @@ static void fwd_body_move(struct ag_fwd *f, struct evbuffer *in, size_t k)
             for (int i = 0; i < nv && i < 8 && seen < k; i++) {
                 size_t m = v[i].iov_len < k - seen ? v[i].iov_len : k - seen;
                 ag_insp_cap_resp_body(f->agt->ctx->insp, f->cap, v[i].iov_base, m);
-                if (f->cb->on_body_move == NULL)
+                if (!move)
                     f->cb->on_body(f->arg, v[i].iov_base, m);
                 seen += m;
             }
         }
     }
-    if (f->cb->on_body_move != NULL)
+    if (move)
         f->cb->on_body_move(f->arg, in, k);
     else
         evbuffer_drain(in, k);

@@ -1149,11 +1149,16 @@ void tls_bev_kick_write(struct bufferevent *bev)
 
 int tls_out_reserve(struct evbuffer *out, size_t len, struct evbuffer_iovec *v)
 {
-    /* Asking for more than len makes the new chain, when one is needed,
-     * larger than 32 KiB, whatever the last chain lacked: a small chain would
-     * be a short record of its own. A chain reserved and not filled is freed
-     * with the output's last drain, or filled by the next append. */
-    return evbuffer_reserve_space(out, (ev_ssize_t)(len + TLS_OUT_CHAIN), v, 2);
+    /* Behind other output, asking for more than len makes the new chain,
+     * when one is needed, larger than 32 KiB whatever the last chain lacked:
+     * a small chain there would be a short record of its own. A chain
+     * reserved and not filled is freed with the output's last drain, or
+     * filled by the next append. Into an empty output, len alone: a small
+     * message must not cost a 64 KiB allocation (and, with glibc, a brk(2)
+     * each way) per send. */
+    size_t want = len + (evbuffer_get_length(out) > 0 ? TLS_OUT_CHAIN : 0);
+
+    return evbuffer_reserve_space(out, (ev_ssize_t)want, v, 2);
 }
 
 int tls_out_add(struct evbuffer *out, const void *data, size_t len)

@@ -139,8 +139,9 @@ struct evbuffer;
 int tls_out_add(struct evbuffer *out, const void *data, size_t len);
 
 /* Space for len bytes at the end of out, for data made in place (masked,
- * say): up to two vectors, the rest of out's last chain and then a new chain
- * of more than 32 KiB, so that no chain, and no TLS record, is cut short
+ * say): up to two vectors, the rest of out's last chain and then, behind
+ * other output, a new chain of more than 32 KiB, so that no chain, and no
+ * TLS record, is cut short; into an empty output, a chain for len alone
  * (evbuffer_reserve_space(); fill them in order, commit what was used).
  * v has room for two. Returns the number of vectors, or -1. */
 int tls_out_reserve(struct evbuffer *out, size_t len, struct evbuffer_iovec *v);
